@@ -1,0 +1,30 @@
+"""jaxrec: a JAX/Flax model zoo for very deep sequential recommenders."""
+from setuptools import find_packages, setup
+
+setup(
+    name="jaxrec",
+    version="0.1.0",
+    description="NextItNet-style very deep sequential recommenders in JAX/Flax: "
+    "stacking, compression, transfer and skipping.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["jaxrec", "jaxrec.*"]),
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.4",
+        "chex>=0.1.92",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+        "pyyaml",
+    ],
+    extras_require={
+        "tfds": ["tensorflow-datasets", "tensorflow-cpu"],
+        "cuda": ["jax[cuda12]>=0.10.2"],
+        "test": ["pytest"],
+    },
+    entry_points={"console_scripts": ["jaxrec=jaxrec.cli:main"]},
+)
