@@ -38,8 +38,9 @@ class ModelConfig:
                  for i in range(self.num_blocks))
 
   def validate(self) -> None:
-    _require(self.num_items >= 2, "model.num_items", self.num_items,
-             "at least 2 (padding id 0 and one item)")
+    _require(self.num_items == 0 or self.num_items >= 2, "model.num_items",
+             self.num_items, "0 (taken from the data) or at least 2 "
+             "(padding id 0 and one item)")
     _require(self.embed_dim >= 1, "model.embed_dim", self.embed_dim, ">= 1")
     _require(self.num_blocks >= 1, "model.num_blocks", self.num_blocks, ">= 1")
     _require(self.kernel_size >= 1, "model.kernel_size", self.kernel_size,

@@ -1,0 +1,115 @@
+"""Orbax checkpoints of a run directory, with JSON metadata and lineage.
+
+Layout of a run directory:
+
+  DIR/config.json              the full Config (a resume must match it)
+  DIR/checkpoints/latest/N/    state (params, opt_state, step) + meta: for
+                               --resume; the newest `keep` are kept
+  DIR/checkpoints/best/N/      params + meta of the best validation so far
+
+Each checkpoint's `meta` item is JSON: the model config, the data
+fingerprint, the training position and the lineage (the checkpoints this one
+was grown or fine-tuned from, oldest first). Orbax writes every step into a
+temporary directory and renames it when complete, so a kill during a save
+leaves the previous checkpoint as the latest one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxrec import config as config_lib
+from jaxrec.errors import JaxrecError
+
+FORMAT = "jaxrec.nextitnet/1"
+
+
+def manager(run_dir: str, kind: str, keep: int = 1,
+            read_only: bool = False) -> ocp.CheckpointManager:
+  """The `latest` or `best` checkpoint manager of a run directory."""
+  path = os.path.join(os.path.abspath(run_dir), "checkpoints", kind)
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=not read_only, read_only=read_only,
+      enable_async_checkpointing=not read_only,
+      cleanup_tmp_directories=not read_only)
+  return ocp.CheckpointManager(path, options=options,
+                               item_names=("state", "meta"))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any,
+         meta: dict[str, Any]) -> None:
+  """Starts an async save; call `mngr.wait_until_finished()` before exit."""
+  mngr.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+
+def restore(mngr: ocp.CheckpointManager, step: int | None = None,
+            target: Any = None) -> tuple[Any, dict[str, Any]]:
+  """Restores (state, meta) at `step` (default: the newest).
+
+  `target` is an abstract tree (jax.ShapeDtypeStruct leaves with shardings):
+  the state is restored into exactly that structure and placement. Without
+  it the tree is restored as saved (e.g. to grow it into another shape).
+  """
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise JaxrecError(f"{mngr.directory}: no checkpoint found")
+  state_arg = (ocp.args.StandardRestore(target) if target is not None
+               else ocp.args.StandardRestore())
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=state_arg, meta=ocp.args.JsonRestore()))
+  state = restored.state
+  abstract = [x for x in jax.tree.leaves(state)
+              if isinstance(x, jax.ShapeDtypeStruct)]
+  if abstract:  # A partial restore must not leave a leaf unfilled.
+    raise JaxrecError(f"{mngr.directory}/{step}: {len(abstract)} leaves were "
+                      "not restored")
+  return state, restored.meta
+
+
+def read_meta(run_dir: str, kind: str = "best") -> tuple[int, dict[str, Any]]:
+  """The newest step and its JSON metadata, without reading any array."""
+  mngr = open_existing(run_dir, kind)
+  step = mngr.latest_step()
+  meta = mngr.restore(step, args=ocp.args.Composite(
+      meta=ocp.args.JsonRestore())).meta
+  return step, meta
+
+
+def open_existing(run_dir: str, kind: str) -> ocp.CheckpointManager:
+  """A read-only manager for a directory that must hold a checkpoint."""
+  path = os.path.join(os.path.abspath(run_dir), "checkpoints", kind)
+  if not os.path.isdir(path):
+    raise JaxrecError(f"{run_dir}: no jaxrec checkpoints here (expected "
+                      f"{os.path.join(run_dir, 'checkpoints', kind)})")
+  mngr = manager(run_dir, kind, read_only=True)
+  if mngr.latest_step() is None:
+    raise JaxrecError(f"{path}: holds no complete checkpoint")
+  return mngr
+
+
+def config_from_meta(meta: dict[str, Any], origin: str) -> config_lib.Config:
+  if meta.get("format") != FORMAT:
+    raise JaxrecError(f"{origin}: not a jaxrec NextItNet checkpoint (format "
+                      f"{meta.get('format')!r}, expected {FORMAT!r})")
+  return config_lib.from_dict(meta["config"], origin=f"{origin}: config")
+
+
+def make_meta(cfg: config_lib.Config, data_fingerprint: str, step: int,
+              lineage: list[dict[str, Any]],
+              **extra: Any) -> dict[str, Any]:
+  return {"format": FORMAT, "config": cfg.to_dict(), "step": int(step),
+          "data_fingerprint": data_fingerprint, "lineage": lineage, **extra}
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes JSON atomically: a reader never sees half a file."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)

@@ -1,0 +1,133 @@
+"""Working with saved runs: evaluate a checkpoint, describe its param tree.
+
+Backs `jaxrec eval` and `jaxrec inspect`, and is the notebook entry point:
+`load_params(run_dir)` gives (params, config, meta) of a checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxrec import checkpoints
+from jaxrec import metrics
+from jaxrec import models
+from jaxrec import train
+from jaxrec.config import Config
+from jaxrec.errors import JaxrecError
+
+
+def default_kind(run_dir: str) -> str:
+  """`best` when the run has validated, else `latest` (e.g. a grown model)."""
+  best = os.path.join(run_dir, "checkpoints", "best")
+  return "best" if os.path.isdir(best) else "latest"
+
+
+def load_params(run_dir: str, kind: str | None = None,
+                sharding: Any = None) -> tuple[models.Params, Config, dict]:
+  """Restores a checkpoint's params into the tree its config implies.
+
+  `sharding` (e.g. a NamedSharding of another mesh) places every leaf.
+  """
+  kind = kind or default_kind(run_dir)
+  mngr = checkpoints.open_existing(run_dir, kind)
+  step, meta = checkpoints.read_meta(run_dir, kind)
+  cfg = checkpoints.config_from_meta(meta, run_dir)
+  abstract = jax.eval_shape(
+      lambda: models.init_params(cfg.model, jax.random.key(0)))
+  if sharding is not None:
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+        abstract)
+  state, meta = checkpoints.restore(mngr, step, target={"params": abstract})
+  return state["params"], cfg, meta
+
+
+def evaluate_checkpoint(run_dir: str, source: str | None = None,
+                        protocol: str | None = None, split: str = "both",
+                        mask_history: bool = False,
+                        sampled: int = 0) -> dict[str, Any]:
+  """Metrics of a run's checkpoint on its own data (or another source)."""
+  from jaxrec import input_pipeline  # pylint: disable=import-outside-toplevel
+  sharder = train.Sharder(train.make_mesh())
+  params, cfg, meta = load_params(run_dir, sharding=sharder.replicated)
+  data_cfg = cfg.data
+  if source:
+    data_cfg = dataclasses.replace(data_cfg, source=source)
+  if protocol:
+    data_cfg = dataclasses.replace(data_cfg, protocol=protocol)
+  cfg = cfg.replace(data=data_cfg, train=dataclasses.replace(
+      cfg.train, mask_history=mask_history))
+  cfg.validate()
+  data = input_pipeline.load_data(data_cfg)
+  if data.num_items != cfg.model.num_items:
+    raise JaxrecError(f"{run_dir}: model has {cfg.model.num_items} item ids "
+                      f"but {data_cfg.source} has {data.num_items}")
+  splits = ("valid", "test") if split == "both" else (split,)
+  out: dict[str, Any] = {
+      "checkpoint_step": meta["step"], "mask_history": mask_history,
+      "ranking": f"sampled:{sampled}" if sampled else "full"}
+  for name in splits:
+    inputs = getattr(data, f"{name}_inputs")
+    targets = getattr(data, f"{name}_targets")
+    if sampled:
+      out[name] = sampled_metrics(params, cfg, inputs, targets, sampled)
+    else:
+      out[name] = train.evaluate_params(params, cfg, sharder, inputs, targets)
+    out[f"popularity_{name}"] = metrics.popularity_metrics(
+        data.item_counts, inputs, targets, mask_history)
+  return out
+
+
+def sampled_metrics(params: models.Params, cfg: Config, inputs: np.ndarray,
+                    targets: np.ndarray, num_negatives: int,
+                    seed: int = 0) -> dict[str, Any]:
+  """1 positive + N uniform negatives per user; labelled as sampled."""
+  rng = np.random.default_rng(seed)
+
+  @jax.jit
+  def ranks(params, batch_inputs, batch_targets, negatives):
+    h = models.hidden_states(params, cfg.model, batch_inputs)[:, -1]
+    w, b = models.output_layer(params, cfg.model)
+    return metrics.sampled_ranks(h, w, b, batch_targets, negatives)
+
+  def rank_fn(batch):
+    neg = metrics.sample_negatives(rng, batch["targets"], cfg.model.num_items,
+                                   num_negatives)
+    return ranks(params, batch["inputs"], batch["targets"], neg)
+
+  out = metrics.evaluate(rank_fn, inputs, targets, cfg.train.eval_batch_size)
+  out["ranking"] = f"sampled:{num_negatives}"
+  return out
+
+
+def describe_checkpoint(run_dir: str, kind: str | None = None) -> str:
+  """Param tree (shapes, dtypes, counts per subtree) and lineage, as text."""
+  kind = kind or default_kind(run_dir)
+  params, cfg, meta = load_params(run_dir, kind)
+  lines = [f"{run_dir} ({kind} checkpoint, step {meta['step']})",
+           f"model: {cfg.model.num_blocks} blocks, C={cfg.model.embed_dim}, "
+           f"k={cfg.model.kernel_size}, dilations "
+           f"{list(cfg.model.block_dilations())}, V={cfg.model.num_items}, "
+           f"residual={cfg.model.residual}",
+           "", f"{'param':<34}{'shape':<22}{'dtype':<10}{'count':>12}"]
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    lines.append(f"{name:<34}{str(tuple(leaf.shape)):<22}"
+                 f"{str(leaf.dtype):<10}{int(np.prod(leaf.shape)):>12,}")
+  lines.append("")
+  for name, sub in params.items():
+    lines.append(f"{name + ' total':<66}{models.count_params(sub):>12,}")
+  lines.append(f"{'all':<66}{models.count_params(params):>12,}")
+  lines.append("")
+  lines.append("lineage (oldest first):")
+  chain = meta.get("lineage") or []
+  if not chain:
+    lines.append("  (trained from scratch)")
+  for i, entry in enumerate(chain):
+    detail = ", ".join(f"{k}={v}" for k, v in sorted(entry.items()))
+    lines.append(f"  {i + 1}. {detail}")
+  return "\n".join(lines)

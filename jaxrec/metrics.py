@@ -1,0 +1,166 @@
+"""Full-ranking evaluation: MRR, HR and NDCG at 5, 10 and 20.
+
+Every example is scored against all V-1 real items on device, in item tiles
+so no [batch, V] matrix is needed for huge catalogues. Rules:
+- the padding id 0 is never ranked;
+- ties count against the target (rank = #better + #equal others), so a
+  constant model gets the worst rank, not the best;
+- optional `mask_history` removes the items of the input sequence (except the
+  target itself) from the ranking; it is off by default and every report says
+  which was used.
+Sampled-negative ranking (1 positive + N random negatives, as in PeterRec's
+fine-tuning) exists only on request and is labelled `sampled:N`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrec import sequences
+
+CUTOFFS = (5, 10, 20)
+
+
+def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
+  """Mean MRR/HR/NDCG@k from 0-based ranks (0 = the target is first)."""
+  ranks = np.asarray(ranks, np.float64)
+  out = {}
+  for k in CUTOFFS:
+    hit = ranks < k
+    out[f"mrr@{k}"] = float(np.mean(np.where(hit, 1.0 / (ranks + 1), 0.0)))
+    out[f"hr@{k}"] = float(np.mean(hit))
+    out[f"ndcg@{k}"] = float(
+        np.mean(np.where(hit, 1.0 / np.log2(ranks + 2), 0.0)))
+  return out
+
+
+def _tile_scores(h: jax.Array, w: jax.Array, b: jax.Array, start: jax.Array,
+                 tile: int) -> tuple[jax.Array, jax.Array]:
+  """Scores [B, tile] of items start..start+tile-1, and those ids."""
+  ids = start + jnp.arange(tile)
+  wt = jax.lax.dynamic_slice_in_dim(w, start, tile)
+  bt = jax.lax.dynamic_slice_in_dim(b, start, tile)
+  scores = jnp.einsum("bc,vc->bv", h, wt.astype(h.dtype),
+                      preferred_element_type=jnp.float32) + bt
+  return scores, ids
+
+
+def target_ranks(h: jax.Array, w: jax.Array, b: jax.Array,
+                 targets: jax.Array, history: jax.Array | None = None,
+                 tile: int = 16384) -> jax.Array:
+  """0-based rank of each target among all real items, item tile by tile.
+
+  h [B, C] last hidden states, w [V, C], b [V], targets [B]; history [B, T]
+  ids to exclude (0 = none). Two passes over the tiles: the first reads the
+  target's score out of the same matmul that scores every other item, so a
+  tie is a true tie, not a rounding difference between two code paths.
+  """
+  v = w.shape[0]
+  tile = min(tile, v)
+  num_tiles = -(-v // tile)
+  pad = num_tiles * tile - v
+  w = jnp.pad(w, ((0, pad), (0, 0)))
+  b = jnp.pad(b, (0, pad))
+  starts = jnp.arange(num_tiles) * tile
+  rows = jnp.arange(h.shape[0])[:, None]
+
+  def excluded(ids, start):
+    out = (ids == 0) | (ids >= v)
+    out = jnp.broadcast_to(out, (h.shape[0], tile))
+    if history is not None:
+      # Out-of-tile ids go to index `tile` and are dropped (a negative index
+      # would wrap around instead).
+      local = history - start
+      local = jnp.where((local >= 0) & (local < tile), local, tile)
+      seen = jnp.zeros((h.shape[0], tile), bool).at[rows, local].set(
+          True, mode="drop")
+      seen = seen & (ids != 0)
+      out = out | (seen & (ids[None, :] != targets[:, None]))
+    return out
+
+  def target_score(acc, start):
+    scores, ids = _tile_scores(h, w, b, start, tile)
+    hit = ids[None, :] == targets[:, None]
+    return acc + jnp.sum(jnp.where(hit, scores, 0.0), axis=1), None
+
+  t_score, _ = jax.lax.scan(target_score, jnp.zeros(h.shape[0]), starts)
+
+  def count_ahead(acc, start):
+    scores, ids = _tile_scores(h, w, b, start, tile)
+    # `other` also keeps the target from counting itself when XLA fuses the
+    # two passes differently and its score moves by an ulp.
+    other = ids[None, :] != targets[:, None]
+    ahead = (scores >= t_score[:, None]) & other & ~excluded(ids, start)
+    return acc + jnp.sum(ahead, axis=1), None
+
+  ranks, _ = jax.lax.scan(count_ahead, jnp.zeros(h.shape[0], jnp.int32),
+                          starts)
+  return ranks
+
+
+def sampled_ranks(h: jax.Array, w: jax.Array, b: jax.Array,
+                  targets: jax.Array, negatives: jax.Array) -> jax.Array:
+  """Rank of the target among itself and negatives [B, N] (ties against)."""
+  t_score = jnp.einsum("bc,bc->b", h, w[targets]) + b[targets]
+  n_score = jnp.einsum("bc,bnc->bn", h, w[negatives]) + b[negatives]
+  return jnp.sum(n_score >= t_score[:, None], axis=1)
+
+
+def sample_negatives(rng: np.random.Generator, targets: np.ndarray,
+                     num_items: int, num_negatives: int) -> np.ndarray:
+  """Uniform negatives over 1..V-1, resampled where they hit the target."""
+  neg = rng.integers(1, num_items, size=(len(targets), num_negatives))
+  clash = neg == targets[:, None]
+  while clash.any():
+    neg[clash] = rng.integers(1, num_items, size=int(clash.sum()))
+    clash = neg == targets[:, None]
+  return neg
+
+
+def evaluate(rank_fn: Callable[[dict[str, np.ndarray]], Any],
+             inputs: np.ndarray, targets: np.ndarray,
+             batch_size: int) -> dict[str, float]:
+  """Runs `rank_fn(batch) -> ranks` over fixed-size batches; mean metrics."""
+  ranks = []
+  for batch in sequences.eval_batches(inputs, targets, batch_size):
+    r = np.asarray(rank_fn(batch))
+    ranks.append(r[batch["valid"]])
+  out = metrics_from_ranks(np.concatenate(ranks))
+  out["count"] = int(len(targets))
+  return out
+
+
+def popularity_ranks(item_counts: np.ndarray, inputs: np.ndarray,
+                     targets: np.ndarray,
+                     mask_history: bool = False) -> np.ndarray:
+  """Ranks under the popularity baseline (score = training frequency).
+
+  Same rules as the model: id 0 never ranked, ties against the target.
+  """
+  counts = np.asarray(item_counts, np.int64).copy()
+  real = counts[1:]
+  ordered = np.sort(real)
+  t_count = counts[targets]
+  # Items (excluding id 0) scoring >= the target, minus the target itself.
+  ranks = len(real) - np.searchsorted(ordered, t_count, side="left") - 1
+  if mask_history:
+    hist = np.sort(inputs, axis=1)
+    first = np.ones_like(hist, bool)
+    first[:, 1:] = hist[:, 1:] != hist[:, :-1]
+    ahead = (first & (hist != 0) & (hist != targets[:, None])
+             & (counts[hist] >= t_count[:, None]))
+    ranks = ranks - ahead.sum(axis=1)
+  return ranks
+
+
+def popularity_metrics(item_counts: np.ndarray, inputs: np.ndarray,
+                       targets: np.ndarray,
+                       mask_history: bool = False) -> dict[str, float]:
+  out = metrics_from_ranks(
+      popularity_ranks(item_counts, inputs, targets, mask_history))
+  out["count"] = int(len(targets))
+  return out
+
