@@ -36,13 +36,8 @@ def load_params(run_dir: str, kind: str | None = None,
   mngr = checkpoints.open_existing(run_dir, kind)
   step, meta = checkpoints.read_meta(run_dir, kind)
   cfg = checkpoints.config_from_meta(meta, run_dir)
-  abstract = jax.eval_shape(
-      lambda: models.init_params(cfg.model, jax.random.key(0)))
-  if sharding is not None:
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-        abstract)
-  state, meta = checkpoints.restore(mngr, step, target={"params": abstract})
+  state, meta = checkpoints.restore(
+      mngr, step, target=train.abstract_state(cfg, kind, sharding))
   return state["params"], cfg, meta
 
 

@@ -110,6 +110,28 @@ def make_rank_fn(cfg: Config, mask_history: bool) -> Callable:
   return rank_fn
 
 
+def abstract_state(cfg: Config, kind: str = "latest",
+                   sharding: Any = None) -> Any:
+  """The tree a checkpoint of `kind` holds, as ShapeDtypeStructs.
+
+  `latest` checkpoints hold the whole train state (a grown model's too, with
+  a fresh or mapped optimizer state); `best` ones hold only the params.
+  """
+  opt = make_optimizer(cfg.train)
+
+  def build():
+    params = models.init_params(cfg.model, jax.random.key(0))
+    return (init_state(params, opt) if kind == "latest"
+            else {"params": params})
+
+  tree = jax.eval_shape(build)
+  if sharding is not None:
+    tree = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+        tree)
+  return tree
+
+
 class Sharder:
   """Places host batches on the mesh, batch axis split over `data`."""
 
@@ -283,12 +305,8 @@ def _finish(cfg: Config, out_dir: str, data: sequences.SequenceData,
             sharder: Sharder, rank_fn: Callable, best, prog: Progress,
             steps: int) -> dict[str, Any]:
   """Tests the best checkpoint (read back from disk) and writes metrics.json."""
-  abstract = {"params": jax.eval_shape(
-      lambda: models.init_params(cfg.model, jax.random.key(0)))}
-  abstract = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                     sharding=sharder.replicated), abstract)
-  restored, _ = checkpoints.restore(best, target=abstract)
+  restored, _ = checkpoints.restore(
+      best, target=abstract_state(cfg, "best", sharder.replicated))
   test = evaluate_params(restored["params"], cfg, sharder, data.test_inputs,
                          data.test_targets, rank_fn)
   pop = metrics.popularity_metrics(data.item_counts, data.test_inputs,
@@ -356,9 +374,8 @@ def _load_init(cfg: Config, init_from: str, data: sequences.SequenceData):
     raise JaxrecError(f"{init_from}: model has {src.model.num_items} item "
                       f"ids but the data has {data.num_items}")
   cfg = cfg.replace(model=src.model)
-  abstract = jax.eval_shape(lambda: models.init_params(cfg.model,
-                                                       jax.random.key(0)))
-  restored, _ = checkpoints.restore(mngr, step, target={"params": abstract})
+  restored, _ = checkpoints.restore(
+      mngr, step, target=abstract_state(src, kind))
   lineage = meta["lineage"] + [{"dir": os.path.abspath(init_from),
                                 "kind": kind, "step": step,
                                 "op": "init_from"}]

@@ -1,0 +1,201 @@
+"""The training loop: determinism, resume, sharding, stopping, learnability."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrec import config
+from jaxrec import evaluation
+from jaxrec import input_pipeline
+from jaxrec import losses
+from jaxrec import train
+from jaxrec.errors import JaxrecError
+
+
+def tiny_config(**train_kw):
+  tkw = dict(steps=12, eval_every=6, batch_size=16, eval_batch_size=64,
+             keep_checkpoints=2)
+  tkw.update(train_kw)
+  return config.Config(
+      model=config.ModelConfig(num_blocks=2, embed_dim=8),
+      data=config.DataConfig(source="synthetic:tiny", max_len=20),
+      train=config.TrainConfig(**tkw))
+
+
+def latest_params(run_dir):
+  params, _, _ = evaluation.load_params(run_dir, "latest")
+  return jax.tree.map(np.asarray, params)
+
+
+def run_python(code, env_extra=None, check=True):
+  env = dict(os.environ, **(env_extra or {}))
+  proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
+                        capture_output=True, text=True, env=env, timeout=600)
+  if check and proc.returncode != 0:
+    raise AssertionError(proc.stderr[-3000:])
+  return proc
+
+
+def test_same_seed_gives_same_params(tmp_path):
+  cfg = tiny_config(steps=6)
+  train.train(cfg, str(tmp_path / "a"), progress_bar=False)
+  train.train(cfg, str(tmp_path / "b"), progress_bar=False)
+  jax.tree.map(np.testing.assert_array_equal, latest_params(tmp_path / "a"),
+               latest_params(tmp_path / "b"))
+
+
+def test_metrics_json_has_valid_test_and_popularity(tmp_path):
+  result = train.train(tiny_config(), str(tmp_path), progress_bar=False)
+  with open(tmp_path / "metrics.json") as f:
+    saved = json.load(f)
+  assert saved["steps"] == 12 and saved["train_time_s"] > 0
+  for split in ("valid", "test", "popularity"):
+    for k in (5, 10, 20):
+      for m in ("mrr", "hr", "ndcg"):
+        assert 0.0 <= saved[split][f"{m}@{k}"] <= 1.0
+  assert saved["test"] == result["test"]
+  assert saved["ranking"] == "full" and saved["mask_history"] is False
+
+
+def test_keeps_n_latest_and_the_best_checkpoint(tmp_path):
+  train.train(tiny_config(steps=24, eval_every=6), str(tmp_path),
+              progress_bar=False)
+  latest = sorted(os.listdir(tmp_path / "checkpoints" / "latest"))
+  assert latest == ["18", "24"]
+  assert len(os.listdir(tmp_path / "checkpoints" / "best")) == 1
+
+
+KILL_AND_RESUME = """
+import os, signal, json
+from jaxrec import config, train
+cfg = config.from_dict(json.loads({cfg!r}))
+def kill(step):
+  if step == {kill_at}:
+    os.kill(os.getpid(), signal.SIGKILL)
+train.train(cfg, {out!r}, progress_bar=False, step_callback=kill)
+"""
+
+
+@pytest.mark.parametrize("kill_at", [13, 12])  # 12: during the async save.
+def test_resume_after_sigkill_ends_with_identical_params(tmp_path, kill_at):
+  cfg = tiny_config(steps=20, eval_every=6)
+  train.train(cfg, str(tmp_path / "straight"), progress_bar=False)
+  killed = str(tmp_path / "killed")
+  proc = run_python(KILL_AND_RESUME.format(cfg=json.dumps(cfg.to_dict()),
+                                           kill_at=kill_at, out=killed),
+                    check=False)
+  assert proc.returncode == -9, proc.stderr[-2000:]
+  train.train(cfg, killed, resume=True, progress_bar=False)
+  jax.tree.map(np.testing.assert_array_equal,
+               latest_params(tmp_path / "straight"), latest_params(killed))
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(
+    tmp_path, monkeypatch):
+  cfg = tiny_config(steps=30, eval_every=10)
+  data = input_pipeline.load_data(cfg.data)
+  # An extra item id that no real row contains marks the poisoned batches.
+  mark = data.num_items
+  data = dataclasses.replace(data, num_items=mark + 1,
+                             item_counts=np.append(data.item_counts, 0))
+  real_batch = train.sequences.train_batch
+
+  def batch(rows, step, batch_size, seed):
+    out = real_batch(rows, step, batch_size, seed)
+    if step >= 14:
+      out["targets"] = out["targets"].copy()
+      out["targets"][0, -1] = mark
+    return out
+
+  real_loss = losses.output_loss
+
+  def loss(h, w, b, targets, *args):
+    value = real_loss(h, w, b, targets, *args)
+    return jnp.where(jnp.any(targets == mark), jnp.nan, value)
+
+  monkeypatch.setattr(train.sequences, "train_batch", batch)
+  monkeypatch.setattr(losses, "output_loss", loss)
+  with pytest.raises(JaxrecError, match="at step 14"):
+    train.train(cfg, str(tmp_path), data, progress_bar=False)
+  assert os.listdir(tmp_path / "checkpoints" / "latest") == ["10"]
+  params = latest_params(tmp_path)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_early_stopping_after_patience_validations(tmp_path):
+  # A learning rate this small leaves the metric flat, so validations after
+  # the first never improve it.
+  cfg = tiny_config(steps=60, eval_every=6, patience=2, learning_rate=1e-12)
+  result = train.train(cfg, str(tmp_path), progress_bar=False)
+  assert result["steps"] == 18 and result["best_step"] == 6
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+  train.train(tiny_config(steps=6), str(tmp_path), progress_bar=False)
+  other = tiny_config(steps=6).replace(
+      model=config.ModelConfig(num_blocks=3, embed_dim=8))
+  with pytest.raises(JaxrecError, match="num_blocks"):
+    train.train(other, str(tmp_path), resume=True, progress_bar=False)
+
+
+def test_fresh_run_refuses_a_directory_holding_a_run(tmp_path):
+  train.train(tiny_config(steps=6), str(tmp_path), progress_bar=False)
+  with pytest.raises(JaxrecError, match="already holds a run"):
+    train.train(tiny_config(steps=6), str(tmp_path), progress_bar=False)
+
+
+EIGHT_DEVICES = """
+import json, jax, numpy as np
+from jaxrec import config, input_pipeline, models, sequences, train
+cfg = config.from_dict(json.loads({cfg!r}))
+data = input_pipeline.load_data(cfg.data)
+cfg = cfg.replace(model=config.ModelConfig(num_items=data.num_items,
+                                           num_blocks=2, embed_dim=8))
+opt = train.make_optimizer(cfg.train)
+out = {{}}
+for n in (1, 8):
+  sharder = train.Sharder(train.make_mesh(jax.devices()[:n]))
+  step = jax.jit(train.make_train_step(cfg, opt, None),
+                 in_shardings=(sharder.replicated, sharder.batch),
+                 out_shardings=(sharder.replicated, sharder.replicated))
+  state = sharder.replicate(train.init_state(
+      models.init_params(cfg.model, jax.random.key(0)), opt))
+  losses = []
+  for s in range(3):
+    batch = sharder.put_batch(sequences.train_batch(data.train, s, 16, 0))
+    state, o = step(state, batch)
+    losses.append(float(o["loss"]))
+  out[n] = {{"devices": len(state["params"]["blocks"]["alpha"].devices()),
+             "losses": losses,
+             "emb": np.asarray(state["params"]["item_embedding"]["embedding"]).tolist()}}
+print(json.dumps(out))
+"""
+
+
+def test_eight_fake_devices_give_the_same_loss_as_one(tmp_path):
+  proc = run_python(
+      EIGHT_DEVICES.format(cfg=json.dumps(tiny_config().to_dict())),
+      {"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+       "JAX_PLATFORMS": "cpu"})
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["1"]["devices"] == 1 and out["8"]["devices"] == 8
+  np.testing.assert_allclose(out["8"]["losses"], out["1"]["losses"],
+                             rtol=1e-5)
+  np.testing.assert_allclose(out["8"]["emb"], out["1"]["emb"], rtol=1e-4,
+                             atol=1e-6)
+
+
+def test_trained_model_beats_popularity_twice_on_synthetic(tmp_path):
+  cfg = config.Config(
+      model=config.ModelConfig(num_blocks=2, embed_dim=32),
+      data=config.DataConfig(source="synthetic:small,users=1000"),
+      train=config.TrainConfig(steps=400, eval_every=400, batch_size=64))
+  result = train.train(cfg, str(tmp_path), progress_bar=False)
+  assert result["test"]["ndcg@10"] >= 2 * result["popularity"]["ndcg@10"]
