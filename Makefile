@@ -1,0 +1,31 @@
+# Two entry points (see README): `make demo` and `make test`.
+# Each creates the virtual environment it needs on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_OUT ?= runs/demo
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/jaxrec: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+setup: $(BIN)/jaxrec
+
+# Train NextItNet on the embedded synthetic data and print the test metrics
+# next to the popularity baseline.
+demo: setup
+	rm -rf $(DEMO_OUT)
+	$(BIN)/jaxrec train --config experiments/configs/demo.yaml --out $(DEMO_OUT)
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python experiments/bench_train.py
+
+clean:
+	rm -rf $(VENV) runs

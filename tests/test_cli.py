@@ -1,0 +1,176 @@
+"""The `jaxrec` command: outputs, config layering and one-line errors."""
+import dataclasses
+import json
+import os
+
+import pytest
+
+from jaxrec import cli
+from jaxrec import config
+
+TINY = ["--data", "synthetic:tiny", "--num-blocks", "2", "--embed-dim", "8",
+        "--steps", "6", "--eval-every", "3", "--batch-size", "16",
+        "--max-len", "20", "--quiet"]
+
+
+def run_error(capsys, argv):
+  """Runs the CLI expecting a user error: exit 2 and exactly one line."""
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  assert err[0].startswith("jaxrec: error: ")
+  return err[0]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("run"))
+  assert cli.main(["train", "--out", out] + TINY) == 0
+  return out
+
+
+def test_train_writes_metrics_config_and_checkpoints(trained_run):
+  with open(os.path.join(trained_run, "metrics.json")) as f:
+    metrics = json.load(f)
+  for split in ("valid", "test", "popularity"):
+    assert {"mrr@5", "hr@5", "ndcg@5", "mrr@10", "hr@10", "ndcg@10",
+            "mrr@20", "hr@20", "ndcg@20"} <= set(metrics[split])
+  assert metrics["steps"] == 6 and "train_time_s" in metrics
+  with open(os.path.join(trained_run, "config.json")) as f:
+    assert json.load(f)["model"]["num_blocks"] == 2
+  assert os.listdir(os.path.join(trained_run, "checkpoints", "best"))
+
+
+def test_train_prints_test_metrics_next_to_popularity(tmp_path, capsys):
+  assert cli.main(["train", "--out", str(tmp_path)] + TINY) == 0
+  out = capsys.readouterr().out
+  assert "popularity" in out and "ndcg@10" in out
+
+
+def test_eval_prints_full_ranking_metrics(trained_run, capsys):
+  assert cli.main(["eval", "--ckpt", trained_run]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["ranking"] == "full"
+  assert set(out) >= {"valid", "test", "popularity_test"}
+
+
+def test_eval_sampled_is_labelled_sampled(trained_run, capsys):
+  assert cli.main(["eval", "--ckpt", trained_run, "--split", "test",
+                   "--sampled", "10"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["ranking"] == "sampled:10" and out["test"]["ranking"] == "sampled:10"
+
+
+def test_inspect_shows_shapes_counts_and_lineage(trained_run, capsys):
+  assert cli.main(["inspect", trained_run]) == 0
+  out = capsys.readouterr().out
+  assert "blocks/conv1/kernel" in out and "(2, 3, 8, 8)" in out
+  assert "lineage" in out and "all" in out
+
+
+def test_config_file_is_read_and_flags_override_it(tmp_path):
+  path = tmp_path / "c.yaml"
+  path.write_text("model:\n  num_blocks: 6\n  dilations: [1, 2]\n"
+                  "train:\n  steps: 99\n")
+  args = cli.build_parser().parse_args(
+      ["train", "--out", "x", "--config", str(path), "--steps", "7"])
+  cfg = cli.config_from_args(args)
+  assert cfg.model.num_blocks == 6 and cfg.model.dilations == (1, 2)
+  assert cfg.train.steps == 7
+
+
+def test_help_documents_every_option(capsys):
+  with pytest.raises(SystemExit):
+    cli.main(["train", "--help"])
+  text = capsys.readouterr().out
+  for cls in config.SECTIONS.values():
+    for field in dataclasses.fields(cls):
+      flag = cli.FLAG_ALIASES.get(field.name,
+                                  "--" + field.name.replace("_", "-"))
+      assert flag in text, flag
+      assert cli.HELP.get(field.name), field.name
+
+
+def test_unknown_option_value_names_the_option(tmp_path, capsys):
+  line = run_error(capsys, ["train", "--out", str(tmp_path), "--residual",
+                            "foo"] + TINY)
+  assert "model.residual" in line
+
+
+def test_non_numeric_flag_names_the_flag(tmp_path, capsys):
+  line = run_error(capsys, ["train", "--out", str(tmp_path), "--steps",
+                            "ten"])
+  assert "--steps" in line
+
+
+def test_unknown_flag_is_one_line(capsys):
+  run_error(capsys, ["train", "--out", "x", "--no-such-flag", "1"])
+
+
+def test_missing_data_file_names_the_file(tmp_path, capsys):
+  missing = str(tmp_path / "nope.csv")
+  line = run_error(capsys, ["train", "--out", str(tmp_path / "o"),
+                            "--data", f"csv:{missing}"])
+  assert "nope.csv" in line
+
+
+def test_malformed_row_names_file_and_line(tmp_path, capsys):
+  path = tmp_path / "bad.csv"
+  path.write_text("user_id,item_id,timestamp\n1,2,3\n1,3\n")
+  line = run_error(capsys, ["train", "--out", str(tmp_path / "o"),
+                            "--data", f"csv:{path}"])
+  assert "bad.csv" in line and ":3" in line
+
+
+def test_non_numeric_timestamp_names_file_and_line(tmp_path, capsys):
+  path = tmp_path / "ts.csv"
+  path.write_text("user_id,item_id,timestamp\n1,2,3\n1,3,yesterday\n")
+  line = run_error(capsys, ["train", "--out", str(tmp_path / "o"),
+                            "--data", f"csv:{path}"])
+  assert "ts.csv" in line and "3" in line
+
+
+def test_data_empty_after_filtering_names_the_filter(tmp_path, capsys):
+  path = tmp_path / "few.csv"
+  path.write_text("user_id,item_id,timestamp\n1,2,3\n1,3,4\n2,2,5\n")
+  line = run_error(capsys, ["train", "--out", str(tmp_path / "o"),
+                            "--data", f"csv:{path}"])
+  assert "min_user_count" in line or "min_item_count" in line
+
+
+def test_bad_config_file_key_names_the_key(tmp_path, capsys):
+  path = tmp_path / "c.yaml"
+  path.write_text("model:\n  num_blockz: 6\n")
+  line = run_error(capsys, ["train", "--out", "x", "--config", str(path)])
+  assert "c.yaml" in line and "num_blockz" in line
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path, capsys):
+  path = tmp_path / "c.yaml"
+  path.write_text("model:\n  num_blocks: [1\n")
+  line = run_error(capsys, ["train", "--out", "x", "--config", str(path)])
+  assert "c.yaml:" in line
+
+
+def test_resume_with_another_config_is_refused(trained_run, capsys):
+  line = run_error(capsys, ["train", "--out", trained_run, "--resume"]
+                   + TINY + ["--embed-dim", "16"])
+  assert "embed_dim" in line
+
+
+def test_checkpoint_of_another_catalogue_is_refused(trained_run, capsys):
+  line = run_error(capsys, ["eval", "--ckpt", trained_run, "--data",
+                            "synthetic:small"])
+  assert "item ids" in line
+
+
+def test_eval_of_a_directory_without_checkpoints(tmp_path, capsys):
+  line = run_error(capsys, ["eval", "--ckpt", str(tmp_path)])
+  assert str(tmp_path) in line
+
+
+def test_a_failed_resume_leaves_the_checkpoint_restorable(trained_run,
+                                                          capsys):
+  run_error(capsys, ["train", "--out", trained_run, "--resume"] + TINY
+            + ["--num-blocks", "3"])
+  assert cli.main(["eval", "--ckpt", trained_run, "--split", "test"]) == 0
