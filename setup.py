@@ -24,7 +24,8 @@ setup(
     extras_require={
         "tfds": ["tensorflow-datasets", "tensorflow-cpu"],
         "cuda": ["jax[cuda12]>=0.10.2"],
-        "test": ["pytest"],
+        "tensorboard": ["tensorboardX"],
+        "test": ["pytest", "tensorboardX"],
     },
     entry_points={"console_scripts": ["jaxrec=jaxrec.cli:main"]},
 )

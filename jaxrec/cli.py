@@ -70,7 +70,7 @@ HELP = {
     "mask_history": "evaluation: never rank items already in the input",
     "keep_checkpoints": "latest checkpoints kept for --resume",
     "seed": "seed of init, batch order and sampling",
-    "tensorboard": "also write TensorBoard events (needs tensorboardX)",
+    "tensorboard": "also write TensorBoard events to DIR/tb (pip install -e .[tensorboard])",
 }
 FLAG_ALIASES = {"source": "--data"}
 

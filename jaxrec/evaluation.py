@@ -64,7 +64,8 @@ def evaluate_checkpoint(run_dir: str, source: str | None = None,
   splits = ("valid", "test") if split == "both" else (split,)
   out: dict[str, Any] = {
       "checkpoint_step": meta["step"], "mask_history": mask_history,
-      "ranking": f"sampled:{sampled}" if sampled else "full"}
+      "ranking": f"sampled:{sampled}" if sampled else "full",
+      "popularity_ranking": "full"}
   for name in splits:
     inputs = getattr(data, f"{name}_inputs")
     targets = getattr(data, f"{name}_targets")

@@ -242,7 +242,7 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
     lineage = meta["lineage"]
   start = int(state["step"])
 
-  log = open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8")
+  log = MetricsLog(out_dir, tcfg.tensorboard)
   log_every = min(50, tcfg.eval_every)
   tokens_per_step = int(np.sum(data.train[:, 1:] != 0) /
                         max(1, data.train.shape[0]) * batch_size)
@@ -261,7 +261,7 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
         rate = (done - s_last) * tokens_per_step / (time.time() - t_last)
         t_last, s_last = time.time(), done
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
-        _log(log, {"step": done, "loss": loss, "tokens_per_s": rate})
+        log.write({"step": done, "loss": loss, "tokens_per_s": rate})
       bar.update(1)
       if done % tcfg.eval_every == 0 or done == tcfg.steps:
         _check_finite(state, out, out_dir)
@@ -276,7 +276,7 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
           prog.best_valid = valid
         else:
           prog.evals_since_best += 1
-        _log(log, {"step": done, "valid": valid,
+        log.write({"step": done, "valid": valid,
                    "train_time_s": prog.train_time_s})
         bar.write(f"step {done}: valid {tcfg.select_metric}="
                   f"{valid[tcfg.select_metric]:.4f}"
@@ -390,6 +390,34 @@ def _check_finite(state: State, out: dict, out_dir: str) -> float:
   return float(out["loss"])
 
 
-def _log(f, record: dict[str, Any]) -> None:
-  f.write(json.dumps(record) + "\n")
-  f.flush()
+class MetricsLog:
+  """DIR/metrics.jsonl, plus TensorBoard events under DIR/tb if asked."""
+
+  def __init__(self, out_dir: str, tensorboard: bool):
+    self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a",
+                     encoding="utf-8")
+    self.tb = None
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      except ImportError:
+        self.file.close()
+        raise JaxrecError("train.tensorboard=true needs tensorboardX: "
+                          "pip install tensorboardX") from None
+      self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+
+  def write(self, record: dict[str, Any]) -> None:
+    self.file.write(json.dumps(record) + "\n")
+    self.file.flush()
+    if self.tb is not None:
+      for key, value in record.items():
+        if isinstance(value, dict):
+          for name, v in value.items():
+            self.tb.add_scalar(f"{key}/{name}", v, record["step"])
+        elif key != "step":
+          self.tb.add_scalar(key, value, record["step"])
+
+  def close(self) -> None:
+    self.file.close()
+    if self.tb is not None:
+      self.tb.close()

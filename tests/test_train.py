@@ -199,3 +199,10 @@ def test_trained_model_beats_popularity_twice_on_synthetic(tmp_path):
       train=config.TrainConfig(steps=400, eval_every=400, batch_size=64))
   result = train.train(cfg, str(tmp_path), progress_bar=False)
   assert result["test"]["ndcg@10"] >= 2 * result["popularity"]["ndcg@10"]
+
+
+def test_tensorboard_events_are_written_when_asked(tmp_path):
+  train.train(tiny_config(steps=6, tensorboard=True), str(tmp_path),
+              progress_bar=False)
+  events = os.listdir(tmp_path / "tb")
+  assert any(name.startswith("events.out.tfevents") for name in events)
