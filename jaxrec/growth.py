@@ -1,0 +1,548 @@
+"""StackRec model growth: a shallow model's blocks stacked into a deeper one.
+
+A growth *method* says where each block of the deep model comes from, as an
+index map (deep block -> shallow block, or FRESH = -1 for a new block); with
+L shallow blocks and no `top`:
+
+  adjacent    (stackA)  deep i <- shallow i // 2       0,0,1,1,...,L-1,L-1
+  cross       (stackC)  deep i <- shallow i mod L      0,1,..,L-1,0,1,..,L-1
+  random_top  (StackR)  bottom L copied, top L fresh   0,1,..,L-1,-,..,-
+  embed_only  (StackE)  every block fresh              -,-,...,-
+
+`top=k` grows by k blocks instead of L, duplicating only the top k blocks
+(the official `ops_copytop.py`): adjacent doubles each of the top k in place
+(0,..,L-k-1, L-k,L-k, .., L-1,L-1); cross appends a copy of the top k above
+the whole stack (0,..,L-1, L-k,..,L-1); random_top appends k fresh blocks;
+embed_only makes all L+k blocks fresh. With k = L each equals its full form.
+
+A *preset* says what happens to the leaves besides the block copies:
+
+  paper     the official code: conv kernels and biases and the item
+            embedding copied; LayerNorms reset (scale 1, bias 0), every
+            residual gate alpha reset to 0, the output softmax re-initialised.
+            A warm start, not function preserving.
+  preserve  function preserving: everything copied, and every deep block that
+            is not the lowest copy of its source (the second of an adjacent
+            pair, the upper cross copy, the top-k copies, fresh blocks) gets
+            alpha = 0, so it is the identity and the deep model computes what
+            the shallow one did. Needs residual="alpha".
+  full      everything copied as is.
+
+"Fresh" and "reset" leaves are exactly the leaves of `init(deep_cfg, rng)`
+(for NextItNet `models.init_params`), so with `embed_only` + `paper` the deep
+model is a fresh model whose item embedding is the shallow one's.
+
+Dilations are config, not params. Policy `position` (official) keeps the
+`dilations` cycle, so a copied kernel runs at the dilation of its new
+position; `carry` pins every deep block to its source's dilation (an explicit
+per-block list; fresh blocks get their positional dilation). `preserve` is
+exact only when each block kept alive runs at its source's dilation: always
+under `carry`, which is therefore its default; under `position` that holds
+for cross, random_top and top-k cross (the bottom L positions keep their
+dilations) but not for adjacent with a cycle such as [1, 4] (shallow block 1,
+dilation 4, lands on position 2, dilation 1), and `stack` warns.
+
+The core (`gather_blocks`, `index_map`, `grow_tree`) works on any param tree
+whose residual blocks live under one subtree with a leading block axis;
+what is model specific (which leaves are norms, gates, the output layer; the
+init) is one `GrowthRules` value. Array work is `jnp.take` / `jnp.where`
+along axis 0, pure and jittable (cfg, method, preset static): wrap
+`lambda p, r: stack(p, cfg, ..., rng=r)[0]` in `jax.jit`. Eagerly, every
+output leaf is placed with the sharding of the shallow leaf it replaces
+(replicated stays replicated).
+
+`grow_checkpoint` / `jaxrec grow` grow a saved run into a new directory that
+`jaxrec train --init-from` starts from, with a fresh optimizer as in the
+paper; `stack_opt_state` (and `map_opt_state=True`) grows Adam's moments too.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import functools
+import os
+import warnings
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrec import checkpoints
+from jaxrec import models
+from jaxrec import train
+from jaxrec.config import Config, ModelConfig
+from jaxrec.errors import JaxrecError
+
+Params = dict[str, Any]
+FRESH = -1  # Index-map entry of a deep block that gets fresh params.
+METHODS = ("adjacent", "cross", "random_top", "embed_only")
+PRESETS = ("paper", "preserve", "full")
+DILATION_POLICIES = ("position", "carry")
+
+
+@dataclasses.dataclass(frozen=True)
+class GrowthRules:
+  """What growth must know about one model's param tree.
+
+  Leaf paths inside a block are "/"-joined keys matched with fnmatch. The
+  model config must be a dataclass with `num_blocks` and `dilations` fields
+  and a `block_dilations()` method, as `ModelConfig`.
+  """
+  init: Callable[[Any, jax.Array], Params]  # (cfg, rng) -> a fresh tree.
+  check: Callable[[Params, Any], None]  # Raises AssertionError on a misfit.
+  blocks: str = "blocks"  # Top-level subtree with the leading block axis.
+  output: tuple[str, ...] = ()  # Top-level subtrees `paper` re-initialises.
+  block_reset: tuple[str, ...] = ()  # Block leaves `paper` resets to init.
+  gate: str | None = None  # Block leaf scaling the residual branch.
+
+
+NEXTITNET = GrowthRules(
+    init=models.init_params, check=models.check_params, blocks="blocks",
+    output=("softmax",),
+    block_reset=("ln*/scale", "ln*/bias", "alpha"),
+    gate="alpha")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """One growth step, all static: where each deep block comes from."""
+  index_map: tuple[int, ...]
+  gate_off: tuple[bool, ...]  # preserve: blocks whose gate is set to 0.
+  preset: str
+
+
+# ------------------------------------------------------------- index maps
+
+
+def index_map(method: str, num_blocks: int,
+              top: int | None = None) -> tuple[int, ...]:
+  """Deep block -> shallow source block (FRESH = new); see module docstring."""
+  l = num_blocks
+  k = l if top is None else top
+  if method == "adjacent":
+    return tuple(range(l - k)) + tuple(l - k + i // 2 for i in range(2 * k))
+  if method == "cross":
+    return tuple(range(l)) + tuple(range(l - k, l))
+  if method == "random_top":
+    return tuple(range(l)) + (FRESH,) * k
+  if method == "embed_only":
+    return (FRESH,) * (l + k)
+  raise JaxrecError(f"growth method {method!r}: expected one of "
+                    f"{list(METHODS)}")
+
+
+def gated_off(idx: tuple[int, ...]) -> tuple[bool, ...]:
+  """True for fresh blocks and every copy above the lowest of its source."""
+  seen: set[int] = set()
+  out = []
+  for j in idx:
+    out.append(j == FRESH or j in seen)
+    seen.add(j)
+  return tuple(out)
+
+
+def gather_blocks(blocks: Params, idx: tuple[int, ...],
+                  fresh_blocks: Params | None = None) -> Params:
+  """Every leaf: rows `idx` of the shallow stack, fresh rows where idx < 0.
+
+  `fresh_blocks` (the deep depth) fills FRESH rows; None fills zeros (the
+  Adam moments of a new block).
+  """
+  idx_np = np.asarray(idx, np.int32)
+  src = np.maximum(idx_np, 0)
+  fresh = idx_np == FRESH
+
+  def one(x, f):
+    taken = jnp.take(x, src, axis=0)
+    mask = fresh.reshape((-1,) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, 0 if f is None else f, taken)
+
+  if fresh_blocks is None:
+    return jax.tree.map(lambda x: one(x, None), blocks)
+  return jax.tree.map(one, blocks, fresh_blocks)
+
+
+# ------------------------------------------------------------ tree surgery
+
+
+def grow_tree(tree: Params, plan: Plan, fresh: Params | None,
+              rules: GrowthRules = NEXTITNET) -> Params:
+  """Applies one plan to a params-shaped tree (params or an Adam moment).
+
+  `fresh` is a fresh deep tree; None means zeros (the moments of new params).
+  """
+  out = {}
+  for name, sub in tree.items():
+    fresh_sub = None if fresh is None else fresh[name]
+    if name == rules.blocks:
+      out[name] = _grow_blocks(sub, plan, fresh_sub, rules)
+    elif plan.preset == "paper" and name in rules.output:
+      out[name] = (fresh_sub if fresh_sub is not None
+                   else jax.tree.map(jnp.zeros_like, sub))
+    else:
+      out[name] = sub
+  return out
+
+
+def _grow_blocks(blocks: Params, plan: Plan, fresh: Params | None,
+                 rules: GrowthRules) -> Params:
+  deep = gather_blocks(blocks, plan.index_map, fresh)
+  gate_off = np.asarray(plan.gate_off)
+
+  def fix(path, x, f):
+    name = _path_name(path)
+    if plan.preset == "paper" and _matches(name, rules.block_reset):
+      return jnp.zeros_like(x) if f is None else f
+    if plan.preset == "preserve" and name == rules.gate:
+      return jnp.where(gate_off.reshape((-1,) + (1,) * (x.ndim - 1)), 0, x)
+    return x
+
+  if fresh is None:
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: fix(p, x, None), deep)
+  return jax.tree_util.tree_map_with_path(fix, deep, fresh)
+
+
+def _path_name(path: tuple) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+  return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+# -------------------------------------------------------------- the API
+
+
+def stack(params: Params, cfg: ModelConfig, method: str,
+          preset: str = "paper", *, rng: jax.Array, times: int = 1,
+          top: int | None = None, dilations: str | None = None,
+          rules: GrowthRules = NEXTITNET) -> tuple[Params, ModelConfig]:
+  """Grows `params` (shaped by `cfg`) `times` times; returns (params, cfg).
+
+  Each growth adds L blocks (k with `top=k`): 4 -> 8 -> 16 with times=2.
+  `dilations`: "position" or "carry"; None means carry for `preserve` (the
+  policy that keeps it exact) and position (official) otherwise. The first
+  growth draws fresh leaves from `rules.init(deep_cfg, rng)`, growth s > 0
+  from `fold_in(rng, s)`.
+  """
+  policy = resolve_policy(preset, dilations)
+  check_options(params, cfg, method, preset, policy, times, top, rules)
+  plans, cfgs = [], []
+  for _ in range(times):
+    plans.append(make_plan(cfg.num_blocks, method, preset, top))
+    cfg = deep_config(cfg, plans[-1], policy)
+    cfgs.append(cfg)
+  deep = _grow_params(params, rng, tuple(plans), tuple(cfgs), rules)
+  return place_like(deep, params), cfg
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _grow_params(params: Params, rng: jax.Array, plans: tuple[Plan, ...],
+                 cfgs: tuple[ModelConfig, ...], rules: GrowthRules) -> Params:
+  """All growths as one program: eagerly, every op would compile alone."""
+  for s, (plan, deep_cfg) in enumerate(zip(plans, cfgs)):
+    needs_fresh = plan.preset == "paper" or FRESH in plan.index_map
+    key = rng if s == 0 else jax.random.fold_in(rng, s)
+    fresh = rules.init(deep_cfg, key) if needs_fresh else None
+    params = grow_tree(params, plan, fresh, rules)
+  return params
+
+
+def stack_opt_state(opt_state: Any, cfg: ModelConfig, method: str,
+                    preset: str = "paper", *, times: int = 1,
+                    top: int | None = None,
+                    rules: GrowthRules = NEXTITNET) -> Any:
+  """Maps an optax state the way `stack` maps the params it belongs to.
+
+  Every subtree shaped like the params (Adam's mu and nu) is grown with the
+  same plans; copied leaves keep their moments, fresh and reset leaves (and
+  the gates `preserve` switches off) get zeros. Other leaves (the step
+  count, so Adam's bias correction goes on) are kept.
+  """
+  shallow = jax.eval_shape(lambda: rules.init(cfg, jax.random.key(0)))
+  check_options(shallow, cfg, method, preset, "position", times, top, rules)
+  plans, depth = [], cfg.num_blocks
+  for _ in range(times):
+    plans.append(make_plan(depth, method, preset, top))
+    depth = len(plans[-1].index_map)
+  structure = jax.tree.structure(shallow)
+  deep = _grow_moments(opt_state, tuple(plans), rules, structure)
+  return place_like(deep, opt_state)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _grow_moments(opt_state: Any, plans: tuple[Plan, ...], rules: GrowthRules,
+                  structure: Any) -> Any:
+  def params_like(x):
+    return isinstance(x, dict) and jax.tree.structure(x) == structure
+
+  def grow(x):
+    if not params_like(x):
+      return x
+    for plan in plans:
+      x = grow_tree(x, plan, None, rules)
+    return x
+
+  return jax.tree.map(grow, opt_state, is_leaf=params_like)
+
+
+def make_plan(num_blocks: int, method: str, preset: str,
+              top: int | None) -> Plan:
+  """The static part of one growth of a `num_blocks` stack."""
+  idx = index_map(method, num_blocks, top)
+  return Plan(idx, gated_off(idx), preset)
+
+
+def deep_config(cfg: ModelConfig, plan: Plan, policy: str) -> ModelConfig:
+  """The deep model's config: depth from the plan, dilations by policy."""
+  idx = plan.index_map
+  deep = dataclasses.replace(cfg, num_blocks=len(idx))  # position: same cycle
+  if policy == "carry":
+    src_dils, positional = cfg.block_dilations(), deep.block_dilations()
+    dils = tuple(src_dils[j] if j != FRESH else positional[i]
+                 for i, j in enumerate(idx))
+    deep = dataclasses.replace(deep, dilations=dils)
+  if plan.preset == "preserve":
+    _warn_if_moved(plan, cfg.block_dilations(), deep.block_dilations())
+  return deep
+
+
+def _warn_if_moved(plan: Plan, src_dils: tuple[int, ...],
+                   deep_dils: tuple[int, ...]) -> None:
+  """preserve is exact only if each live block keeps its source dilation."""
+  for i, (j, off) in enumerate(zip(plan.index_map, plan.gate_off)):
+    if not off and deep_dils[i] != src_dils[j]:
+      warnings.warn(
+          f"preset 'preserve' with dilations='position': shallow block {j} "
+          f"(dilation {src_dils[j]}) runs at deep block {i} with dilation "
+          f"{deep_dils[i]}, so the deep model does not compute the same "
+          "function; use dilations='carry' for an exact copy", stacklevel=4)
+      return
+
+
+def resolve_policy(preset: str, dilations: str | None) -> str:
+  if dilations is None:
+    return "carry" if preset == "preserve" else "position"
+  if dilations not in DILATION_POLICIES:
+    raise JaxrecError(f"dilation policy {dilations!r}: expected one of "
+                      f"{list(DILATION_POLICIES)}")
+  return dilations
+
+
+def check_options(params: Params, cfg: ModelConfig, method: str, preset: str,
+                  policy: str, times: int, top: int | None,
+                  rules: GrowthRules) -> None:
+  """Every user mistake as one JaxrecError, before any array work."""
+  if method not in METHODS:
+    raise JaxrecError(f"growth method {method!r}: expected one of "
+                      f"{list(METHODS)}")
+  if preset not in PRESETS:
+    raise JaxrecError(f"growth preset {preset!r}: expected one of "
+                      f"{list(PRESETS)}")
+  if policy not in DILATION_POLICIES:
+    raise JaxrecError(f"dilation policy {policy!r}: expected one of "
+                      f"{list(DILATION_POLICIES)}")
+  if not isinstance(times, int) or times < 1:
+    raise JaxrecError(f"times={times!r}: expected an integer >= 1")
+  if top is not None and not (isinstance(top, int)
+                              and 1 <= top <= cfg.num_blocks):
+    raise JaxrecError(f"top={top!r}: expected 1..{cfg.num_blocks} (the "
+                      f"shallow model has {cfg.num_blocks} blocks)")
+  _wrap_check(rules, params, cfg)
+  if preset == "preserve":
+    if rules.gate is None or rules.gate not in params[rules.blocks]:
+      raise JaxrecError(
+          "preset 'preserve' needs a gated residual (model.residual='alpha') "
+          "so a duplicated block can start as the identity; this model has "
+          f"residual={getattr(cfg, 'residual', None)!r}: use 'paper' or "
+          "'full'")
+    if method == "embed_only":
+      raise JaxrecError("preset 'preserve' cannot keep the function with "
+                        "method 'embed_only' (every block is fresh): use "
+                        "'paper' or 'full'")
+
+
+def _wrap_check(rules: GrowthRules, params: Params, cfg: Any) -> None:
+  try:
+    rules.check(params, cfg)
+  except (AssertionError, ValueError, TypeError) as e:
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    raise JaxrecError(
+        f"params do not fit the model config ({cfg.num_blocks} blocks, "
+        f"C={getattr(cfg, 'embed_dim', '?')}, "
+        f"V={getattr(cfg, 'num_items', '?')}): {detail}") from None
+
+
+def place_like(deep: Params, shallow: Params) -> Params:
+  """Puts each concrete deep leaf on its shallow leaf's sharding.
+
+  Fresh leaves come from an init on the default device; without this a
+  replicated model would come back partly on one device. Under `jax.jit`
+  (tracers) placement is left to the caller's out_shardings.
+  """
+  def place(d, s):
+    if isinstance(s, jax.core.Tracer) or not isinstance(s, jax.Array):
+      return d
+    if isinstance(d, jax.core.Tracer):
+      return d
+    return jax.device_put(d, s.sharding)
+
+  return jax.tree.map(place, deep, shallow)
+
+
+# ------------------------------------------------------------ checkpoints
+
+
+def grow_checkpoint(src_dir: str, out_dir: str, method: str,
+                    preset: str = "paper", times: int = 1,
+                    dilations: str | None = None, top: int | None = None,
+                    seed: int = 0, map_opt_state: bool = False) -> Config:
+  """Grows a run's checkpoint into `out_dir`; returns the grown Config.
+
+  Reads `src_dir`'s best checkpoint (latest if it never validated; latest
+  with `map_opt_state`, as only it holds the optimizer state), restored as
+  saved and checked against its config. Writes step 0 of the deep model as a
+  full train state to out_dir/checkpoints/latest, plus out_dir/config.json,
+  so both `train(..., init_from=out_dir)` (params only, fresh optimizer: the
+  paper) and `train(..., out_dir, resume=True)` (the saved optimizer state)
+  start from it. The optimizer state is fresh unless `map_opt_state`, which
+  grows the source's Adam moments with `stack_opt_state`.
+  """
+  _refuse_existing(out_dir)
+  kind = "latest" if map_opt_state else _kind(src_dir)
+  mngr = checkpoints.open_existing(src_dir, kind)
+  step, meta = checkpoints.read_meta(src_dir, kind)
+  src_cfg = checkpoints.config_from_meta(meta, src_dir)
+  state, meta = checkpoints.restore(mngr, step)
+  if not isinstance(state, dict) or "params" not in state:
+    raise JaxrecError(f"{src_dir}: checkpoint state holds no params")
+  policy = resolve_policy(preset, dilations)
+  deep, deep_model = stack(state["params"], src_cfg.model, method, preset,
+                           rng=jax.random.key(seed), times=times, top=top,
+                           dilations=policy)
+  cfg = src_cfg.replace(model=deep_model)
+  deep_state = train.init_state(deep, train.make_optimizer(cfg.train))
+  if map_opt_state:
+    shallow_opt = _restructure(
+        state.get("opt_state"),
+        train.abstract_state(src_cfg, "latest")["opt_state"], src_dir)
+    deep_state["opt_state"] = stack_opt_state(
+        shallow_opt, src_cfg.model, method, preset, times=times, top=top)
+  lineage = list(meta.get("lineage") or []) + [{
+      "dir": os.path.abspath(src_dir), "kind": kind, "step": int(step),
+      "op": "grow", "method": method, "preset": preset, "times": times,
+      "dilations": policy, "top": top, "seed": seed,
+      "map_opt_state": map_opt_state}]
+  out_meta = checkpoints.make_meta(
+      cfg, meta["data_fingerprint"], 0, lineage,
+      progress=dataclasses.asdict(train.Progress()))
+  _save(out_dir, deep_state, out_meta, cfg)
+  return cfg
+
+
+def _save(out_dir: str, state: Any, meta: dict[str, Any], cfg: Config) -> None:
+  os.makedirs(out_dir, exist_ok=True)
+  mngr = checkpoints.manager(out_dir, "latest", keep=1)
+  checkpoints.save(mngr, 0, state, meta)
+  mngr.wait_until_finished()  # A grow is over only once it is on disk.
+  mngr.close()
+  checkpoints.write_json(os.path.join(out_dir, "config.json"), cfg.to_dict())
+
+
+def _restructure(raw: Any, like: Any, origin: str) -> Any:
+  """Puts a tree restored as saved back into `like`'s structure.
+
+  Orbax restores an optax state without a target as plain containers
+  (NamedTuples as dicts, tuples as lists); the path of each leaf of `like`
+  finds it there.
+  """
+  def lookup(path, _):
+    node = raw
+    for key in path:
+      if isinstance(key, jax.tree_util.GetAttrKey):
+        node = node[key.name]
+      elif isinstance(key, jax.tree_util.SequenceKey):
+        node = node[key.idx]
+      else:
+        node = node[key.key]
+    return node
+
+  try:
+    return jax.tree_util.tree_map_with_path(lookup, like)
+  except (KeyError, IndexError, TypeError):
+    raise JaxrecError(f"{origin}: the saved optimizer state does not match "
+                      "its config's optimizer") from None
+
+
+def _refuse_existing(out_dir: str) -> None:
+  ckpt = os.path.join(out_dir, "checkpoints")
+  if os.path.isdir(ckpt) and os.listdir(ckpt):
+    raise JaxrecError(f"{out_dir}: already holds checkpoints; choose another "
+                      "--out")
+
+
+# --------------------------------------------------------------------- CLI
+
+
+def add_grow_parser(subparsers: Any) -> argparse.ArgumentParser:
+  """Registers `jaxrec grow` on the CLI's subparsers."""
+  p = subparsers.add_parser(
+      "grow", help="stack a trained model into a deeper one (StackRec)",
+      description="Grow a run's checkpoint into a deeper model in --out; "
+      "continue training it with `jaxrec train --init-from NEW_DIR`.")
+  p.add_argument("--from", dest="src", required=True, metavar="DIR",
+                 help="run directory to grow (its best checkpoint, else "
+                      "latest)")
+  p.add_argument("--out", required=True, metavar="NEW_DIR",
+                 help="directory for the grown checkpoint (must hold none)")
+  p.add_argument("--method", required=True, choices=METHODS,
+                 help="adjacent: deep i <- i//2 (stackA); cross: i mod L "
+                      "(stackC); random_top: bottom copied, top fresh "
+                      "(StackR); embed_only: only the item embedding (StackE)")
+  p.add_argument("--preset", default="paper", choices=PRESETS,
+                 help="paper: copy convs + embedding, reset LayerNorm, alpha "
+                      "and softmax (official); preserve: copy all, duplicates "
+                      "get alpha 0 (same outputs); full: copy all "
+                      "(default: paper)")
+  p.add_argument("--times", type=int, default=1, metavar="N",
+                 help="grow N times: 4 -> 8 -> 16 ... (default: 1)")
+  p.add_argument("--dilations", default=None, choices=DILATION_POLICIES,
+                 help="position: dilation follows the new position "
+                      "(official); carry: a copy keeps its source's dilation "
+                      "(default: carry for preserve, else position)")
+  p.add_argument("--top", type=int, default=None, metavar="K",
+                 help="duplicate only the top K blocks (deep depth L+K)")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of the re-initialised parts (default: 0)")
+  p.add_argument("--map-opt-state", action="store_true",
+                 help="also grow the Adam moments of the latest checkpoint "
+                      "(used by `train --resume` in NEW_DIR; --init-from "
+                      "always starts a fresh optimizer, as the paper)")
+  return p
+
+
+def cmd_grow(args: argparse.Namespace) -> None:
+  """Runs `jaxrec grow` and prints a one-line summary."""
+  _, meta = checkpoints.read_meta(args.src, _kind(args.src))
+  src = checkpoints.config_from_meta(meta, args.src).model
+  cfg = grow_checkpoint(args.src, args.out, args.method, args.preset,
+                        times=args.times, dilations=args.dilations,
+                        top=args.top, seed=args.seed,
+                        map_opt_state=args.map_opt_state)
+  print(f"grew {args.src} -> {args.out}: {src.num_blocks} -> "
+        f"{cfg.model.num_blocks} blocks, {_count(src):,} -> "
+        f"{_count(cfg.model):,} params ({args.method}, {args.preset}, "
+        f"dilations {list(cfg.model.block_dilations())})")
+
+
+def _kind(run_dir: str) -> str:
+  best = os.path.join(run_dir, "checkpoints", "best")
+  return "best" if os.path.isdir(best) else "latest"
+
+
+def _count(cfg: ModelConfig) -> int:
+  return models.count_params(
+      jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0))))
