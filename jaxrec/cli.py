@@ -1,4 +1,4 @@
-"""The `jaxrec` command: train, eval, inspect.
+"""The `jaxrec` command: train, eval, inspect, grow.
 
 Options come from three layers, later ones winning: the dataclass defaults in
 `jaxrec.config`, a `--config FILE` (YAML or JSON with sections model, data,
@@ -162,6 +162,9 @@ def build_parser() -> Parser:
   p.add_argument("dir", metavar="DIR")
   p.add_argument("--kind", choices=("best", "latest"), default=None,
                  help="which checkpoint (default: best if present)")
+
+  from jaxrec import growth  # pylint: disable=import-outside-toplevel
+  growth.add_grow_parser(sub)
   return parser
 
 
@@ -203,7 +206,13 @@ def cmd_inspect(args: argparse.Namespace) -> None:
   print(evaluation.describe_checkpoint(args.dir, args.kind))
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect}
+def cmd_grow(args: argparse.Namespace) -> None:
+  from jaxrec import growth  # pylint: disable=import-outside-toplevel
+  growth.cmd_grow(args)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "inspect": cmd_inspect,
+            "grow": cmd_grow}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

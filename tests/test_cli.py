@@ -174,3 +174,20 @@ def test_a_failed_resume_leaves_the_checkpoint_restorable(trained_run,
   run_error(capsys, ["train", "--out", trained_run, "--resume"] + TINY
             + ["--num-blocks", "3"])
   assert cli.main(["eval", "--ckpt", trained_run, "--split", "test"]) == 0
+
+
+def test_grow_then_inspect_shows_the_lineage(trained_run, tmp_path, capsys):
+  grown = str(tmp_path / "grown")
+  assert cli.main(["grow", "--from", trained_run, "--out", grown,
+                   "--method", "adjacent", "--preset", "paper"]) == 0
+  capsys.readouterr()
+  assert cli.main(["inspect", grown]) == 0
+  out = capsys.readouterr().out
+  assert "(4, 3, 8, 8)" in out  # 2 blocks grown to 4.
+  assert "op=grow" in out and "method=adjacent" in out
+
+
+def test_grow_into_a_directory_holding_checkpoints_is_refused(trained_run,
+                                                              capsys):
+  run_error(capsys, ["grow", "--from", trained_run, "--out", trained_run,
+                     "--method", "cross"])
