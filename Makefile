@@ -15,11 +15,12 @@ $(BIN)/jaxrec: setup.py
 
 setup: $(BIN)/jaxrec
 
-# Train NextItNet on the embedded synthetic data and print the test metrics
-# next to the popularity baseline.
+# On the embedded synthetic data: train a shallow NextItNet, grow it 2x
+# (StackRec), fine-tune, train the deep one from scratch too, and print the
+# test metrics of all three next to the popularity baseline.
 demo: setup
 	rm -rf $(DEMO_OUT)
-	$(BIN)/jaxrec train --config experiments/configs/demo.yaml --out $(DEMO_OUT)
+	$(BIN)/python experiments/demo.py --out $(DEMO_OUT)
 
 test: setup
 	$(BIN)/python -m pytest -q tests

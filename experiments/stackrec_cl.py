@@ -19,12 +19,10 @@ Writes OUT/results.json and OUT/valid_mrr5.png.
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import stackrec_common as common
 from jaxrec import input_pipeline
-from stackrec_ts import base_config
 
 FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0)
 SMALL = dict(blocks=2, increment_steps=150, max_steps=2000, patience=4,
@@ -40,16 +38,10 @@ SCALE = dict(blocks=16, increment_steps=1500, max_steps=30000, patience=4,
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default="runs/stackrec_cl")
-  parser.add_argument("--scale", action="store_true",
-                      help="GPU settings: 16 -> 32 blocks on ML-20M-sized "
-                           "synthetic data")
-  parser.add_argument("--data", help="data source (default: synthetic)")
-  parser.add_argument("--progress", action="store_true")
+  parser = common.scenario_parser(__doc__, "runs/stackrec_cl")
   args = parser.parse_args()
   s = SCALE if args.scale else SMALL
-  cfg = base_config(s, args.data)
+  cfg = common.base_config(s, args.data)
   data = input_pipeline.load_data(cfg.data)
   quiet = not args.progress
   os.makedirs(args.out, exist_ok=True)

@@ -8,6 +8,7 @@ clock, so the arms can be compared on one time axis.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -90,6 +91,32 @@ def fresh_dir(path: str) -> str:
   if os.path.exists(path):
     shutil.rmtree(path)
   return path
+
+
+def scenario_parser(doc: str, default_out: str) -> argparse.ArgumentParser:
+  """The options every scenario script takes."""
+  parser = argparse.ArgumentParser(
+      description=doc.splitlines()[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
+  parser.add_argument("--out", default=default_out, help="output directory")
+  parser.add_argument("--scale", action="store_true",
+                      help="GPU settings on ML-20M-sized synthetic data")
+  parser.add_argument("--data", help="data source (default: synthetic)")
+  parser.add_argument("--progress", action="store_true",
+                      help="show each run's progress bar")
+  return parser
+
+
+def base_config(settings: dict[str, Any],
+                data_source: str | None) -> config_lib.Config:
+  """The scenario's shared config from its SMALL or SCALE settings."""
+  data = dict(settings["data"])
+  if data_source:
+    data["source"] = data_source
+  return config_lib.Config(
+      model=config_lib.ModelConfig(**settings["model"]),
+      data=config_lib.DataConfig(**data),
+      train=config_lib.TrainConfig(**settings["train"]))
 
 
 def run_stage(cfg: config_lib.Config, out_dir: str,

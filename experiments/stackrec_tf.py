@@ -18,14 +18,12 @@ Writes OUT/results.json and OUT/valid_mrr5.png.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 
 import stackrec_common as common
 from jaxrec import input_pipeline
 from jaxrec.errors import JaxrecError
-from stackrec_ts import base_config
 
 SMALL = dict(blocks=(1, 2, 4), steps=(150, 150, 300), max_steps=2000,
              patience=4, eval_every=50, model=dict(embed_dim=32),
@@ -42,15 +40,11 @@ SCALE = dict(blocks=(8, 16, 32), steps=(1500, 1500, 3000),
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default="runs/stackrec_tf")
-  parser.add_argument("--scale", action="store_true")
-  parser.add_argument("--data", help="source domain (default: synthetic)")
+  parser = common.scenario_parser(__doc__, "runs/stackrec_tf")
   parser.add_argument("--target", help="target domain, same item ids")
-  parser.add_argument("--progress", action="store_true")
   args = parser.parse_args()
   s = SCALE if args.scale else SMALL
-  cfg = base_config(s, args.data)
+  cfg = common.base_config(s, args.data)
   source = input_pipeline.load_data(cfg.data)
   target_cfg = cfg.replace(data=dataclasses.replace(
       cfg.data, source=args.target or s["target"]))

@@ -16,11 +16,9 @@ Writes OUT/results.json and OUT/valid_mrr5.png.
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import stackrec_common as common
-from jaxrec import config as config_lib
 from jaxrec import input_pipeline
 
 SMALL = dict(blocks=(1, 2, 4), steps=(150, 150), max_steps=2000,
@@ -35,27 +33,11 @@ SCALE = dict(blocks=(8, 16, 32), steps=(1500, 1500), max_steps=30000,
                         eval_batch_size=2048))
 
 
-def base_config(settings: dict, data_source: str | None) -> config_lib.Config:
-  data = dict(settings["data"])
-  if data_source:
-    data["source"] = data_source
-  return config_lib.Config(
-      model=config_lib.ModelConfig(**settings["model"]),
-      data=config_lib.DataConfig(**data),
-      train=config_lib.TrainConfig(**settings["train"]))
-
-
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default="runs/stackrec_ts")
-  parser.add_argument("--scale", action="store_true",
-                      help="GPU settings: 8->16->32 blocks on ML-20M-sized "
-                           "synthetic data")
-  parser.add_argument("--data", help="data source (default: synthetic)")
-  parser.add_argument("--progress", action="store_true")
+  parser = common.scenario_parser(__doc__, "runs/stackrec_ts")
   args = parser.parse_args()
   settings = SCALE if args.scale else SMALL
-  cfg = base_config(settings, args.data)
+  cfg = common.base_config(settings, args.data)
   data = input_pipeline.load_data(cfg.data)
   blocks, every = settings["blocks"], settings["eval_every"]
   # Short fixed budgets for the shallow stages; the final depth (and the
