@@ -1,0 +1,73 @@
+"""The scenario scripts' shared pieces: nested data, clocks, time to reach."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
+                                "experiments"))
+import stackrec_common as common  # pylint: disable=wrong-import-position
+from jaxrec import sequences  # pylint: disable=wrong-import-position
+
+
+def toy_data(rows=50):
+  train = np.arange(1, rows * 4 + 1, dtype=np.int32).reshape(rows, 4) % 9 + 1
+  empty = np.zeros((3, 3), np.int32)
+  return sequences.SequenceData(
+      num_items=10, train=train, valid_inputs=empty,
+      valid_targets=np.ones(3, np.int32), test_inputs=empty,
+      test_targets=np.ones(3, np.int32), item_counts=np.zeros(10, np.int64),
+      fingerprint="fp", meta={})
+
+
+def test_subsets_are_nested_and_sized():
+  data = toy_data()
+  small = common.subset_train(data, 0.2).train
+  large = common.subset_train(data, 0.6).train
+  assert len(small) == 10 and len(large) == 30
+  large_rows = {tuple(r) for r in large}
+  assert all(tuple(r) in large_rows for r in small)
+
+
+def test_subset_counts_only_its_rows_and_changes_fingerprint():
+  sub = common.subset_train(toy_data(), 0.4)
+  expected = np.bincount(sub.train.ravel(), minlength=10)
+  expected[0] = 0
+  np.testing.assert_array_equal(sub.item_counts, expected)
+  assert sub.fingerprint != "fp"
+
+
+def write_run(path, times_and_values, train_time, test_mrr):
+  os.makedirs(path)
+  with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+    for t, v in times_and_values:
+      f.write(json.dumps({"step": 1, "valid": {"mrr@5": v},
+                          "train_time_s": t}) + "\n")
+  best = max(v for _, v in times_and_values)
+  with open(os.path.join(path, "metrics.json"), "w") as f:
+    json.dump({"valid": {"mrr@5": best}, "test": {"mrr@5": test_mrr},
+               "train_time_s": train_time, "steps": 10}, f)
+
+
+def test_arm_clock_adds_stages_and_growth(tmp_path):
+  write_run(tmp_path / "a", [(1.0, 0.1), (2.0, 0.2)], 2.5, 0.15)
+  write_run(tmp_path / "b", [(1.0, 0.3), (3.0, 0.25)], 3.0, 0.28)
+  arm = common.Arm("x")
+  arm.add_run(str(tmp_path / "a"), "shallow")
+  arm.add_growth(0.5)
+  arm.add_run(str(tmp_path / "b"), "deep")
+  assert arm.clock == pytest.approx(6.0)
+  assert arm.stack_points == [pytest.approx(3.0)]
+  assert [p[0] for p in arm.curve] == pytest.approx([1.0, 2.0, 4.0, 6.0])
+  assert arm.best_valid == 0.3 and arm.best_test == {"mrr@5": 0.28}
+  assert common.time_to_reach(arm, 0.25) == pytest.approx(4.0)
+  assert common.time_to_reach(arm, 0.5) is None
+
+
+def test_unrecorded_stage_only_advances_the_clock(tmp_path):
+  write_run(tmp_path / "src", [(1.0, 0.9)], 4.0, 0.9)
+  arm = common.Arm("x")
+  arm.add_run(str(tmp_path / "src"), "pretrain", record=False)
+  assert arm.clock == 4.0 and arm.curve == [] and arm.best_valid == -1.0
