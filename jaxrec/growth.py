@@ -399,12 +399,15 @@ def place_like(deep: Params, shallow: Params) -> Params:
 def grow_checkpoint(src_dir: str, out_dir: str, method: str,
                     preset: str = "paper", times: int = 1,
                     dilations: str | None = None, top: int | None = None,
-                    seed: int = 0, map_opt_state: bool = False) -> Config:
+                    seed: int = 0, map_opt_state: bool = False,
+                    kind: str | None = None) -> Config:
   """Grows a run's checkpoint into `out_dir`; returns the grown Config.
 
-  Reads `src_dir`'s best checkpoint (latest if it never validated; latest
-  with `map_opt_state`, as only it holds the optimizer state), restored as
-  saved and checked against its config. Writes step 0 of the deep model as a
+  Reads `src_dir`'s `kind` checkpoint: by default the best (the latest if
+  it never validated; the latest with `map_opt_state`, as only it holds the
+  optimizer state); `kind="latest"` grows the model where training stopped,
+  as progressive stacking does. Restored as saved and checked against its
+  config. Writes step 0 of the deep model as a
   full train state to out_dir/checkpoints/latest, plus out_dir/config.json,
   so both `train(..., init_from=out_dir)` (params only, fresh optimizer: the
   paper) and `train(..., out_dir, resume=True)` (the saved optimizer state)
@@ -412,7 +415,14 @@ def grow_checkpoint(src_dir: str, out_dir: str, method: str,
   grows the source's Adam moments with `stack_opt_state`.
   """
   _refuse_existing(out_dir)
-  kind = "latest" if map_opt_state else _kind(src_dir)
+  if kind not in (None, "best", "latest"):
+    raise JaxrecError(f"--source={kind!r}: expected 'best' or 'latest'")
+  if map_opt_state:
+    if kind == "best":
+      raise JaxrecError("--map-opt-state needs --source latest: only the "
+                        "latest checkpoint holds the optimizer state")
+    kind = "latest"
+  kind = kind or _kind(src_dir)
   mngr = checkpoints.open_existing(src_dir, kind)
   step, meta = checkpoints.read_meta(src_dir, kind)
   src_cfg = checkpoints.config_from_meta(meta, src_dir)
@@ -494,8 +504,7 @@ def add_grow_parser(subparsers: Any) -> argparse.ArgumentParser:
       description="Grow a run's checkpoint into a deeper model in --out; "
       "continue training it with `jaxrec train --init-from NEW_DIR`.")
   p.add_argument("--from", dest="src", required=True, metavar="DIR",
-                 help="run directory to grow (its best checkpoint, else "
-                      "latest)")
+                 help="run directory to grow (see --source)")
   p.add_argument("--out", required=True, metavar="NEW_DIR",
                  help="directory for the grown checkpoint (must hold none)")
   p.add_argument("--method", required=True, choices=METHODS,
@@ -517,6 +526,9 @@ def add_grow_parser(subparsers: Any) -> argparse.ArgumentParser:
                  help="duplicate only the top K blocks (deep depth L+K)")
   p.add_argument("--seed", type=int, default=0,
                  help="seed of the re-initialised parts (default: 0)")
+  p.add_argument("--source", choices=("best", "latest"), default=None,
+                 help="which checkpoint of --from to grow (default: best, "
+                      "else latest)")
   p.add_argument("--map-opt-state", action="store_true",
                  help="also grow the Adam moments of the latest checkpoint "
                       "(used by `train --resume` in NEW_DIR; --init-from "
@@ -526,12 +538,12 @@ def add_grow_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_grow(args: argparse.Namespace) -> None:
   """Runs `jaxrec grow` and prints a one-line summary."""
-  _, meta = checkpoints.read_meta(args.src, _kind(args.src))
+  _, meta = checkpoints.read_meta(args.src, args.source or _kind(args.src))
   src = checkpoints.config_from_meta(meta, args.src).model
   cfg = grow_checkpoint(args.src, args.out, args.method, args.preset,
                         times=args.times, dilations=args.dilations,
                         top=args.top, seed=args.seed,
-                        map_opt_state=args.map_opt_state)
+                        map_opt_state=args.map_opt_state, kind=args.source)
   print(f"grew {args.src} -> {args.out}: {src.num_blocks} -> "
         f"{cfg.model.num_blocks} blocks, {_count(src):,} -> "
         f"{_count(cfg.model):,} params ({args.method}, {args.preset}, "

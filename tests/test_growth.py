@@ -564,3 +564,20 @@ def test_cli_grow_rejects_an_unknown_method():
                                                parser_class=cli.Parser))
   with pytest.raises(JaxrecError, match="--method"):
     parser.parse_args(["grow", "--from", "a", "--out", "b", "--method", "x"])
+
+
+def test_grow_checkpoint_can_grow_the_latest_instead_of_the_best(tmp_path,
+                                                                 run):
+  _, _, src, _ = run
+  out = str(tmp_path / "grown_latest")
+  growth.grow_checkpoint(src, out, "adjacent", "paper", kind="latest")
+  _, meta = checkpoints.read_meta(out, "latest")
+  assert meta["lineage"][-1]["kind"] == "latest"
+  assert meta["lineage"][-1]["step"] == 4
+
+
+def test_map_opt_state_from_the_best_checkpoint_is_refused(tmp_path, run):
+  _, _, src, _ = run
+  with pytest.raises(JaxrecError, match="--source latest"):
+    growth.grow_checkpoint(src, str(tmp_path / "g"), "adjacent", "paper",
+                           map_opt_state=True, kind="best")
