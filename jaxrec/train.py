@@ -250,9 +250,11 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
              desc="train", unit="step", mininterval=1.0, dynamic_ncols=True)
   t_last, s_last = time.time(), start
   clock = time.time() - prog.train_time_s
-  step = start
+  done = start
+  # A resumed run that had already stopped early stays stopped.
+  stopped = bool(tcfg.patience) and prog.evals_since_best >= tcfg.patience
   try:
-    for step in range(start, tcfg.steps):
+    for step in range(start, tcfg.steps if not stopped else start):
       batch = sequences.train_batch(data.train, step, batch_size, tcfg.seed)
       state, out = step_fn(state, sharder.put_batch(batch))
       done = step + 1
@@ -298,7 +300,7 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
     latest.wait_until_finished()
     best.wait_until_finished()
 
-  return _finish(cfg, out_dir, data, sharder, rank_fn, best, prog, step + 1)
+  return _finish(cfg, out_dir, data, sharder, rank_fn, best, prog, done)
 
 
 def _finish(cfg: Config, out_dir: str, data: sequences.SequenceData,

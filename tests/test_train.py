@@ -206,3 +206,11 @@ def test_tensorboard_events_are_written_when_asked(tmp_path):
               progress_bar=False)
   events = os.listdir(tmp_path / "tb")
   assert any(name.startswith("events.out.tfevents") for name in events)
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path):
+  cfg = tiny_config(steps=6)
+  first = train.train(cfg, str(tmp_path), progress_bar=False)
+  again = train.train(cfg, str(tmp_path), resume=True, progress_bar=False)
+  assert again["steps"] == first["steps"] == 6
+  assert again["test"] == first["test"]
