@@ -1,15 +1,15 @@
 """The README's main job: train, grow, fine-tune, compare (`make demo`).
 
 On the embedded synthetic data: a shallow NextItNet is trained, grown 2x
-with StackRec (adjacent stacking, the official `paper` preset) and
-fine-tuned; a model of the grown depth is trained from scratch for as many
+with StackRec (adjacent stacking, `preserve` preset: the grown model
+starts computing what the shallow one did) and fine-tuned; a model of the grown depth is trained from scratch for as many
 steps as both stages together. Prints the test metrics (full ranking, leave-
 one-out) of all three next to the popularity baseline, with wall times.
 The same steps on the command line:
 
-  jaxrec train --config experiments/configs/demo.yaml --num-blocks 2 --out runs/demo/shallow
-  jaxrec grow --from runs/demo/shallow --out runs/demo/grown --method adjacent --preset paper
-  jaxrec train --config experiments/configs/demo.yaml --init-from runs/demo/grown --out runs/demo/finetuned
+  jaxrec train --config experiments/configs/demo.yaml --num-blocks 2 --steps 500 --out runs/demo/shallow
+  jaxrec grow --from runs/demo/shallow --source latest --out runs/demo/grown --method adjacent --preset preserve
+  jaxrec train --config experiments/configs/demo.yaml --steps 500 --init-from runs/demo/grown --out runs/demo/finetuned
 """
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ def main() -> None:
   parser.add_argument("--config",
                       default=os.path.join(HERE, "configs", "demo.yaml"))
   parser.add_argument("--method", default="adjacent")
-  parser.add_argument("--preset", default="paper")
+  parser.add_argument("--preset", default="preserve",
+                      help="preserve (default: fastest in RESULTS.md) or "
+                           "paper (the official code's resets)")
   args = parser.parse_args()
   cfg = config_lib.from_dict(config_lib.load_file(args.config), args.config)
   data = input_pipeline.load_data(cfg.data)
