@@ -136,6 +136,10 @@ def build_parser() -> Parser:
   p.add_argument("--init-from", metavar="DIR",
                  help="start from the params of another run or grown "
                       "checkpoint (its model config is used)")
+  p.add_argument("--init-opt-state", action="store_true",
+                 help="with --init-from: also take its optimizer state (e.g. "
+                      "Adam moments grown by `jaxrec grow --map-opt-state`); "
+                      "default: a fresh optimizer, as the paper")
   p.add_argument("--distributed", action="store_true",
                  help="call jax.distributed.initialize() (multi-host)")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -176,6 +180,7 @@ def cmd_train(args: argparse.Namespace) -> None:
   from jaxrec import train  # pylint: disable=import-outside-toplevel
   result = train.train(cfg, args.out, resume=args.resume,
                        init_from=args.init_from,
+                       init_opt_state=args.init_opt_state,
                        progress_bar=not args.quiet)
   print(format_summary(result))
 

@@ -531,8 +531,9 @@ def add_grow_parser(subparsers: Any) -> argparse.ArgumentParser:
                       "else latest)")
   p.add_argument("--map-opt-state", action="store_true",
                  help="also grow the Adam moments of the latest checkpoint "
-                      "(used by `train --resume` in NEW_DIR; --init-from "
-                      "always starts a fresh optimizer, as the paper)")
+                      "(used by `train --init-from NEW_DIR "
+                      "--init-opt-state`; without it the optimizer starts "
+                      "fresh, as the paper)")
   return p
 
 

@@ -198,19 +198,24 @@ class Progress:
 
 def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
           resume: bool = False, init_from: str | None = None,
+          init_opt_state: bool = False,
           devices: list[jax.Device] | None = None, progress_bar: bool = True,
           step_callback: Callable[[int], None] | None = None) -> dict[str, Any]:
   """Trains, validates, checkpoints; writes and returns DIR/metrics.json.
 
-  `step_callback(step)` runs after each step (tests use it to kill a run at
-  a chosen moment).
+  `init_from` starts from another run's (or a grown) checkpoint's params,
+  with its model config; `init_opt_state` also takes its optimizer state
+  (from its latest checkpoint, e.g. `jaxrec grow --map-opt-state`), else the
+  optimizer starts fresh as in the paper. `step_callback(step)` runs after
+  each step (tests use it to kill a run at a chosen moment).
   """
   if data is None:
     from jaxrec import input_pipeline  # pylint: disable=import-outside-toplevel
     data = input_pipeline.load_data(cfg.data)
   lineage: list[dict[str, Any]] = []
   if init_from:
-    cfg, lineage, init_params = _load_init(cfg, init_from, data)
+    cfg, lineage, init_params, init_opt = _load_init(cfg, init_from, data,
+                                                     init_opt_state)
   cfg = cfg.replace(model=dataclasses.replace(cfg.model,
                                               num_items=data.num_items))
   cfg.validate()
@@ -232,7 +237,10 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
 
   params = (init_params if init_from else
             models.init_params(cfg.model, jax.random.key(tcfg.seed)))
-  state = sharder.replicate(init_state(params, opt))
+  state = init_state(params, opt)
+  if init_from and init_opt_state:
+    state["opt_state"] = init_opt  # E.g. Adam moments mapped by `grow`.
+  state = sharder.replicate(state)
   latest = checkpoints.manager(out_dir, "latest", keep=tcfg.keep_checkpoints)
   best = checkpoints.manager(out_dir, "best", keep=1)
   prog = Progress()
@@ -365,10 +373,14 @@ def _restore_latest(latest, state: State, cfg: Config,
   return restored, meta
 
 
-def _load_init(cfg: Config, init_from: str, data: sequences.SequenceData):
-  """Params of a grown or trained checkpoint; its model config wins."""
-  kind = ("best" if os.path.isdir(os.path.join(init_from, "checkpoints",
-                                               "best")) else "latest")
+def _load_init(cfg: Config, init_from: str, data: sequences.SequenceData,
+               with_opt_state: bool):
+  """Params (and optionally the optimizer state) of a grown or trained
+  checkpoint; its model config wins. Returns (cfg, lineage, params,
+  opt_state or None)."""
+  has_best = os.path.isdir(os.path.join(init_from, "checkpoints", "best"))
+  # Only `latest` checkpoints hold an optimizer state.
+  kind = "best" if has_best and not with_opt_state else "latest"
   mngr = checkpoints.open_existing(init_from, kind)
   step, meta = checkpoints.read_meta(init_from, kind)
   src = checkpoints.config_from_meta(meta, init_from)
@@ -380,8 +392,19 @@ def _load_init(cfg: Config, init_from: str, data: sequences.SequenceData):
       mngr, step, target=abstract_state(src, kind))
   lineage = meta["lineage"] + [{"dir": os.path.abspath(init_from),
                                 "kind": kind, "step": step,
-                                "op": "init_from"}]
-  return cfg, lineage, restored["params"]
+                                "op": "init_from",
+                                "opt_state": with_opt_state}]
+  opt_state = None
+  if with_opt_state:
+    opt_state = restored["opt_state"]
+    fresh = jax.eval_shape(make_optimizer(cfg.train).init, restored["params"])
+    if (jax.tree.structure(fresh) != jax.tree.structure(opt_state) or
+        jax.tree.map(lambda a: a.shape, fresh) !=
+        jax.tree.map(lambda a: a.shape, opt_state)):
+      raise JaxrecError(f"{init_from}: its optimizer state does not fit this "
+                        "run's optimizer (schedule, clipping or weight decay "
+                        "differ); drop --init-opt-state")
+  return cfg, lineage, restored["params"], opt_state
 
 
 def _check_finite(state: State, out: dict, out_dir: str) -> float:

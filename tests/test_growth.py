@@ -581,3 +581,34 @@ def test_map_opt_state_from_the_best_checkpoint_is_refused(tmp_path, run):
   with pytest.raises(JaxrecError, match="--source latest"):
     growth.grow_checkpoint(src, str(tmp_path / "g"), "adjacent", "paper",
                            map_opt_state=True, kind="best")
+
+
+def test_init_opt_state_starts_from_the_mapped_adam_moments(tmp_path, run):
+  cfg, data, src, _ = run
+  grown = str(tmp_path / "mapped")
+  growth.grow_checkpoint(src, grown, "adjacent", "preserve",
+                         map_opt_state=True)
+  one_step = cfg.replace(train=dataclasses.replace(cfg.train, steps=1,
+                                                   eval_every=1))
+  outs = {}
+  for flag in (False, True):
+    out = str(tmp_path / f"ft_{flag}")
+    train.train(one_step, out, data, init_from=grown, init_opt_state=flag,
+                progress_bar=False)
+    outs[flag] = evaluation.load_params(out, "latest")
+  params_fresh, params_mapped = outs[False][0], outs[True][0]
+  assert outs[True][2]["lineage"][-1]["opt_state"] is True
+  diffs = jax.tree.leaves(jax.tree.map(
+      lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+      params_fresh, params_mapped))
+  assert any(diffs)  # Adam's first step differs with non-zero moments.
+
+
+def test_init_opt_state_refuses_another_optimizer(tmp_path, run):
+  cfg, data, src, _ = run
+  grown = str(tmp_path / "mapped2")
+  growth.grow_checkpoint(src, grown, "cross", "paper", map_opt_state=True)
+  clipped = cfg.replace(train=dataclasses.replace(cfg.train, clip_norm=1.0))
+  with pytest.raises(JaxrecError, match="init-opt-state"):
+    train.train(clipped, str(tmp_path / "ft"), data, init_from=grown,
+                init_opt_state=True, progress_bar=False)
