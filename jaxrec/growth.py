@@ -53,7 +53,8 @@ output leaf is placed with the sharding of the shallow leaf it replaces
 
 `grow_checkpoint` / `jaxrec grow` grow a saved run into a new directory that
 `jaxrec train --init-from` starts from, with a fresh optimizer as in the
-paper; `stack_opt_state` (and `map_opt_state=True`) grows Adam's moments too.
+paper; `stack_opt_state` (and `map_opt_state=True`) grows Adam's moments too,
+which `train --init-opt-state` then uses.
 """
 from __future__ import annotations
 
@@ -409,9 +410,9 @@ def grow_checkpoint(src_dir: str, out_dir: str, method: str,
   as progressive stacking does. Restored as saved and checked against its
   config. Writes step 0 of the deep model as a
   full train state to out_dir/checkpoints/latest, plus out_dir/config.json,
-  so both `train(..., init_from=out_dir)` (params only, fresh optimizer: the
-  paper) and `train(..., out_dir, resume=True)` (the saved optimizer state)
-  start from it. The optimizer state is fresh unless `map_opt_state`, which
+  so `train(..., init_from=out_dir)` starts from it: params only with a
+  fresh optimizer (the paper), or with `init_opt_state=True` the saved
+  optimizer state too. That state is fresh unless `map_opt_state`, which
   grows the source's Adam moments with `stack_opt_state`.
   """
   _refuse_existing(out_dir)
