@@ -8,8 +8,9 @@ grow 1 -> 2 -> 4 blocks on the source (8 -> 16 -> 32 with --scale), the
 scratch arm pretrains the deep model from scratch for as many steps. Each
 arm then gets a new output softmax and is fine-tuned on the target to
 convergence (stop after `patience` validations without a gain, or at
-`max_steps`). The compared metric is the target's validation MRR@5; every arm's clock starts
-with its first pretraining stage, so pretraining time counts.
+`max_steps`). The compared metric is the target's validation MRR@5; every
+arm's clock starts with its first pretraining stage, so pretraining time
+counts. A `no_pretrain` arm trains the deep model on the target alone.
 
   python experiments/stackrec_tf.py                  # a few minutes on CPU
   python experiments/stackrec_tf.py --scale          # GPU
@@ -75,7 +76,16 @@ def main() -> None:
       "source pretrain", record=False)
   finetune(scratch, os.path.join(root, "source"), root)
 
-  arms = [scratch]
+  # Reference: the deep model trained on the target alone, so the table
+  # shows what pretraining buys at all.
+  alone = common.Arm("no_pretrain")
+  alone.add_run(common.run_stage(
+      common.with_stage(target_cfg, blocks[-1], s["max_steps"], every,
+                        s["patience"]),
+      os.path.join(args.out, "no_pretrain"), target, quiet=quiet),
+      "target only")
+
+  arms = [scratch, alone]
   for method, preset in common.GROWN_ARMS:
     arm = common.Arm(f"{method}/{preset}")
     root = os.path.join(args.out, f"{method}_{preset}")
