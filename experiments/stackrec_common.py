@@ -18,7 +18,10 @@ import time
 from typing import Any
 
 import numpy as np
+from absl import logging as absl_logging
 
+# Orbax logs every read-only checkpoint open through absl.
+absl_logging.set_verbosity(absl_logging.ERROR)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxrec import checkpoints  # pylint: disable=wrong-import-position
