@@ -2,14 +2,16 @@
 
 On the embedded synthetic data: a shallow NextItNet is trained, grown 2x
 with StackRec (adjacent stacking, `preserve` preset: the grown model
-starts computing what the shallow one did) and fine-tuned; a model of the grown depth is trained from scratch for as many
-steps as both stages together. Prints the test metrics (full ranking, leave-
+starts computing what the shallow one did) and fine-tuned; a model of the grown depth is trained from scratch. The shallow
+stage gets a short fixed budget; the grown and the scratch model train until
+the config's early-stopping rule stops them. Prints the test metrics (full ranking, leave-
 one-out) of all three next to the popularity baseline, with wall times.
 The same steps on the command line:
 
-  jaxrec train --config experiments/configs/demo.yaml --num-blocks 2 --steps 500 --out runs/demo/shallow
+  jaxrec train --config experiments/configs/demo.yaml --num-blocks 2 --steps 300 --patience 0 --out runs/demo/shallow
   jaxrec grow --from runs/demo/shallow --source latest --out runs/demo/grown --method adjacent --preset preserve
-  jaxrec train --config experiments/configs/demo.yaml --steps 500 --init-from runs/demo/grown --out runs/demo/finetuned
+  jaxrec train --config experiments/configs/demo.yaml --init-from runs/demo/grown --out runs/demo/finetuned
+  jaxrec train --config experiments/configs/demo.yaml --out runs/demo/scratch
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ def main() -> None:
   parser.add_argument("--out", default="runs/demo")
   parser.add_argument("--config",
                       default=os.path.join(HERE, "configs", "demo.yaml"))
+  parser.add_argument("--shallow-steps", type=int, default=300,
+                      help="fixed budget of the shallow stage")
   parser.add_argument("--method", default="adjacent")
   parser.add_argument("--preset", default="preserve",
                       help="preserve (default: fastest in RESULTS.md) or "
@@ -38,14 +42,15 @@ def main() -> None:
   data = input_pipeline.load_data(cfg.data)
   deep = cfg.model.num_blocks
   shallow = deep // 2
-  steps = cfg.train.steps // 2
+  steps, patience = cfg.train.steps, cfg.train.patience
   every = cfg.train.eval_every
   print(f"data: {data.meta['source']}, {data.meta['num_users']} users, "
         f"{data.meta['num_items']} items, protocol {data.meta['protocol']}")
 
   rows = []
-  print(f"[1/4] training {shallow} blocks for {steps} steps")
-  run = common.run_stage(common.with_stage(cfg, shallow, steps, every),
+  print(f"[1/4] training {shallow} blocks for {args.shallow_steps} steps")
+  run = common.run_stage(common.with_stage(cfg, shallow, args.shallow_steps,
+                                           every),
                          os.path.join(args.out, "shallow"), data,
                          quiet=False)
   rows.append((f"shallow ({shallow} blocks)", run, 0.0))
@@ -53,13 +58,14 @@ def main() -> None:
         f"{args.preset})")
   grown = os.path.join(args.out, "grown")
   grow_s = common.grow(run, grown, args.method, args.preset)
-  print(f"[3/4] fine-tuning {deep} blocks for {steps} steps")
-  run = common.run_stage(common.with_stage(cfg, deep, steps, every),
+  print(f"[3/4] fine-tuning {deep} blocks until validation stops improving")
+  run = common.run_stage(common.with_stage(cfg, deep, steps, every, patience),
                          os.path.join(args.out, "finetuned"), data,
                          init_from=grown, quiet=False)
   rows.append((f"grown ({deep} blocks)", run, grow_s))
-  print(f"[4/4] training {deep} blocks from scratch for {2 * steps} steps")
-  run = common.run_stage(common.with_stage(cfg, deep, 2 * steps, every),
+  print(f"[4/4] training {deep} blocks from scratch until validation stops "
+        "improving")
+  run = common.run_stage(common.with_stage(cfg, deep, steps, every, patience),
                          os.path.join(args.out, "scratch"), data,
                          quiet=False)
   rows.append((f"scratch ({deep} blocks)", run, 0.0))
