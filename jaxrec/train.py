@@ -154,7 +154,8 @@ class Sharder:
   def replicate(self, tree: Any) -> Any:
     return jax.device_put(tree, self.replicated)
 
-  def round_batch(self, batch_size: int, option: str) -> int:
+  def check_batch(self, batch_size: int, option: str) -> int:
+    """The batch size, if the mesh's devices split it evenly."""
     size = self.mesh.size
     if batch_size % size:
       raise JaxrecError(f"{option}={batch_size}: must be a multiple of the "
@@ -168,7 +169,7 @@ def evaluate_params(params: models.Params, cfg: Config, sharder: Sharder,
   """Full-ranking metrics of `params` on (inputs, targets)."""
   if rank_fn is None:
     rank_fn = jit_rank_fn(cfg, sharder)
-  batch_size = sharder.round_batch(cfg.train.eval_batch_size,
+  batch_size = sharder.check_batch(cfg.train.eval_batch_size,
                                    "train.eval_batch_size")
 
   def ranks(batch):
@@ -224,7 +225,7 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
 
   mesh = make_mesh(devices)
   sharder = Sharder(mesh)
-  batch_size = sharder.round_batch(tcfg.batch_size, "train.batch_size")
+  batch_size = sharder.check_batch(tcfg.batch_size, "train.batch_size")
   opt = make_optimizer(tcfg)
   sampler = (losses.make_sampler(tcfg.sampler, data.num_items,
                                  data.item_counts)
