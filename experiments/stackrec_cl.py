@@ -41,7 +41,7 @@ def main() -> None:
   parser = common.scenario_parser(__doc__, "runs/stackrec_cl")
   args = parser.parse_args()
   s = SCALE if args.scale else SMALL
-  cfg = common.base_config(s, args.data)
+  cfg = common.base_config(s, args)
   data = input_pipeline.load_data(cfg.data)
   quiet = not args.progress
   os.makedirs(args.out, exist_ok=True)

@@ -105,21 +105,23 @@ def scenario_parser(doc: str, default_out: str) -> argparse.ArgumentParser:
   parser.add_argument("--scale", action="store_true",
                       help="GPU settings on ML-20M-sized synthetic data")
   parser.add_argument("--data", help="data source (default: synthetic)")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="train seed of every arm (init, batch order)")
   parser.add_argument("--progress", action="store_true",
                       help="show each run's progress bar")
   return parser
 
 
-def base_config(settings: dict[str, Any],
-                data_source: str | None) -> config_lib.Config:
+def base_config(settings: dict[str, Any], args: argparse.Namespace
+                ) -> config_lib.Config:
   """The scenario's shared config from its SMALL or SCALE settings."""
   data = dict(settings["data"])
-  if data_source:
-    data["source"] = data_source
+  if args.data:
+    data["source"] = args.data
   return config_lib.Config(
       model=config_lib.ModelConfig(**settings["model"]),
       data=config_lib.DataConfig(**data),
-      train=config_lib.TrainConfig(**settings["train"]))
+      train=config_lib.TrainConfig(**settings["train"], seed=args.seed))
 
 
 def run_stage(cfg: config_lib.Config, out_dir: str,

@@ -45,7 +45,7 @@ def main() -> None:
   parser.add_argument("--target", help="target domain, same item ids")
   args = parser.parse_args()
   s = SCALE if args.scale else SMALL
-  cfg = common.base_config(s, args.data)
+  cfg = common.base_config(s, args)
   source = input_pipeline.load_data(cfg.data)
   target_cfg = cfg.replace(data=dataclasses.replace(
       cfg.data, source=args.target or s["target"]))

@@ -37,7 +37,7 @@ def main() -> None:
   parser = common.scenario_parser(__doc__, "runs/stackrec_ts")
   args = parser.parse_args()
   settings = SCALE if args.scale else SMALL
-  cfg = common.base_config(settings, args.data)
+  cfg = common.base_config(settings, args)
   data = input_pipeline.load_data(cfg.data)
   blocks, every = settings["blocks"], settings["eval_every"]
   # Short fixed budgets for the shallow stages; the final depth (and the
