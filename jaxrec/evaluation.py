@@ -62,6 +62,7 @@ def evaluate_checkpoint(run_dir: str, source: str | None = None,
     raise JaxrecError(f"{run_dir}: model has {cfg.model.num_items} item ids "
                       f"but {data_cfg.source} has {data.num_items}")
   splits = ("valid", "test") if split == "both" else (split,)
+  rank_fn = train.jit_rank_fn(cfg, sharder)  # One compile for both splits.
   out: dict[str, Any] = {
       "checkpoint_step": meta["step"], "mask_history": mask_history,
       "ranking": f"sampled:{sampled}" if sampled else "full",
@@ -72,7 +73,8 @@ def evaluate_checkpoint(run_dir: str, source: str | None = None,
     if sampled:
       out[name] = sampled_metrics(params, cfg, inputs, targets, sampled)
     else:
-      out[name] = train.evaluate_params(params, cfg, sharder, inputs, targets)
+      out[name] = train.evaluate_params(params, cfg, sharder, inputs, targets,
+                                        rank_fn)
     out[f"popularity_{name}"] = metrics.popularity_metrics(
         data.item_counts, inputs, targets, mask_history)
   return out

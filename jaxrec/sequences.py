@@ -8,6 +8,7 @@ test target.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Iterator
 
 import numpy as np
@@ -59,11 +60,19 @@ def train_batch(train: np.ndarray, step: int, batch_size: int,
   n = train.shape[0]
   per_epoch = steps_per_epoch(n, batch_size)
   epoch, index = divmod(step, per_epoch)
-  order = np.random.default_rng([seed, epoch]).permutation(n)
+  order = epoch_order(n, seed, epoch)
   if n < batch_size:  # Tiny data: cycle the permutation to fill the batch.
     order = np.resize(order, batch_size)
   rows = train[order[index * batch_size:(index + 1) * batch_size]]
   return {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+  """The row order of one epoch; cached so a step does not redraw it."""
+  order = np.random.default_rng([seed, epoch]).permutation(num_rows)
+  order.flags.writeable = False  # Shared by every step of the epoch.
+  return order
 
 
 def eval_batches(inputs: np.ndarray, targets: np.ndarray,
