@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -71,13 +71,36 @@ def restore(mngr: ocp.CheckpointManager, step: int | None = None,
   return state, restored.meta
 
 
-def read_meta(run_dir: str, kind: str = "best") -> tuple[int, dict[str, Any]]:
-  """The newest step and its JSON metadata, without reading any array."""
+class Opened(NamedTuple):
+  """A run's checkpoint, opened: its manager, kind, newest step and meta."""
+  mngr: ocp.CheckpointManager
+  kind: str
+  step: int
+  meta: dict[str, Any]
+
+
+def default_kind(run_dir: str) -> str:
+  """`best` when the run has validated, else `latest` (e.g. a grown model)."""
+  best = os.path.join(run_dir, "checkpoints", "best")
+  return "best" if os.path.isdir(best) else "latest"
+
+
+def open_checkpoint(run_dir: str, kind: str | None = None) -> Opened:
+  """Opens the newest `kind` checkpoint (default: `default_kind`) and reads
+  its JSON metadata, without reading any array."""
+  kind = kind or default_kind(run_dir)
   mngr = open_existing(run_dir, kind)
   step = mngr.latest_step()
   meta = mngr.restore(step, args=ocp.args.Composite(
       meta=ocp.args.JsonRestore())).meta
-  return step, meta
+  return Opened(mngr, kind, step, meta)
+
+
+def read_meta(run_dir: str,
+              kind: str | None = None) -> tuple[int, dict[str, Any]]:
+  """The newest step and its JSON metadata, without reading any array."""
+  opened = open_checkpoint(run_dir, kind)
+  return opened.step, opened.meta
 
 
 def open_existing(run_dir: str, kind: str) -> ocp.CheckpointManager:

@@ -6,7 +6,6 @@ Backs `jaxrec eval` and `jaxrec inspect`, and is the notebook entry point:
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
@@ -20,24 +19,17 @@ from jaxrec.config import Config
 from jaxrec.errors import JaxrecError
 
 
-def default_kind(run_dir: str) -> str:
-  """`best` when the run has validated, else `latest` (e.g. a grown model)."""
-  best = os.path.join(run_dir, "checkpoints", "best")
-  return "best" if os.path.isdir(best) else "latest"
-
-
 def load_params(run_dir: str, kind: str | None = None,
                 sharding: Any = None) -> tuple[models.Params, Config, dict]:
   """Restores a checkpoint's params into the tree its config implies.
 
   `sharding` (e.g. a NamedSharding of another mesh) places every leaf.
   """
-  kind = kind or default_kind(run_dir)
-  mngr = checkpoints.open_existing(run_dir, kind)
-  step, meta = checkpoints.read_meta(run_dir, kind)
-  cfg = checkpoints.config_from_meta(meta, run_dir)
+  ckpt = checkpoints.open_checkpoint(run_dir, kind)
+  cfg = checkpoints.config_from_meta(ckpt.meta, run_dir)
   state, meta = checkpoints.restore(
-      mngr, step, target=train.abstract_state(cfg, kind, sharding))
+      ckpt.mngr, ckpt.step,
+      target=train.abstract_state(cfg, ckpt.kind, sharding))
   return state["params"], cfg, meta
 
 
@@ -104,7 +96,7 @@ def sampled_metrics(params: models.Params, cfg: Config, inputs: np.ndarray,
 
 def describe_checkpoint(run_dir: str, kind: str | None = None) -> str:
   """Param tree (shapes, dtypes, counts per subtree) and lineage, as text."""
-  kind = kind or default_kind(run_dir)
+  kind = kind or checkpoints.default_kind(run_dir)
   params, cfg, meta = load_params(run_dir, kind)
   lines = [f"{run_dir} ({kind} checkpoint, step {meta['step']})",
            f"model: {cfg.model.num_blocks} blocks, C={cfg.model.embed_dim}, "

@@ -423,11 +423,10 @@ def grow_checkpoint(src_dir: str, out_dir: str, method: str,
       raise JaxrecError("--map-opt-state needs --source latest: only the "
                         "latest checkpoint holds the optimizer state")
     kind = "latest"
-  kind = kind or _kind(src_dir)
-  mngr = checkpoints.open_existing(src_dir, kind)
-  step, meta = checkpoints.read_meta(src_dir, kind)
-  src_cfg = checkpoints.config_from_meta(meta, src_dir)
-  state, meta = checkpoints.restore(mngr, step)
+  ckpt = checkpoints.open_checkpoint(src_dir, kind)
+  kind, step = ckpt.kind, ckpt.step
+  src_cfg = checkpoints.config_from_meta(ckpt.meta, src_dir)
+  state, meta = checkpoints.restore(ckpt.mngr, step)
   if not isinstance(state, dict) or "params" not in state:
     raise JaxrecError(f"{src_dir}: checkpoint state holds no params")
   policy = resolve_policy(preset, dilations)
@@ -540,7 +539,7 @@ def add_grow_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_grow(args: argparse.Namespace) -> None:
   """Runs `jaxrec grow` and prints a one-line summary."""
-  _, meta = checkpoints.read_meta(args.src, args.source or _kind(args.src))
+  _, meta = checkpoints.read_meta(args.src, args.source)
   src = checkpoints.config_from_meta(meta, args.src).model
   cfg = grow_checkpoint(args.src, args.out, args.method, args.preset,
                         times=args.times, dilations=args.dilations,
@@ -550,11 +549,6 @@ def cmd_grow(args: argparse.Namespace) -> None:
         f"{cfg.model.num_blocks} blocks, {_count(src):,} -> "
         f"{_count(cfg.model):,} params ({args.method}, {args.preset}, "
         f"dilations {list(cfg.model.block_dilations())})")
-
-
-def _kind(run_dir: str) -> str:
-  best = os.path.join(run_dir, "checkpoints", "best")
-  return "best" if os.path.isdir(best) else "latest"
 
 
 def _count(cfg: ModelConfig) -> int:

@@ -96,9 +96,9 @@ def make_train_step(cfg: Config, opt: optax.GradientTransformation,
   return train_step
 
 
-def make_rank_fn(cfg: Config, mask_history: bool) -> Callable:
+def make_rank_fn(cfg: Config) -> Callable:
   """(params, inputs, targets) -> full-ranking 0-based ranks of targets."""
-  mcfg = cfg.model
+  mcfg, mask_history = cfg.model, cfg.train.mask_history
 
   def rank_fn(params, inputs, targets):
     h = models.hidden_states(params, mcfg, inputs)[:, -1]
@@ -181,10 +181,12 @@ def evaluate_params(params: models.Params, cfg: Config, sharder: Sharder,
 
 
 def jit_rank_fn(cfg: Config, sharder: Sharder) -> Callable:
-  return jax.jit(make_rank_fn(cfg, cfg.train.mask_history),
+  # Ranks come back replicated: on several hosts each process reads them
+  # all, which a batch-sharded array would not allow.
+  return jax.jit(make_rank_fn(cfg),
                  in_shardings=(sharder.replicated, sharder.batch,
                                sharder.batch),
-                 out_shardings=sharder.batch)
+                 out_shardings=sharder.replicated)
 
 
 @dataclasses.dataclass
@@ -195,6 +197,20 @@ class Progress:
   evals_since_best: int = 0
   train_time_s: float = 0.0
   best_valid: dict[str, float] | None = None
+
+  def record(self, valid: dict[str, float], metric: str, step: int) -> bool:
+    """Takes one validation; True if it is the best so far."""
+    improved = valid[metric] > self.best_metric
+    if improved:
+      self.best_metric, self.best_step = valid[metric], step
+      self.evals_since_best, self.best_valid = 0, valid
+    else:
+      self.evals_since_best += 1
+    return improved
+
+  def stopped(self, patience: int) -> bool:
+    """Early stopping: `patience` validations without a gain (0: never)."""
+    return bool(patience) and self.evals_since_best >= patience
 
 
 def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
@@ -251,7 +267,7 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
     lineage = meta["lineage"]
   start = int(state["step"])
 
-  log = MetricsLog(out_dir, tcfg.tensorboard)
+  log = MetricsLog(out_dir, tcfg.tensorboard, start)
   log_every = min(50, tcfg.eval_every)
   tokens_per_step = int(np.sum(data.train[:, 1:] != 0) /
                         max(1, data.train.shape[0]) * batch_size)
@@ -261,32 +277,28 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
   clock = time.time() - prog.train_time_s
   done = start
   # A resumed run that had already stopped early stays stopped.
-  stopped = bool(tcfg.patience) and prog.evals_since_best >= tcfg.patience
+  end = start if prog.stopped(tcfg.patience) else tcfg.steps
   try:
-    for step in range(start, tcfg.steps if not stopped else start):
+    for step in range(start, end):
       batch = sequences.train_batch(data.train, step, batch_size, tcfg.seed)
       state, out = step_fn(state, sharder.put_batch(batch))
       done = step + 1
-      if done % log_every == 0 or done == tcfg.steps:
+      log_now = done % log_every == 0 or done == tcfg.steps
+      eval_now = done % tcfg.eval_every == 0 or done == tcfg.steps
+      if log_now or eval_now:  # Never validate or save non-finite params.
         loss = _check_finite(state, out, out_dir)
+      if log_now:
         rate = (done - s_last) * tokens_per_step / (time.time() - t_last)
         t_last, s_last = time.time(), done
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
         log.write({"step": done, "loss": loss, "tokens_per_s": rate})
       bar.update(1)
-      if done % tcfg.eval_every == 0 or done == tcfg.steps:
-        _check_finite(state, out, out_dir)
+      if eval_now:
         valid = evaluate_params(state["params"], cfg, sharder,
                                 data.valid_inputs, data.valid_targets,
                                 rank_fn)
         prog.train_time_s = time.time() - clock
-        improved = valid[tcfg.select_metric] > prog.best_metric
-        if improved:
-          prog.best_metric = valid[tcfg.select_metric]
-          prog.best_step, prog.evals_since_best = done, 0
-          prog.best_valid = valid
-        else:
-          prog.evals_since_best += 1
+        improved = prog.record(valid, tcfg.select_metric, done)
         log.write({"step": done, "valid": valid,
                    "train_time_s": prog.train_time_s})
         bar.write(f"step {done}: valid {tcfg.select_metric}="
@@ -297,7 +309,7 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
         if improved:
           checkpoints.save(best, done, {"params": state["params"]}, meta)
         checkpoints.save(latest, done, state, meta)
-        if tcfg.patience and prog.evals_since_best >= tcfg.patience:
+        if prog.stopped(tcfg.patience):
           bar.write(f"early stop at step {done}: no {tcfg.select_metric} "
                     f"gain in {tcfg.patience} validations")
           break
@@ -379,18 +391,17 @@ def _load_init(cfg: Config, init_from: str, data: sequences.SequenceData,
   """Params (and optionally the optimizer state) of a grown or trained
   checkpoint; its model config wins. Returns (cfg, lineage, params,
   opt_state or None)."""
-  has_best = os.path.isdir(os.path.join(init_from, "checkpoints", "best"))
   # Only `latest` checkpoints hold an optimizer state.
-  kind = "best" if has_best and not with_opt_state else "latest"
-  mngr = checkpoints.open_existing(init_from, kind)
-  step, meta = checkpoints.read_meta(init_from, kind)
+  ckpt = checkpoints.open_checkpoint(init_from,
+                                     "latest" if with_opt_state else None)
+  kind, step, meta = ckpt.kind, ckpt.step, ckpt.meta
   src = checkpoints.config_from_meta(meta, init_from)
   if src.model.num_items != data.num_items:
     raise JaxrecError(f"{init_from}: model has {src.model.num_items} item "
                       f"ids but the data has {data.num_items}")
   cfg = cfg.replace(model=src.model)
   restored, _ = checkpoints.restore(
-      mngr, step, target=abstract_state(src, kind))
+      ckpt.mngr, step, target=abstract_state(src, kind))
   lineage = meta["lineage"] + [{"dir": os.path.abspath(init_from),
                                 "kind": kind, "step": step,
                                 "op": "init_from",
@@ -416,12 +427,32 @@ def _check_finite(state: State, out: dict, out_dir: str) -> float:
   return float(out["loss"])
 
 
+def _drop_records_after(path: str, step: int) -> None:
+  """A resumed run replays the steps after its checkpoint: the killed run's
+  records of them go, so the log reads as one uninterrupted run."""
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= step:
+          kept.append(line)
+      except json.JSONDecodeError:  # A kill can cut the last line short.
+        continue
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
 class MetricsLog:
   """DIR/metrics.jsonl, plus TensorBoard events under DIR/tb if asked."""
 
-  def __init__(self, out_dir: str, tensorboard: bool):
-    self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a",
-                     encoding="utf-8")
+  def __init__(self, out_dir: str, tensorboard: bool, start_step: int = 0):
+    path = os.path.join(out_dir, "metrics.jsonl")
+    _drop_records_after(path, start_step)
+    self.file = open(path, "a", encoding="utf-8")
     self.tb = None
     if tensorboard:
       try:

@@ -95,6 +95,14 @@ def test_resume_after_sigkill_ends_with_identical_params(tmp_path, kill_at):
   train.train(cfg, killed, resume=True, progress_bar=False)
   jax.tree.map(np.testing.assert_array_equal,
                latest_params(tmp_path / "straight"), latest_params(killed))
+  assert log_records(killed) == log_records(tmp_path / "straight")
+
+
+def log_records(run_dir):
+  """metrics.jsonl without its timings: what a resume must reproduce."""
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [(r["step"], r.get("loss"), r.get("valid")) for r in rows]
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(
