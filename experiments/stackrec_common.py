@@ -13,24 +13,22 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import time
 from typing import Any
 
 import numpy as np
 from absl import logging as absl_logging
 
+from jaxrec import checkpoints
+from jaxrec import config as config_lib
+from jaxrec import evaluation
+from jaxrec import growth
+from jaxrec import models
+from jaxrec import sequences
+from jaxrec import train
+
 # Orbax logs every read-only checkpoint open through absl.
 absl_logging.set_verbosity(absl_logging.ERROR)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jaxrec import checkpoints  # pylint: disable=wrong-import-position
-from jaxrec import config as config_lib  # pylint: disable=wrong-import-position
-from jaxrec import evaluation  # pylint: disable=wrong-import-position
-from jaxrec import growth  # pylint: disable=wrong-import-position
-from jaxrec import models  # pylint: disable=wrong-import-position
-from jaxrec import sequences  # pylint: disable=wrong-import-position
-from jaxrec import train  # pylint: disable=wrong-import-position
 
 METRIC = "mrr@5"
 GROWN_ARMS = tuple((m, p) for m in ("adjacent", "cross")
@@ -184,19 +182,11 @@ def reset_output_layer(src_dir: str, out_dir: str, seed: int = 0) -> float:
   params = dict(params)
   params["softmax"] = models.init_output_layer(jax.random.key(seed),
                                                cfg.model)
-  state = train.init_state(params, train.make_optimizer(cfg.train))
   lineage = list(meta.get("lineage") or []) + [{
       "dir": os.path.abspath(src_dir), "step": meta["step"],
       "op": "new_output_layer", "seed": seed}]
-  out_meta = checkpoints.make_meta(
-      cfg, meta["data_fingerprint"], 0, lineage,
-      progress=dataclasses.asdict(train.Progress()))
-  fresh_dir(out_dir)
-  mngr = checkpoints.manager(out_dir, "latest", keep=1)
-  checkpoints.save(mngr, 0, state, out_meta)
-  mngr.wait_until_finished()
-  mngr.close()
-  checkpoints.write_json(os.path.join(out_dir, "config.json"), cfg.to_dict())
+  train.save_start_checkpoint(fresh_dir(out_dir), cfg, params,
+                              meta["data_fingerprint"], lineage)
   return time.perf_counter() - start
 
 

@@ -415,7 +415,7 @@ def grow_checkpoint(src_dir: str, out_dir: str, method: str,
   optimizer state too. That state is fresh unless `map_opt_state`, which
   grows the source's Adam moments with `stack_opt_state`.
   """
-  _refuse_existing(out_dir)
+  train.refuse_existing_checkpoints(out_dir)  # Before any work.
   if kind not in (None, "best", "latest"):
     raise JaxrecError(f"--source={kind!r}: expected 'best' or 'latest'")
   if map_opt_state:
@@ -434,32 +434,21 @@ def grow_checkpoint(src_dir: str, out_dir: str, method: str,
                            rng=jax.random.key(seed), times=times, top=top,
                            dilations=policy)
   cfg = src_cfg.replace(model=deep_model)
-  deep_state = train.init_state(deep, train.make_optimizer(cfg.train))
+  deep_opt = None
   if map_opt_state:
     shallow_opt = _restructure(
         state.get("opt_state"),
         train.abstract_state(src_cfg, "latest")["opt_state"], src_dir)
-    deep_state["opt_state"] = stack_opt_state(
-        shallow_opt, src_cfg.model, method, preset, times=times, top=top)
+    deep_opt = stack_opt_state(shallow_opt, src_cfg.model, method, preset,
+                               times=times, top=top)
   lineage = list(meta.get("lineage") or []) + [{
       "dir": os.path.abspath(src_dir), "kind": kind, "step": int(step),
       "op": "grow", "method": method, "preset": preset, "times": times,
       "dilations": policy, "top": top, "seed": seed,
       "map_opt_state": map_opt_state}]
-  out_meta = checkpoints.make_meta(
-      cfg, meta["data_fingerprint"], 0, lineage,
-      progress=dataclasses.asdict(train.Progress()))
-  _save(out_dir, deep_state, out_meta, cfg)
+  train.save_start_checkpoint(out_dir, cfg, deep, meta["data_fingerprint"],
+                              lineage, deep_opt)
   return cfg
-
-
-def _save(out_dir: str, state: Any, meta: dict[str, Any], cfg: Config) -> None:
-  os.makedirs(out_dir, exist_ok=True)
-  mngr = checkpoints.manager(out_dir, "latest", keep=1)
-  checkpoints.save(mngr, 0, state, meta)
-  mngr.wait_until_finished()  # A grow is over only once it is on disk.
-  mngr.close()
-  checkpoints.write_json(os.path.join(out_dir, "config.json"), cfg.to_dict())
 
 
 def _restructure(raw: Any, like: Any, origin: str) -> Any:
@@ -485,13 +474,6 @@ def _restructure(raw: Any, like: Any, origin: str) -> Any:
   except (KeyError, IndexError, TypeError):
     raise JaxrecError(f"{origin}: the saved optimizer state does not match "
                       "its config's optimizer") from None
-
-
-def _refuse_existing(out_dir: str) -> None:
-  ckpt = os.path.join(out_dir, "checkpoints")
-  if os.path.isdir(ckpt) and os.listdir(ckpt):
-    raise JaxrecError(f"{out_dir}: already holds checkpoints; choose another "
-                      "--out")
 
 
 # --------------------------------------------------------------------- CLI

@@ -345,6 +345,38 @@ def _finish(cfg: Config, out_dir: str, data: sequences.SequenceData,
   return result
 
 
+def refuse_existing_checkpoints(out_dir: str) -> None:
+  """Surgery writes a new directory; it never overwrites a run."""
+  ckpt_dir = os.path.join(out_dir, "checkpoints")
+  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    raise JaxrecError(f"{out_dir}: already holds checkpoints; choose another "
+                      "--out")
+
+
+def save_start_checkpoint(out_dir: str, cfg: Config, params: models.Params,
+                          data_fingerprint: str, lineage: list[dict],
+                          opt_state: Any = None) -> None:
+  """Saves step 0 of a model made by surgery (a grown model, a new head).
+
+  A full train state in out_dir/checkpoints/latest (the optimizer state
+  fresh unless given) plus out_dir/config.json, so `train --init-from`
+  starts from it. Refuses a directory that already holds checkpoints, and
+  returns only once the checkpoint is on disk.
+  """
+  refuse_existing_checkpoints(out_dir)
+  state = init_state(params, make_optimizer(cfg.train))
+  if opt_state is not None:
+    state["opt_state"] = opt_state
+  meta = checkpoints.make_meta(cfg, data_fingerprint, 0, lineage,
+                               progress=dataclasses.asdict(Progress()))
+  os.makedirs(out_dir, exist_ok=True)
+  mngr = checkpoints.manager(out_dir, "latest", keep=1)
+  checkpoints.save(mngr, 0, state, meta)
+  mngr.wait_until_finished()
+  mngr.close()
+  checkpoints.write_json(os.path.join(out_dir, "config.json"), cfg.to_dict())
+
+
 def _prepare_run_dir(cfg: Config, out_dir: str, resume: bool) -> None:
   """Refuses to mix runs: a resume needs the same config, a fresh run an
   empty directory. Guards against silently continuing someone else's run."""

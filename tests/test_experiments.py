@@ -71,3 +71,23 @@ def test_unrecorded_stage_only_advances_the_clock(tmp_path):
   arm = common.Arm("x")
   arm.add_run(str(tmp_path / "src"), "pretrain", record=False)
   assert arm.clock == 4.0 and arm.curve == [] and arm.best_valid == -1.0
+
+
+def test_new_output_layer_keeps_blocks_and_embedding(tmp_path):
+  import jax  # pylint: disable=import-outside-toplevel
+  from jaxrec import config, evaluation, models, train  # pylint: disable=import-outside-toplevel
+  cfg = config.Config(
+      model=config.ModelConfig(num_blocks=2, embed_dim=8),
+      data=config.DataConfig(source="synthetic:tiny", max_len=12),
+      train=config.TrainConfig(steps=2, eval_every=2, batch_size=8,
+                               eval_batch_size=8))
+  src, out = str(tmp_path / "src"), str(tmp_path / "head")
+  train.train(cfg, src, progress_bar=False)
+  common.reset_output_layer(src, out, seed=5)
+  before, src_cfg, _ = evaluation.load_params(src)
+  after, _, meta = evaluation.load_params(out)
+  fresh = models.init_output_layer(jax.random.key(5), src_cfg.model)
+  jax.tree.map(np.testing.assert_array_equal, after["softmax"], fresh)
+  for name in ("blocks", "item_embedding"):
+    jax.tree.map(np.testing.assert_array_equal, after[name], before[name])
+  assert meta["lineage"][-1]["op"] == "new_output_layer"
