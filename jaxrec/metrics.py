@@ -124,11 +124,12 @@ def evaluate(rank_fn: Callable[[dict[str, np.ndarray]], Any],
              inputs: np.ndarray, targets: np.ndarray,
              batch_size: int) -> dict[str, float]:
   """Runs `rank_fn(batch) -> ranks` over fixed-size batches; mean metrics."""
-  ranks = []
-  for batch in sequences.eval_batches(inputs, targets, batch_size):
-    r = np.asarray(rank_fn(batch))
-    ranks.append(r[batch["valid"]])
-  out = metrics_from_ranks(np.concatenate(ranks))
+  # Read the ranks back only after every batch is dispatched, so device
+  # work is not stalled by a host sync per batch.
+  pending = [(rank_fn(batch), batch["valid"])
+             for batch in sequences.eval_batches(inputs, targets, batch_size)]
+  ranks = np.concatenate([np.asarray(r)[valid] for r, valid in pending])
+  out = metrics_from_ranks(ranks)
   out["count"] = int(len(targets))
   return out
 
@@ -140,7 +141,7 @@ def popularity_ranks(item_counts: np.ndarray, inputs: np.ndarray,
 
   Same rules as the model: id 0 never ranked, ties against the target.
   """
-  counts = np.asarray(item_counts, np.int64).copy()
+  counts = np.asarray(item_counts, np.int64)
   real = counts[1:]
   ordered = np.sort(real)
   t_count = counts[targets]
