@@ -75,6 +75,11 @@ HELP = {
 FLAG_ALIASES = {"source": "--data"}
 
 
+def flag_for(field_name: str) -> str:
+  """The command-line flag of a config field: num_blocks -> --num-blocks."""
+  return FLAG_ALIASES.get(field_name, "--" + field_name.replace("_", "-"))
+
+
 class Parser(argparse.ArgumentParser):
   """argparse that raises JaxrecError instead of printing usage and exiting."""
 
@@ -87,8 +92,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
   for section, cls in config_lib.SECTIONS.items():
     group = parser.add_argument_group(f"{section} options")
     for field in dataclasses.fields(cls):
-      flag = FLAG_ALIASES.get(field.name,
-                              "--" + field.name.replace("_", "-"))
+      flag = flag_for(field.name)
       default = field.default
       if isinstance(default, tuple):
         default = ",".join(map(str, default))
@@ -110,9 +114,8 @@ def config_from_args(args: argparse.Namespace) -> config_lib.Config:
     for field in dataclasses.fields(cls):
       value = getattr(args, f"{section}.{field.name}", None)
       if value is not None:
-        flag = FLAG_ALIASES.get(field.name,
-                                "--" + field.name.replace("_", "-"))
-        updates[field.name] = config_lib.coerce(field, value, flag)
+        updates[field.name] = config_lib.coerce(field, value,
+                                                flag_for(field.name))
     parts[section] = dataclasses.replace(current, **updates)
   return config_lib.Config(**parts)
 

@@ -85,8 +85,7 @@ def test_help_documents_every_option(capsys):
   text = capsys.readouterr().out
   for cls in config.SECTIONS.values():
     for field in dataclasses.fields(cls):
-      flag = cli.FLAG_ALIASES.get(field.name,
-                                  "--" + field.name.replace("_", "-"))
+      flag = cli.flag_for(field.name)
       assert flag in text, flag
       assert cli.HELP.get(field.name), field.name
 
