@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="jaxrec",
-    version="0.1.0",
+    version="0.2.0",
     description="NextItNet-style very deep sequential recommenders in JAX/Flax: "
     "stacking, compression, transfer and skipping.",
     long_description=open("README.md", encoding="utf-8").read(),

@@ -67,26 +67,30 @@ def model_flops_per_token(b: Bench) -> float:
 def run_one(name: str, b: Bench, steps: int) -> dict:
   """Builds, checks and times one config in this process."""
   import jax  # pylint: disable=import-outside-toplevel
-  from jaxrec import config, models, train  # pylint: disable=import-outside-toplevel
-  from jaxrec import losses  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from jaxrec import config, models
+  from jaxrec.heads import sampled_softmax
+  from jaxrec.models.nextitnet import NextItNetConfig
+  from jaxrec.training import loop, state as state_lib
+  from jaxrec.training.mesh import Sharder, make_mesh
 
   cfg = config.Config(
-      model=config.ModelConfig(num_items=b.items, embed_dim=b.channels,
-                               num_blocks=b.blocks, kernel_size=b.kernel,
-                               dtype=b.dtype),
+      model=NextItNetConfig(num_items=b.items, embed_dim=b.channels,
+                            num_blocks=b.blocks, kernel_size=b.kernel,
+                            dtype=b.dtype),
       train=config.TrainConfig(batch_size=b.batch, loss=b.loss,
                                num_samples=max(b.samples, 1),
                                sampler="log_uniform"))
-  opt = train.make_optimizer(cfg.train)
-  sharder = train.Sharder(train.make_mesh())
-  sampler = (losses.make_sampler("log_uniform", b.items)
+  params = models.init_params(cfg, jax.random.key(0))
+  opt, labels = state_lib.optimizer_for(cfg, params)
+  sharder = Sharder(make_mesh())
+  sampler = (sampled_softmax.make_sampler("log_uniform", b.items)
              if b.loss == "sampled" else None)
-  step = jax.jit(train.make_train_step(cfg, opt, sampler),
+  step = jax.jit(loop.make_train_step(cfg, opt, labels, sampler),
                  in_shardings=(sharder.replicated, sharder.batch),
                  out_shardings=(sharder.replicated, sharder.replicated),
                  donate_argnums=0)
-  state = sharder.replicate(train.init_state(
-      models.init_params(cfg.model, jax.random.key(0)), opt))
+  state = sharder.replicate(state_lib.init_state(params, opt))
   rng = np.random.default_rng(0)
   rows = rng.integers(1, b.items, size=(b.batch, b.length + 1), dtype=np.int32)
   batch = sharder.put_batch({"inputs": rows[:, :-1], "targets": rows[:, 1:]})

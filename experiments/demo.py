@@ -21,7 +21,7 @@ import os
 
 import stackrec_common as common
 from jaxrec import config as config_lib
-from jaxrec import input_pipeline
+from jaxrec.data import pipeline
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -39,7 +39,7 @@ def main() -> None:
                            "paper (the official code's resets)")
   args = parser.parse_args()
   cfg = config_lib.from_dict(config_lib.load_file(args.config), args.config)
-  data = input_pipeline.load_data(cfg.data)
+  data = pipeline.load_data(cfg.data)
   deep = cfg.model.num_blocks
   shallow = deep // 2
   steps, patience = cfg.train.steps, cfg.train.patience

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 
 import stackrec_common as common
-from jaxrec import input_pipeline
+from jaxrec.data import pipeline
 
 FRACTIONS = (0.2, 0.4, 0.6, 0.8, 1.0)
 SMALL = dict(blocks=2, increment_steps=150, max_steps=2000, patience=4,
@@ -42,7 +42,7 @@ def main() -> None:
   args = parser.parse_args()
   s = SCALE if args.scale else SMALL
   cfg = common.base_config(s, args)
-  data = input_pipeline.load_data(cfg.data)
+  data = pipeline.load_data(cfg.data)
   quiet = not args.progress
   os.makedirs(args.out, exist_ok=True)
   shallow, deep, every = s["blocks"], 2 * s["blocks"], s["eval_every"]

@@ -1,7 +1,7 @@
 """What the three StackRec scenario scripts share: stages, arms, clocks, plots.
 
 An *arm* is a sequence of training stages, possibly joined by growth steps
-(`jaxrec.growth.grow_checkpoint`); its clock is the sum of the stages'
+(`jaxrec.surgery.growth.grow_checkpoint`); its clock is the sum of the stages'
 training wall time (`train_time_s` of each run: compile, steps and
 validations) and the growth time. Validation MRR@5 is recorded against that
 clock, so the arms can be compared on one time axis.
@@ -19,13 +19,13 @@ from typing import Any
 import numpy as np
 from absl import logging as absl_logging
 
-from jaxrec import checkpoints
 from jaxrec import config as config_lib
-from jaxrec import evaluation
-from jaxrec import growth
 from jaxrec import models
-from jaxrec import sequences
-from jaxrec import train
+from jaxrec.data import sequences
+from jaxrec.surgery import growth
+from jaxrec.surgery import heads as head_surgery
+from jaxrec.training import checkpoints
+from jaxrec.training import loop
 
 # Orbax logs every read-only checkpoint open through absl.
 absl_logging.set_verbosity(absl_logging.ERROR)
@@ -116,8 +116,10 @@ def base_config(settings: dict[str, Any], args: argparse.Namespace
   data = dict(settings["data"])
   if args.data:
     data["source"] = args.data
+  model = dict(settings["model"])
+  backbone = models.get(model.pop("name", "nextitnet"))
   return config_lib.Config(
-      model=config_lib.ModelConfig(**settings["model"]),
+      model=backbone.config(**model),
       data=config_lib.DataConfig(**data),
       train=config_lib.TrainConfig(**settings["train"], seed=args.seed))
 
@@ -125,8 +127,8 @@ def base_config(settings: dict[str, Any], args: argparse.Namespace
 def run_stage(cfg: config_lib.Config, out_dir: str,
               data: sequences.SequenceData, init_from: str | None = None,
               quiet: bool = True) -> str:
-  train.train(cfg, fresh_dir(out_dir), data, init_from=init_from,
-              progress_bar=not quiet)
+  loop.train(cfg, fresh_dir(out_dir), data, init_from=init_from,
+             progress_bar=not quiet)
   return out_dir
 
 
@@ -170,23 +172,10 @@ def subset_train(data: sequences.SequenceData, fraction: float,
 
 
 def reset_output_layer(src_dir: str, out_dir: str, seed: int = 0) -> float:
-  """Copies a run's params with a freshly initialised output softmax.
-
-  For transfer to a target domain (a new task head); the item embedding and
-  the blocks are kept. Saved as step 0 of a full train state, like a grown
-  checkpoint, so `train --init-from` starts from it. Returns seconds taken.
-  """
-  import jax  # pylint: disable=import-outside-toplevel
+  """A run's params with a freshly initialised output head, saved as step 0
+  of `out_dir` (transfer to a target domain); returns seconds taken."""
   start = time.perf_counter()
-  params, cfg, meta = evaluation.load_params(src_dir)
-  params = dict(params)
-  params["softmax"] = models.init_output_layer(jax.random.key(seed),
-                                               cfg.model)
-  lineage = list(meta.get("lineage") or []) + [{
-      "dir": os.path.abspath(src_dir), "step": meta["step"],
-      "op": "new_output_layer", "seed": seed}]
-  train.save_start_checkpoint(fresh_dir(out_dir), cfg, params,
-                              meta["data_fingerprint"], lineage)
+  head_surgery.new_head_checkpoint(src_dir, fresh_dir(out_dir), seed)
   return time.perf_counter() - start
 
 

@@ -23,7 +23,7 @@ import dataclasses
 import os
 
 import stackrec_common as common
-from jaxrec import input_pipeline
+from jaxrec.data import pipeline
 from jaxrec.errors import JaxrecError
 
 SMALL = dict(blocks=(1, 2, 4), steps=(150, 150, 300), max_steps=2000,
@@ -46,10 +46,10 @@ def main() -> None:
   args = parser.parse_args()
   s = SCALE if args.scale else SMALL
   cfg = common.base_config(s, args)
-  source = input_pipeline.load_data(cfg.data)
+  source = pipeline.load_data(cfg.data)
   target_cfg = cfg.replace(data=dataclasses.replace(
       cfg.data, source=args.target or s["target"]))
-  target = input_pipeline.load_data(target_cfg.data)
+  target = pipeline.load_data(target_cfg.data)
   if target.num_items != source.num_items:
     raise JaxrecError(f"target {target_cfg.data.source} has "
                       f"{target.num_items} item ids, source "

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 
 import stackrec_common as common
-from jaxrec import input_pipeline
+from jaxrec.data import pipeline
 
 SMALL = dict(blocks=(1, 2, 4), steps=(150, 150), max_steps=2000,
              patience=4, eval_every=50,
@@ -38,7 +38,7 @@ def main() -> None:
   args = parser.parse_args()
   settings = SCALE if args.scale else SMALL
   cfg = common.base_config(settings, args)
-  data = input_pipeline.load_data(cfg.data)
+  data = pipeline.load_data(cfg.data)
   blocks, every = settings["blocks"], settings["eval_every"]
   # Short fixed budgets for the shallow stages; the final depth (and the
   # scratch arm) train to convergence under one early-stopping rule.

@@ -1,160 +1,247 @@
-"""Configuration: three flat dataclasses (model, data, train) and one `Config`.
+"""Configuration: one dataclass per section, help text beside every field.
 
-A config file (YAML or JSON) has the sections `model`, `data` and `train`;
-command-line flags override it. Every field is validated here so a bad value
-fails with a one-line `JaxrecError` naming the option, before any work starts.
+A run's `Config` has four sections:
+
+  model  the backbone's own config, chosen by `model.name` from the registry
+         in `jaxrec.models` (e.g. `NextItNetConfig`, `SASRecConfig`);
+  head   the output head's config, chosen by `head.name` (`jaxrec.heads`);
+  data   `DataConfig`: source, protocol, processing;
+  train  `TrainConfig`: optimisation, evaluation, checkpointing.
+
+A config file (YAML or JSON) holds these sections; command-line flags,
+generated from the fields (`jaxrec.cli.flags`), override it. Every field is
+declared with `option(default, help)`, so `--help` and the docs read the
+same text as the code. Values are read by one coercer (`coerce`) with one
+list syntax: a YAML/JSON list, or a string whose items are separated by
+commas or slashes (`1,4` or `1/4`; inside a `synthetic:` spec, where commas
+separate options, only slashes). Every value is validated here, so a bad one
+fails with a one-line `JaxrecError` naming the option before any work starts.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
 from typing import Any
 
 from jaxrec.errors import JaxrecError
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
+METRIC_NAMES = tuple(f"{m}@{k}" for k in (5, 10, 20)
+                     for m in ("mrr", "hr", "ndcg"))
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:  # pylint: disable=redefined-builtin
+  """A dataclass field whose help text travels with it (`--help`, docs)."""
+  return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def help_of(field: dataclasses.Field) -> str:
+  return field.metadata.get("help", "")
+
+
+# ---------------------------------------------------------------- sections
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """NextItNet with the StackRec alpha-residual block."""
-  num_items: int = 0  # V, including the padding id 0; filled in from the data.
-  embed_dim: int = 64  # C: embedding size = conv channels.
-  num_blocks: int = 8
-  kernel_size: int = 3
-  # A cycle of first-conv dilations; block i uses dilations[i % len] and its
-  # second conv twice that. [1, 4] gives conv dilations 1,2,4,8,1,2,4,8,...
-  # A list as long as num_blocks pins every block (StackRec's `carry` policy).
-  dilations: tuple[int, ...] = (1, 4)
-  residual: str = "alpha"  # "alpha": x + a*h, a learned, init 0; "plain": x + h.
-  tie_embeddings: bool = False  # Output layer = item embedding (+ own bias).
-  dtype: str = "float32"  # Compute dtype; params are always float32.
-  layer_norm_eps: float = 1e-8  # As the official code.
+class BackboneConfig:
+  """Fields every backbone has; each backbone's config extends it."""
+  name: str = option("nextitnet", "backbone, one of jaxrec.models.names()")
+  num_items: int = option(0, "item ids incl. padding 0; taken from the data")
+  embed_dim: int = option(64, "embedding size = hidden width C")
+  num_blocks: int = option(8, "residual blocks in the stack")
+  dtype: str = option("float32", "compute dtype (params stay float32); "
+                      "bfloat16 on GPU/TPU")
+  remat: str = option("none", "rematerialise each scanned block group in "
+                      "the backward pass: none | full | dots (keep matmul "
+                      "outputs)")
 
-  def block_dilations(self) -> tuple[int, ...]:
-    """The first-conv dilation of every block, bottom to top."""
-    return tuple(self.dilations[i % len(self.dilations)]
-                 for i in range(self.num_blocks))
+  def fit_data(self, num_items: int, max_len: int) -> "BackboneConfig":
+    """This config with the sizes the data fixes (a backbone with position
+    embeddings also takes max_len)."""
+    del max_len
+    return dataclasses.replace(self, num_items=num_items)
 
   def validate(self) -> None:
-    _require(self.num_items == 0 or self.num_items >= 2, "model.num_items",
-             self.num_items, "0 (taken from the data) or at least 2 "
-             "(padding id 0 and one item)")
-    _require(self.embed_dim >= 1, "model.embed_dim", self.embed_dim, ">= 1")
-    _require(self.num_blocks >= 1, "model.num_blocks", self.num_blocks, ">= 1")
-    _require(self.kernel_size >= 1, "model.kernel_size", self.kernel_size,
-             ">= 1")
-    _require(len(self.dilations) >= 1 and all(
-        isinstance(d, int) and d >= 1 for d in self.dilations),
-             "model.dilations", list(self.dilations),
-             "a non-empty list of positive integers")
-    _choice("model.residual", self.residual, ("alpha", "plain"))
-    _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+    require(self.num_items == 0 or self.num_items >= 2, "model.num_items",
+            self.num_items, "0 (taken from the data) or at least 2 (padding "
+            "id 0 and one item)")
+    require(self.embed_dim >= 1, "model.embed_dim", self.embed_dim, ">= 1")
+    require(self.num_blocks >= 1, "model.num_blocks", self.num_blocks, ">= 1")
+    choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+    choice("model.remat", self.remat, ("none", "full", "dots"))
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+  """Fields every output head has; each head's config extends it."""
+  name: str = option("softmax", "output head, one of jaxrec.heads.names()")
+
+  def validate(self) -> None:
+    pass
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Where sequences come from and how they are split."""
-  # synthetic[:SIZE] | movielens:PATH | csv:PATH | recbole:PATH.inter | tfds:NAME
-  source: str = "synthetic"
-  protocol: str = "loo"  # "loo" (leave-one-out) or "paper" (80/20 by sequence).
-  max_len: int = 50  # Items a model sees before a prediction.
-  min_user_count: int = 5  # k-core: users with fewer interactions dropped.
-  min_item_count: int = 5  # k-core: items with fewer interactions dropped.
-  window: int = 0  # >0: split long training histories into windows this long.
-  test_fraction: float = 0.2  # paper protocol: share of sequences for test.
-  valid_fraction: float = 0.1  # paper protocol: share of sequences for valid.
-  split_seed: int = 10  # paper protocol shuffle seed (the official code's 10).
-  cache_dir: str = ""  # Processed-array cache; "" = ~/.cache/jaxrec.
-  # csv sources: column names (or 0-based indices) and the delimiter.
-  user_col: str = "user_id"
-  item_col: str = "item_id"
-  time_col: str = "timestamp"
-  delimiter: str = ""  # "" = sniff from the file extension (.tsv -> tab).
+  source: str = option("synthetic", "synthetic[:SIZE] | movielens:PATH | "
+                       "csv:PATH | recbole:PATH.inter | tfds:NAME")
+  protocol: str = option("loo", "loo: leave-one-out (valid = 2nd-to-last, "
+                         "test = last); paper: 80/20 split by sequence plus "
+                         "a valid slice")
+  max_len: int = option(50, "items a model sees before each prediction")
+  min_user_count: int = option(5, "k-core: drop users with fewer "
+                               "interactions")
+  min_item_count: int = option(5, "k-core: drop items with fewer "
+                               "interactions")
+  window: int = option(0, "split long training histories into windows of "
+                       "this length (0: keep only the last max_len items)")
+  test_fraction: float = option(0.2, "paper protocol: share of sequences "
+                                "held out for test")
+  valid_fraction: float = option(0.1, "paper protocol: share of sequences "
+                                 "for validation")
+  split_seed: int = option(10, "paper protocol: shuffle seed (the official "
+                           "code's 10)")
+  cache_dir: str = option("", "processed-data cache (default "
+                          "~/.cache/jaxrec or $JAXREC_CACHE)")
+  user_col: str = option("user_id", "csv: user column name (or index)")
+  item_col: str = option("item_id", "csv: item column name (or index)")
+  time_col: str = option("timestamp", "csv: timestamp column name (or "
+                         "index)")
+  delimiter: str = option("", "csv: field delimiter (default: tab for "
+                          ".tsv, else comma)")
 
   def validate(self) -> None:
-    _choice("data.protocol", self.protocol, ("loo", "paper"))
-    _require(self.max_len >= 1, "data.max_len", self.max_len, ">= 1")
-    _require(self.min_user_count >= 1, "data.min_user_count",
-             self.min_user_count, ">= 1")
-    _require(self.min_item_count >= 1, "data.min_item_count",
-             self.min_item_count, ">= 1")
-    _require(self.window >= 0, "data.window", self.window, ">= 0")
-    _require(0.0 < self.test_fraction < 1.0, "data.test_fraction",
-             self.test_fraction, "in (0, 1)")
-    _require(0.0 < self.valid_fraction < 1.0 - self.test_fraction,
-             "data.valid_fraction", self.valid_fraction,
-             "in (0, 1 - test_fraction)")
+    choice("data.protocol", self.protocol, ("loo", "paper"))
+    require(self.max_len >= 1, "data.max_len", self.max_len, ">= 1")
+    require(self.min_user_count >= 1, "data.min_user_count",
+            self.min_user_count, ">= 1")
+    require(self.min_item_count >= 1, "data.min_item_count",
+            self.min_item_count, ">= 1")
+    require(self.window >= 0, "data.window", self.window, ">= 0")
+    require(0.0 < self.test_fraction < 1.0, "data.test_fraction",
+            self.test_fraction, "in (0, 1)")
+    require(0.0 < self.valid_fraction < 1.0 - self.test_fraction,
+            "data.valid_fraction", self.valid_fraction,
+            "in (0, 1 - test_fraction)")
     kind = self.source.split(":", 1)[0]
-    _choice("data.source", kind,
-            ("synthetic", "movielens", "csv", "recbole", "tfds"))
+    choice("data.source", kind,
+           ("synthetic", "movielens", "csv", "recbole", "tfds"))
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """Optimisation, evaluation and checkpointing."""
-  batch_size: int = 128
-  steps: int = 2000  # Total optimiser steps.
-  learning_rate: float = 1e-3
-  schedule: str = "constant"  # "constant" | "cosine" | "warmup_cosine"
-  warmup_steps: int = 0
-  weight_decay: float = 0.0  # > 0 switches Adam to AdamW.
-  clip_norm: float = 0.0  # > 0 clips the global gradient norm.
-  loss: str = "full"  # "full" (chunked full softmax) | "sampled"
-  loss_chunk: int = 16384  # Items per tile of the chunked full softmax.
-  num_samples: int = 1000  # Negatives per step for the sampled softmax.
-  sampler: str = "log_uniform"  # "uniform" | "log_uniform" | "unigram"
-  eval_every: int = 500  # Steps between validations (and checkpoints).
-  eval_batch_size: int = 512
-  select_metric: str = "mrr@5"  # Early stopping and best checkpoint.
-  patience: int = 0  # Validations without improvement before stopping; 0 off.
-  mask_history: bool = False  # Evaluation: never rank items the user had.
-  keep_checkpoints: int = 2  # Latest checkpoints kept (the best is kept too).
-  seed: int = 0
-  tensorboard: bool = False
+  """Optimisation, trainable parts, evaluation and checkpointing."""
+  batch_size: int = option(128, "sequences per step (a multiple of the "
+                           "device count)")
+  steps: int = option(2000, "optimiser steps")
+  learning_rate: float = option(1e-3, "Adam learning rate")
+  schedule: str = option("constant", "constant | cosine | warmup_cosine")
+  warmup_steps: int = option(0, "warmup steps for warmup_cosine")
+  weight_decay: float = option(0.0, "> 0 switches Adam to AdamW")
+  clip_norm: float = option(0.0, "> 0 clips the global gradient norm")
+  loss: str = option("full", "full: the head's exact loss (chunked full "
+                     "softmax); sampled: sampled softmax with logQ "
+                     "correction")
+  loss_chunk: int = option(16384, "items per tile of the full softmax and "
+                           "of evaluation")
+  num_samples: int = option(1000, "negatives per step for the sampled "
+                            "softmax")
+  sampler: str = option("log_uniform", "uniform | log_uniform | unigram "
+                        "(sampled softmax)")
+  freeze: tuple[str, ...] = option((), "param paths to freeze, as regular "
+                                   "expressions over 'a/b/c' leaf paths, e.g. "
+                                   "'item_embedding/.*'; frozen leaves get no "
+                                   "gradient and no optimizer state")
+  train_top_blocks: int = option(0, "> 0: train only the top K blocks of "
+                                 "every block stack (the rows below get no "
+                                 "update and no weight decay)")
+  eval_every: int = option(500, "steps between validations and "
+                           "checkpoints")
+  eval_batch_size: int = option(512, "sequences per evaluation batch")
+  select_metric: str = option("mrr@5", "validation metric for early "
+                              "stopping and the best checkpoint")
+  patience: int = option(0, "validations without improvement before "
+                         "stopping (0: off)")
+  mask_history: bool = option(False, "evaluation: never rank items already "
+                              "in the input")
+  keep_checkpoints: int = option(2, "latest checkpoints kept for --resume")
+  seed: int = option(0, "seed of init, batch order, dropout and sampling")
+  tensorboard: bool = option(False, "also write TensorBoard events to "
+                             "DIR/tb (pip install -e .[tensorboard])")
 
   def validate(self) -> None:
     for name in ("batch_size", "steps", "eval_every", "eval_batch_size",
                  "loss_chunk", "num_samples", "keep_checkpoints"):
-      _require(getattr(self, name) >= 1, f"train.{name}", getattr(self, name),
-               ">= 1")
-    _require(self.learning_rate > 0, "train.learning_rate",
-             self.learning_rate, "> 0")
-    _require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps,
-             ">= 0")
-    _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay,
-             ">= 0")
-    _require(self.clip_norm >= 0, "train.clip_norm", self.clip_norm, ">= 0")
-    _require(self.patience >= 0, "train.patience", self.patience, ">= 0")
-    _choice("train.schedule", self.schedule,
-            ("constant", "cosine", "warmup_cosine"))
-    _choice("train.loss", self.loss, ("full", "sampled"))
-    _choice("train.sampler", self.sampler,
-            ("uniform", "log_uniform", "unigram"))
-    _choice("train.select_metric", self.select_metric, METRIC_NAMES)
+      require(getattr(self, name) >= 1, f"train.{name}", getattr(self, name),
+              ">= 1")
+    require(self.learning_rate > 0, "train.learning_rate",
+            self.learning_rate, "> 0")
+    require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps,
+            ">= 0")
+    require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay,
+            ">= 0")
+    require(self.clip_norm >= 0, "train.clip_norm", self.clip_norm, ">= 0")
+    require(self.patience >= 0, "train.patience", self.patience, ">= 0")
+    require(self.train_top_blocks >= 0, "train.train_top_blocks",
+            self.train_top_blocks, ">= 0")
+    for pattern in self.freeze:
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise JaxrecError(f"train.freeze={pattern!r}: not a regular "
+                          f"expression ({e})") from None
+    choice("train.schedule", self.schedule,
+           ("constant", "cosine", "warmup_cosine"))
+    choice("train.loss", self.loss, ("full", "sampled"))
+    choice("train.sampler", self.sampler,
+           ("uniform", "log_uniform", "unigram"))
+    choice("train.select_metric", self.select_metric, METRIC_NAMES)
 
 
-METRIC_NAMES = tuple(f"{m}@{k}" for k in (5, 10, 20)
-                     for m in ("mrr", "hr", "ndcg"))
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+# ------------------------------------------------- the registries' configs
+
+
+def model_config_class(name: str) -> type:
+  from jaxrec import models  # pylint: disable=import-outside-toplevel
+  return models.get(name, option="model.name").config
+
+
+def head_config_class(name: str) -> type:
+  from jaxrec import heads  # pylint: disable=import-outside-toplevel
+  return heads.get(name, option="head.name").config
+
+
+def _default_model() -> BackboneConfig:
+  return model_config_class(BackboneConfig.name)()
+
+
+def _default_head() -> HeadConfig:
+  return head_config_class(HeadConfig.name)()
+
+
+SECTIONS = ("model", "head", "data", "train")
+# Sections whose class is chosen by their `name` field.
+NAMED_SECTIONS = {"model": model_config_class, "head": head_config_class}
+FIXED_SECTIONS = {"data": DataConfig, "train": TrainConfig}
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  model: ModelConfig = ModelConfig()
+  model: Any = dataclasses.field(default_factory=_default_model)
+  head: Any = dataclasses.field(default_factory=_default_head)
   data: DataConfig = DataConfig()
   train: TrainConfig = TrainConfig()
 
   def validate(self) -> "Config":
-    self.model.validate()
-    self.data.validate()
-    self.train.validate()
+    for name in SECTIONS:
+      getattr(self, name).validate()
     return self
 
   def to_dict(self) -> dict[str, Any]:
-    out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
-    out["model"]["dilations"] = list(self.model.dilations)
+    out: dict[str, Any] = {name: section_to_dict(getattr(self, name))
+                           for name in SECTIONS}
     out["version"] = CONFIG_VERSION
     return out
 
@@ -162,26 +249,65 @@ class Config:
     return dataclasses.replace(self, **sections)
 
 
+def section_to_dict(section: Any) -> dict[str, Any]:
+  """JSON-ready: tuples become lists."""
+  return {k: list(v) if isinstance(v, tuple) else v
+          for k, v in dataclasses.asdict(section).items()}
+
+
+def section_class(section: str, values: dict[str, Any]) -> type:
+  """The dataclass of a section, given its raw values (`name` picks it)."""
+  if section in NAMED_SECTIONS:
+    default = {"model": BackboneConfig.name, "head": HeadConfig.name}[section]
+    return NAMED_SECTIONS[section](str(values.get("name", default)))
+  return FIXED_SECTIONS[section]
+
+
 def from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
-  """Builds a Config from nested dicts; unknown keys name `origin`."""
+  """Builds a Config from nested dicts; unknown keys name `origin`.
+
+  Version-1 dicts (jaxrec 0.1: one NextItNet config with
+  `model.tie_embeddings`) are upgraded first.
+  """
   if not isinstance(raw, dict):
     raise JaxrecError(f"{origin}: expected a mapping with sections "
-                      f"{sorted(SECTIONS)}, got {type(raw).__name__}")
+                      f"{list(SECTIONS)}, got {type(raw).__name__}")
+  raw = upgrade(raw, origin)
   unknown = set(raw) - set(SECTIONS) - {"version"}
   if unknown:
     raise JaxrecError(f"{origin}: unknown section(s) {sorted(unknown)}; "
-                      f"expected {sorted(SECTIONS)}")
+                      f"expected {list(SECTIONS)}")
   parts = {}
-  for name, cls in SECTIONS.items():
-    parts[name] = section_from_dict(cls, raw.get(name) or {},
+  for name in SECTIONS:
+    values = raw.get(name) or {}
+    if not isinstance(values, dict):
+      raise JaxrecError(f"{origin}: {name}: expected a mapping, got "
+                        f"{values!r}")
+    parts[name] = section_from_dict(section_class(name, values), values,
                                     f"{origin}: {name}")
   return Config(**parts)
 
 
+def upgrade(raw: dict[str, Any], origin: str) -> dict[str, Any]:
+  """Brings an older config dict to CONFIG_VERSION (a file without a
+  version is read as the current one)."""
+  version = raw.get("version", CONFIG_VERSION)
+  if version == CONFIG_VERSION:
+    return raw
+  if version != 1:
+    raise JaxrecError(f"{origin}: config version {version!r}; this jaxrec "
+                      f"reads versions 1 and {CONFIG_VERSION}")
+  raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+  model = raw.setdefault("model", {})
+  model["name"] = "nextitnet"
+  raw["head"] = {"name": "softmax",
+                 "tie_embeddings": bool(model.pop("tie_embeddings", False))}
+  raw["version"] = CONFIG_VERSION
+  return raw
+
+
 def section_from_dict(cls: type, values: dict[str, Any], origin: str) -> Any:
   """One section, with each value coerced to its field's type."""
-  if not isinstance(values, dict):
-    raise JaxrecError(f"{origin}: expected a mapping, got {values!r}")
   fields = {f.name: f for f in dataclasses.fields(cls)}
   kwargs = {}
   for key, value in values.items():
@@ -192,8 +318,16 @@ def section_from_dict(cls: type, values: dict[str, Any], origin: str) -> Any:
   return cls(**kwargs)
 
 
+_LIST_ITEM = {"tuple[int, ...]": int, "tuple[float, ...]": float,
+              "tuple[str, ...]": str}
+
+
 def coerce(field: dataclasses.Field, value: Any, origin: str) -> Any:
-  """Converts a parsed value (or a flag string) to the field's declared type."""
+  """Converts a parsed value (or a flag string) to the field's declared type.
+
+  The one reader of option values in jaxrec: config files, flags and
+  `synthetic:` specs all come through here.
+  """
   kind = field.type if isinstance(field.type, str) else field.type.__name__
   try:
     if kind == "bool":
@@ -205,18 +339,29 @@ def coerce(field: dataclasses.Field, value: Any, origin: str) -> Any:
     if kind == "int":
       if isinstance(value, float) and not value.is_integer():
         raise ValueError(value)
+      if isinstance(value, bool):
+        raise ValueError(value)
       return int(value)
     if kind == "float":
       return float(value)
     if kind == "str":
       return str(value)
-    if kind.startswith("tuple"):
+    if kind in _LIST_ITEM:
       if isinstance(value, str):
-        value = [v for v in value.replace(",", " ").split() if v]
-      return tuple(int(v) for v in value)
+        value = split_list(value)
+      elif not isinstance(value, (list, tuple)):
+        value = [value]
+      return tuple(_LIST_ITEM[kind](v) for v in value)
   except (TypeError, ValueError):
-    raise JaxrecError(f"{origin}: cannot read {value!r} as {kind}") from None
+    raise JaxrecError(f"{origin}: cannot read {value!r} as {kind}"
+                      + (" (items separated by ',' or '/')"
+                         if kind in _LIST_ITEM else "")) from None
   raise AssertionError(f"unhandled field type {kind}")
+
+
+def split_list(text: str) -> list[str]:
+  """'1,4' / '1/4' / '1 4' -> ['1', '4'] (the one list syntax)."""
+  return [v for v in re.split(r"[,/\s]+", text.strip()) if v]
 
 
 def load_file(path: str) -> dict[str, Any]:
@@ -240,11 +385,12 @@ def load_file(path: str) -> dict[str, Any]:
     raise JaxrecError(f"{path}{line}: invalid YAML: {problem}") from None
 
 
-def _require(ok: bool, option: str, value: Any, expected: str) -> None:
+def require(ok: bool, option_name: str, value: Any, expected: str) -> None:
   if not ok:
-    raise JaxrecError(f"{option}={value!r}: expected {expected}")
+    raise JaxrecError(f"{option_name}={value!r}: expected {expected}")
 
 
-def _choice(option: str, value: Any, choices: tuple[str, ...]) -> None:
+def choice(option_name: str, value: Any, choices: tuple[str, ...]) -> None:
   if value not in choices:
-    raise JaxrecError(f"{option}={value!r}: expected one of {list(choices)}")
+    raise JaxrecError(f"{option_name}={value!r}: expected one of "
+                      f"{list(choices)}")

@@ -11,26 +11,18 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxrec import checkpoints
-from jaxrec import metrics
+from jaxrec import config as config_lib
 from jaxrec import models
-from jaxrec import train
 from jaxrec.config import Config
 from jaxrec.errors import JaxrecError
+from jaxrec.tasks import next_item, ranking
+from jaxrec.training import checkpoints
+from jaxrec.training.loop import evaluate_params, jit_rank_fn
+from jaxrec.training.mesh import Sharder, make_mesh
+from jaxrec.training.state import load_params
 
-
-def load_params(run_dir: str, kind: str | None = None,
-                sharding: Any = None) -> tuple[models.Params, Config, dict]:
-  """Restores a checkpoint's params into the tree its config implies.
-
-  `sharding` (e.g. a NamedSharding of another mesh) places every leaf.
-  """
-  ckpt = checkpoints.open_checkpoint(run_dir, kind)
-  cfg = checkpoints.config_from_meta(ckpt.meta, run_dir)
-  state, meta = checkpoints.restore(
-      ckpt.mngr, ckpt.step,
-      target=train.abstract_state(cfg, ckpt.kind, sharding))
-  return state["params"], cfg, meta
+__all__ = ["load_params", "evaluate_checkpoint", "sampled_metrics",
+           "describe_checkpoint"]
 
 
 def evaluate_checkpoint(run_dir: str, source: str | None = None,
@@ -38,8 +30,8 @@ def evaluate_checkpoint(run_dir: str, source: str | None = None,
                         mask_history: bool = False,
                         sampled: int = 0) -> dict[str, Any]:
   """Metrics of a run's checkpoint on its own data (or another source)."""
-  from jaxrec import input_pipeline  # pylint: disable=import-outside-toplevel
-  sharder = train.Sharder(train.make_mesh())
+  from jaxrec.data import pipeline  # pylint: disable=import-outside-toplevel
+  sharder = Sharder(make_mesh())
   params, cfg, meta = load_params(run_dir, sharding=sharder.replicated)
   data_cfg = cfg.data
   if source:
@@ -49,12 +41,12 @@ def evaluate_checkpoint(run_dir: str, source: str | None = None,
   cfg = cfg.replace(data=data_cfg, train=dataclasses.replace(
       cfg.train, mask_history=mask_history))
   cfg.validate()
-  data = input_pipeline.load_data(data_cfg)
+  data = pipeline.load_data(data_cfg)
   if data.num_items != cfg.model.num_items:
     raise JaxrecError(f"{run_dir}: model has {cfg.model.num_items} item ids "
                       f"but {data_cfg.source} has {data.num_items}")
   splits = ("valid", "test") if split == "both" else (split,)
-  rank_fn = train.jit_rank_fn(cfg, sharder)  # One compile for both splits.
+  rank_fn = jit_rank_fn(cfg, sharder)  # One compile for both splits.
   out: dict[str, Any] = {
       "checkpoint_step": meta["step"], "mask_history": mask_history,
       "ranking": f"sampled:{sampled}" if sampled else "full",
@@ -65,9 +57,9 @@ def evaluate_checkpoint(run_dir: str, source: str | None = None,
     if sampled:
       out[name] = sampled_metrics(params, cfg, inputs, targets, sampled)
     else:
-      out[name] = train.evaluate_params(params, cfg, sharder, inputs, targets,
+      out[name] = evaluate_params(params, cfg, sharder, inputs, targets,
                                         rank_fn)
-    out[f"popularity_{name}"] = metrics.popularity_metrics(
+    out[f"popularity_{name}"] = ranking.popularity_metrics(
         data.item_counts, inputs, targets, mask_history)
   return out
 
@@ -78,31 +70,38 @@ def sampled_metrics(params: models.Params, cfg: Config, inputs: np.ndarray,
   """1 positive + N uniform negatives per user; labelled as sampled."""
   rng = np.random.default_rng(seed)
 
-  @jax.jit
-  def ranks(params, batch_inputs, batch_targets, negatives):
-    h = models.hidden_states(params, cfg.model, batch_inputs)[:, -1]
-    w, b = models.output_layer(params, cfg.model)
-    return metrics.sampled_ranks(h, w, b, batch_targets, negatives)
+  ranks = jax.jit(next_item.sampled_rank_fn(cfg))
 
   def rank_fn(batch):
-    neg = metrics.sample_negatives(rng, batch["targets"], cfg.model.num_items,
+    neg = ranking.sample_negatives(rng, batch["targets"], cfg.model.num_items,
                                    num_negatives)
     return ranks(params, batch["inputs"], batch["targets"], neg)
 
-  out = metrics.evaluate(rank_fn, inputs, targets, cfg.train.eval_batch_size)
+  out = ranking.evaluate(rank_fn, inputs, targets, cfg.train.eval_batch_size)
   out["ranking"] = f"sampled:{num_negatives}"
   return out
+
+
+def describe_model(cfg: Config) -> str:
+  """One line: backbone, its options, head."""
+  model = dict(config_lib.section_to_dict(cfg.model))
+  name = model.pop("name")
+  if hasattr(cfg.model, "block_dilations"):
+    model["dilations"] = list(cfg.model.block_dilations())
+  head = dict(config_lib.section_to_dict(cfg.head))
+  return (f"{name} ({', '.join(f'{k}={v}' for k, v in model.items())}); "
+          f"head {head.pop('name')} "
+          f"({', '.join(f'{k}={v}' for k, v in head.items())})")
 
 
 def describe_checkpoint(run_dir: str, kind: str | None = None) -> str:
   """Param tree (shapes, dtypes, counts per subtree) and lineage, as text."""
   kind = kind or checkpoints.default_kind(run_dir)
   params, cfg, meta = load_params(run_dir, kind)
-  lines = [f"{run_dir} ({kind} checkpoint, step {meta['step']})",
-           f"model: {cfg.model.num_blocks} blocks, C={cfg.model.embed_dim}, "
-           f"k={cfg.model.kernel_size}, dilations "
-           f"{list(cfg.model.block_dilations())}, V={cfg.model.num_items}, "
-           f"residual={cfg.model.residual}",
+  converted = ", converted" if checkpoints.is_legacy(meta) else ""
+  lines = [f"{run_dir} ({kind} checkpoint, step {meta['step']}, format "
+           f"{meta['format']}{converted})",
+           f"model: {describe_model(cfg)}",
            "", f"{'param':<34}{'shape':<22}{'dtype':<10}{'count':>12}"]
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
     name = "/".join(str(getattr(k, "key", k)) for k in path)

@@ -7,6 +7,7 @@ import pytest
 
 from jaxrec import cli
 from jaxrec import config
+from jaxrec.cli import flags
 
 TINY = ["--data", "synthetic:tiny", "--num-blocks", "2", "--embed-dim", "8",
         "--steps", "6", "--eval-every", "3", "--batch-size", "16",
@@ -74,20 +75,59 @@ def test_config_file_is_read_and_flags_override_it(tmp_path):
                   "train:\n  steps: 99\n")
   args = cli.build_parser().parse_args(
       ["train", "--out", "x", "--config", str(path), "--steps", "7"])
-  cfg = cli.config_from_args(args)
+  cfg = flags.config_from_args(args)
   assert cfg.model.num_blocks == 6 and cfg.model.dilations == (1, 2)
   assert cfg.train.steps == 7
+
+
+def test_model_flag_picks_the_backbone_and_its_options(tmp_path):
+  args = cli.build_parser().parse_args(
+      ["train", "--out", "x", "--model", "sasrec", "--num-heads", "2",
+       "--dropout", "0.1", "--tie-embeddings", "true"])
+  cfg = flags.config_from_args(args)
+  assert cfg.model.name == "sasrec" and cfg.model.num_heads == 2
+  assert cfg.model.dropout == 0.1 and cfg.head.tie_embeddings is True
+
+
+def test_a_flag_of_another_backbone_is_refused_naming_it(tmp_path, capsys):
+  line = run_error(capsys, ["train", "--out", str(tmp_path), "--num-heads",
+                            "2"] + TINY)
+  assert "--num-heads: not an option of model 'nextitnet'" in line
+
+
+def test_an_unknown_model_name_lists_the_registered_ones(tmp_path, capsys):
+  line = run_error(capsys, ["train", "--out", str(tmp_path), "--model",
+                            "gru4rec"] + TINY)
+  assert "model.name='gru4rec'" in line and "sasrec" in line
+
+
+def test_a_version_1_config_file_is_upgraded(tmp_path):
+  path = tmp_path / "old.json"
+  path.write_text(json.dumps({"version": 1, "model": {
+      "num_blocks": 3, "tie_embeddings": True}}))
+  args = cli.build_parser().parse_args(
+      ["train", "--out", "x", "--config", str(path)])
+  cfg = flags.config_from_args(args)
+  assert cfg.model.name == "nextitnet" and cfg.model.num_blocks == 3
+  assert cfg.head.tie_embeddings is True
 
 
 def test_help_documents_every_option(capsys):
   with pytest.raises(SystemExit):
     cli.main(["train", "--help"])
   text = capsys.readouterr().out
-  for cls in config.SECTIONS.values():
-    for field in dataclasses.fields(cls):
-      flag = cli.flag_for(field.name)
-      assert flag in text, flag
-      assert cli.HELP.get(field.name), field.name
+  words = " ".join(text.split())
+  seen = 0
+  for flag, (_, _, owners) in flags.fields_by_flag().items():
+    assert flag in text, flag
+    for cls, field in owners:  # Every field of every section documented...
+      assert config.help_of(field), f"{cls.__name__}.{field.name}"
+      seen += 1
+    # ...and --help shows it (a field several backbones share shows one).
+    assert config.help_of(owners[0][1])[:30] in words, flag
+  assert seen == sum(len(dataclasses.fields(cls))
+                     for section in config.SECTIONS
+                     for cls in flags.section_classes(section))
 
 
 def test_unknown_option_value_names_the_option(tmp_path, capsys):
@@ -190,3 +230,33 @@ def test_grow_into_a_directory_holding_checkpoints_is_refused(trained_run,
                                                               capsys):
   run_error(capsys, ["grow", "--from", trained_run, "--out", trained_run,
                      "--method", "cross"])
+
+
+def test_sasrec_takes_every_path_nextitnet_has(tmp_path, capsys):
+  """train (sampled loss) -> eval -> resume -> grow -> init-from -> inspect,
+  all with --model sasrec."""
+  run, grown, tuned = (str(tmp_path / n) for n in ("s", "g", "t"))
+  sasrec = ["--model", "sasrec", "--num-heads", "2", "--residual", "alpha",
+            "--dropout", "0.1", "--loss", "sampled", "--num-samples", "20"]
+  argv = ["train", "--out", run] + TINY + sasrec
+  assert cli.main(argv) == 0
+  with open(os.path.join(run, "metrics.json")) as f:
+    trained = json.load(f)
+  assert trained["backbone"] == "sasrec"
+  capsys.readouterr()
+  assert cli.main(["eval", "--ckpt", run, "--split", "test"]) == 0
+  evaluated = json.loads(capsys.readouterr().out)
+  assert evaluated["test"] == trained["test"]
+  assert cli.main(argv + ["--steps", "9", "--resume"]) == 0
+  with open(os.path.join(run, "metrics.json")) as f:
+    assert json.load(f)["steps"] == 9
+  assert cli.main(["grow", "--from", run, "--out", grown, "--method",
+                   "adjacent", "--preset", "preserve"]) == 0
+  assert cli.main(["train", "--out", tuned, "--init-from", grown] + TINY
+                  + ["--loss", "sampled", "--num-samples", "20"]) == 0
+  capsys.readouterr()
+  assert cli.main(["inspect", tuned]) == 0
+  out = capsys.readouterr().out
+  assert "model: sasrec (" in out and "num_blocks=4" in out
+  assert "blocks/attention/query/kernel" in out
+  assert "op=grow" in out and "op=init_from" in out

@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "experiments"))
 import stackrec_common as common  # pylint: disable=wrong-import-position
-from jaxrec import sequences  # pylint: disable=wrong-import-position
+from jaxrec.data import sequences  # pylint: disable=wrong-import-position
 
 
 def toy_data(rows=50):
@@ -75,19 +75,24 @@ def test_unrecorded_stage_only_advances_the_clock(tmp_path):
 
 def test_new_output_layer_keeps_blocks_and_embedding(tmp_path):
   import jax  # pylint: disable=import-outside-toplevel
-  from jaxrec import config, evaluation, models, train  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from jaxrec import config, evaluation, heads
+  from jaxrec.models.nextitnet import NextItNetConfig
+  from jaxrec.training import loop
   cfg = config.Config(
-      model=config.ModelConfig(num_blocks=2, embed_dim=8),
+      model=NextItNetConfig(num_blocks=2, embed_dim=8),
       data=config.DataConfig(source="synthetic:tiny", max_len=12),
       train=config.TrainConfig(steps=2, eval_every=2, batch_size=8,
                                eval_batch_size=8))
   src, out = str(tmp_path / "src"), str(tmp_path / "head")
-  train.train(cfg, src, progress_bar=False)
+  loop.train(cfg, src, progress_bar=False)
   common.reset_output_layer(src, out, seed=5)
   before, src_cfg, _ = evaluation.load_params(src)
   after, _, meta = evaluation.load_params(out)
-  fresh = models.init_output_layer(jax.random.key(5), src_cfg.model)
-  jax.tree.map(np.testing.assert_array_equal, after["softmax"], fresh)
+  fresh = heads.get(src_cfg.head.name).init(src_cfg.head, src_cfg.model,
+                                            jax.random.key(5))
+  jax.tree.map(np.testing.assert_array_equal, after["head"], fresh)
+  assert not np.array_equal(after["head"]["kernel"], before["head"]["kernel"])
   for name in ("blocks", "item_embedding"):
     jax.tree.map(np.testing.assert_array_equal, after[name], before[name])
-  assert meta["lineage"][-1]["op"] == "new_output_layer"
+  assert meta["lineage"][-1]["op"] == "new_output_head"

@@ -12,16 +12,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from optax.tree_utils import tree_get
 
-from jaxrec import checkpoints
 from jaxrec import cli
 from jaxrec import evaluation
-from jaxrec import growth
-from jaxrec import input_pipeline
+from jaxrec import heads
 from jaxrec import models
-from jaxrec import train
-from jaxrec.config import Config, DataConfig, ModelConfig, TrainConfig
+from jaxrec.cli import grow as grow_cli
+from jaxrec.config import Config, DataConfig, TrainConfig
+from jaxrec.data import pipeline
 from jaxrec.errors import JaxrecError
+from jaxrec.models.nextitnet import NextItNetConfig
+from jaxrec.surgery import growth
+from jaxrec.training import checkpoints, loop
+from jaxrec.training import state as state_lib
 
 RNG = jax.random.key(7)
 # Jitted once per config: eagerly every op of a forward pass compiles alone.
@@ -32,7 +36,7 @@ hidden_states = jax.jit(models.hidden_states, static_argnums=1)
 def tiny_config(**kw):
   base = dict(num_items=20, embed_dim=8, num_blocks=4, kernel_size=3)
   base.update(kw)
-  return ModelConfig(**base)
+  return Config(model=NextItNetConfig(**base))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -53,8 +57,28 @@ def abstract_params(cfg):
 
 
 def inputs(cfg, seed=0):
-  ids = np.random.default_rng(seed).integers(0, cfg.num_items, (3, 16))
+  ids = np.random.default_rng(seed).integers(0, cfg.model.num_items, (3, 16))
   return jnp.asarray(ids, jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def all_scores(params, cfg, ids):
+  """The head's scores of every item at every position: [B, T, V]."""
+  h = models.hidden_states(params, cfg, ids)
+  flat = h.reshape(-1, h.shape[-1])
+  scores = heads.get(cfg.head.name).tile_scores(params, cfg, flat, 0,
+                                                cfg.model.num_items)
+  return scores.reshape(h.shape[:2] + (-1,))
+
+
+def assert_same_function(deep, deep_cfg, params, cfg, x):
+  """Hidden states and the scores of every item agree."""
+  np.testing.assert_allclose(hidden_states(deep, deep_cfg, x),
+                             hidden_states(params, cfg, x),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(all_scores(deep, deep_cfg, x),
+                             all_scores(params, cfg, x),
+                             rtol=1e-5, atol=1e-5)
 
 
 def block(params, i):
@@ -141,8 +165,8 @@ def test_paper_reinitialises_the_softmax_from_rng():
   cfg = tiny_config()
   deep, deep_cfg = growth.stack(trained_like_params(cfg), cfg, "adjacent",
                                 "paper", rng=RNG)
-  assert_trees_equal(deep["softmax"],
-                     init_params(deep_cfg, RNG)["softmax"])
+  assert_trees_equal(deep["head"],
+                     init_params(deep_cfg, RNG)["head"])
 
 
 def test_paper_copies_conv_kernels_biases_and_item_embedding():
@@ -184,9 +208,7 @@ def test_preserve_keeps_the_hidden_states(method, top):
   x = inputs(cfg)
   deep, deep_cfg = growth.stack(params, cfg, method, "preserve", rng=RNG,
                                 top=top)
-  np.testing.assert_allclose(hidden_states(deep, deep_cfg, x),
-                             hidden_states(params, cfg, x),
-                             rtol=1e-5, atol=1e-5)
+  assert_same_function(deep, deep_cfg, params, cfg, x)
 
 
 def test_preserve_keeps_hidden_states_over_repeated_growth():
@@ -195,10 +217,8 @@ def test_preserve_keeps_hidden_states_over_repeated_growth():
   x = inputs(cfg)
   deep, deep_cfg = growth.stack(params, cfg, "cross", "preserve", rng=RNG,
                                 times=2)
-  assert deep_cfg.num_blocks == 16
-  np.testing.assert_allclose(hidden_states(deep, deep_cfg, x),
-                             hidden_states(params, cfg, x),
-                             rtol=1e-5, atol=1e-5)
+  assert deep_cfg.model.num_blocks == 16
+  assert_same_function(deep, deep_cfg, params, cfg, x)
 
 
 @pytest.mark.parametrize("method,top,alive", [
@@ -220,7 +240,7 @@ def test_preserve_defaults_to_carry_dilations():
   cfg = tiny_config(dilations=(1, 4))
   _, deep_cfg = growth.stack(trained_like_params(cfg), cfg, "adjacent",
                              "preserve", rng=RNG)
-  assert deep_cfg.dilations == (1, 1, 4, 4, 1, 1, 4, 4)
+  assert deep_cfg.model.dilations == (1, 1, 4, 4, 1, 1, 4, 4)
 
 
 def test_preserve_under_position_warns_when_a_live_block_moves():
@@ -235,10 +255,8 @@ def test_cross_preserve_is_exact_under_position_dilations():
   x = inputs(cfg)
   deep, deep_cfg = growth.stack(params, cfg, "cross", "preserve", rng=RNG,
                                 dilations="position")
-  assert deep_cfg.dilations == (1, 4)
-  np.testing.assert_allclose(hidden_states(deep, deep_cfg, x),
-                             hidden_states(params, cfg, x),
-                             rtol=1e-5, atol=1e-5)
+  assert deep_cfg.model.dilations == (1, 4)
+  assert_same_function(deep, deep_cfg, params, cfg, x)
 
 
 # ---------------------------------------------------------------- dilations
@@ -248,22 +266,22 @@ def test_position_policy_keeps_the_dilation_cycle():
   cfg = tiny_config()
   _, deep_cfg = growth.stack(trained_like_params(cfg), cfg, "adjacent",
                              "paper", rng=RNG, dilations="position")
-  assert deep_cfg.dilations == cfg.dilations == (1, 4)
-  assert deep_cfg.block_dilations() == (1, 4) * 4
+  assert deep_cfg.model.dilations == cfg.model.dilations == (1, 4)
+  assert deep_cfg.model.block_dilations() == (1, 4) * 4
 
 
 def test_carry_policy_pins_each_block_to_its_source_dilation():
   plan = growth.make_plan(4, "adjacent", "paper", None)
   deep_cfg = growth.deep_config(tiny_config(dilations=(1, 2, 4, 8)), plan,
                                 "carry")
-  assert deep_cfg.dilations == (1, 1, 2, 2, 4, 4, 8, 8)
+  assert deep_cfg.model.dilations == (1, 1, 2, 2, 4, 4, 8, 8)
 
 
 def test_carry_gives_fresh_blocks_their_positional_dilation():
   plan = growth.make_plan(2, "random_top", "paper", None)
   deep_cfg = growth.deep_config(tiny_config(num_blocks=2, dilations=(1, 2, 4)),
                                 plan, "carry")
-  assert deep_cfg.dilations == (1, 2, 4, 1)
+  assert deep_cfg.model.dilations == (1, 2, 4, 1)
 
 
 # ----------------------------------------------------- depth and execution
@@ -274,7 +292,7 @@ def test_repeated_stacking_reaches_128_blocks():
   params = trained_like_params(cfg)
   deep, deep_cfg = growth.stack(params, cfg, "adjacent", "full", rng=RNG,
                                 times=5)
-  assert deep_cfg.num_blocks == 128
+  assert deep_cfg.model.num_blocks == 128
   models.check_params(deep, deep_cfg)
   # Five adjacent doublings: deep block i comes from shallow block i // 32.
   kernels = deep["blocks"]["conv1"]["kernel"]
@@ -287,7 +305,7 @@ def test_top_k_grows_by_k_blocks_each_time():
   cfg = tiny_config()
   deep, deep_cfg = growth.stack(trained_like_params(cfg), cfg, "cross",
                                 "full", rng=RNG, top=2, times=3)
-  assert deep_cfg.num_blocks == 10
+  assert deep_cfg.model.num_blocks == 10
   models.check_params(deep, deep_cfg)
 
 
@@ -322,7 +340,7 @@ def test_opt_state_of_reset_and_fresh_leaves_is_zero():
   state = optax.adam(1e-3).init(params)
   state = (state[0]._replace(mu=params),) + tuple(state[1:])
   mu = growth.stack_opt_state(state, cfg, "random_top", "paper")[0].mu
-  np.testing.assert_array_equal(mu["softmax"]["kernel"], 0.0)
+  np.testing.assert_array_equal(mu["head"]["kernel"], 0.0)
   np.testing.assert_array_equal(mu["blocks"]["ln1"]["scale"], 0.0)
   np.testing.assert_array_equal(mu["blocks"]["conv1"]["kernel"][4:], 0.0)
   assert_trees_equal(mu["blocks"]["conv1"]["kernel"][:4],
@@ -332,10 +350,13 @@ def test_opt_state_of_reset_and_fresh_leaves_is_zero():
 SHARDED_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from jaxrec import growth, models
-    from jaxrec.config import ModelConfig
+    from jaxrec import models
+    from jaxrec.config import Config
+    from jaxrec.models.nextitnet import NextItNetConfig
+    from jaxrec.surgery import growth
     assert jax.device_count() == 8, jax.device_count()
-    cfg = ModelConfig(num_items=20, embed_dim=8, num_blocks=4)
+    cfg = Config(model=NextItNetConfig(num_items=20, embed_dim=8,
+                                       num_blocks=4))
     params = jax.jit(models.init_params, static_argnums=0)(
         cfg, jax.random.key(0))
     params["blocks"]["alpha"] = params["blocks"]["alpha"] + 0.5
@@ -410,12 +431,13 @@ def run(tmp_path_factory):
   root = tmp_path_factory.mktemp("growth")
   data_cfg = DataConfig(source="synthetic:tiny", cache_dir=str(root / "cache"),
                         max_len=12)
-  data = input_pipeline.load_data(data_cfg)
-  cfg = Config(model=ModelConfig(embed_dim=8, num_blocks=2), data=data_cfg,
+  data = pipeline.load_data(data_cfg)
+  cfg = Config(model=NextItNetConfig(embed_dim=8, num_blocks=2),
+               data=data_cfg,
                train=TrainConfig(steps=4, eval_every=2, batch_size=8,
                                  eval_batch_size=8))
   src = str(root / "shallow")
-  train.train(cfg, src, data=data, progress_bar=False)
+  loop.train(cfg, src, data=data, progress_bar=False)
   return cfg, data, src, root
 
 
@@ -431,7 +453,7 @@ def test_grown_checkpoint_holds_the_stacked_params(run, grown):
   _, _, src, _ = run
   deep_cfg, out = grown
   shallow, src_cfg, _ = evaluation.load_params(src)
-  expected, _ = growth.stack(shallow, src_cfg.model, "adjacent", "paper",
+  expected, _ = growth.stack(shallow, src_cfg, "adjacent", "paper",
                              rng=jax.random.key(3))
   params, cfg, meta = evaluation.load_params(out)
   assert cfg.model == deep_cfg.model and cfg.model.num_blocks == 4
@@ -461,14 +483,14 @@ def test_grown_dir_has_its_config_json(grown):
 def test_describe_checkpoint_shows_the_grow_lineage(grown):
   _, out = grown
   text = evaluation.describe_checkpoint(out)
-  assert "model: 4 blocks" in text
+  assert "model: nextitnet (" in text and "num_blocks=4" in text
   assert "op=grow" in text and "method=adjacent" in text
 
 
 def test_training_starts_from_the_grown_checkpoint(run, grown):
   cfg, data, _, root = run
   _, out = grown
-  result = train.train(cfg, str(root / "deep_trained"), data=data,
+  result = loop.train(cfg, str(root / "deep_trained"), data=data,
                        init_from=out, progress_bar=False)
   assert result["steps"] == 4
   _, meta = checkpoints.read_meta(str(root / "deep_trained"))
@@ -480,11 +502,11 @@ def test_grown_state_restores_as_a_full_train_state_with_fresh_adam(grown):
   deep_cfg, out = grown
   mngr = checkpoints.open_existing(out, "latest")
   state, _ = checkpoints.restore(
-      mngr, target=train.abstract_state(deep_cfg, "latest"))
+      mngr, target=state_lib.abstract_state(deep_cfg, "latest"))
   assert int(state["step"]) == 0 and int(state["first_bad_step"]) == -1
-  assert int(state["opt_state"][0].count) == 0
+  assert int(tree_get(state["opt_state"], "count")) == 0
   np.testing.assert_array_equal(
-      state["opt_state"][0].mu["blocks"]["conv1"]["kernel"], 0.0)
+      tree_get(state["opt_state"], "mu")["blocks"]["conv1"]["kernel"], 0.0)
 
 
 def test_map_opt_state_grows_the_saved_adam_moments(run, tmp_path):
@@ -493,17 +515,18 @@ def test_map_opt_state_grows_the_saved_adam_moments(run, tmp_path):
       checkpoints.read_meta(src, "latest")[1], src)
   src_state, _ = checkpoints.restore(
       checkpoints.open_existing(src, "latest"),
-      target=train.abstract_state(src_cfg, "latest"))
+      target=state_lib.abstract_state(src_cfg, "latest"))
   out = str(tmp_path / "mapped")
   deep_cfg = growth.grow_checkpoint(src, out, "cross", "full",
                                     map_opt_state=True)
   state, _ = checkpoints.restore(
       checkpoints.open_existing(out, "latest"),
-      target=train.abstract_state(deep_cfg, "latest"))
-  expected = growth.stack_opt_state(src_state["opt_state"], src_cfg.model,
+      target=state_lib.abstract_state(deep_cfg, "latest"))
+  expected = growth.stack_opt_state(src_state["opt_state"], src_cfg,
                                     "cross", "full")
   assert_trees_equal(state["opt_state"], expected)
-  assert int(state["opt_state"][0].count) == 4  # Adam's bias correction.
+  # Adam's bias correction goes on.
+  assert int(tree_get(state["opt_state"], "count")) == 4
 
 
 def test_grow_refuses_an_out_dir_with_checkpoints(run, grown):
@@ -518,7 +541,7 @@ def test_grow_rejects_a_checkpoint_of_another_model(tmp_path):
   checkpoints.save(mngr, 1, {"params": {"w": jnp.zeros(3)}},
                    {"format": "someone.else/2"})
   mngr.wait_until_finished()
-  with pytest.raises(JaxrecError, match="not a jaxrec NextItNet checkpoint"):
+  with pytest.raises(JaxrecError, match="checkpoint format 'someone.else/2'"):
     growth.grow_checkpoint(str(tmp_path / "other"), str(tmp_path / "out"),
                            "adjacent")
 
@@ -527,13 +550,13 @@ def test_grow_rejects_params_that_do_not_fit_their_config(run, tmp_path):
   cfg = run[0]
   model = dataclasses.replace(cfg.model, num_items=20)
   wrong = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                       abstract_params(dataclasses.replace(model,
-                                                           num_blocks=3)))
+                       abstract_params(cfg.replace(model=dataclasses.replace(
+                           model, num_blocks=3))))
   mngr = checkpoints.manager(str(tmp_path / "bad"), "latest")
   checkpoints.save(mngr, 1, {"params": wrong},
                    checkpoints.make_meta(cfg.replace(model=model), "x", 1, []))
   mngr.wait_until_finished()
-  with pytest.raises(JaxrecError, match="do not fit the model config"):
+  with pytest.raises(JaxrecError, match="bad/checkpoints/latest/1"):
     growth.grow_checkpoint(str(tmp_path / "bad"), str(tmp_path / "out"),
                            "adjacent")
 
@@ -547,12 +570,12 @@ def test_grow_of_a_missing_dir_names_it(tmp_path):
 def test_cli_grow_prints_source_and_deep_depth(run, tmp_path, capsys):
   _, _, src, _ = run
   parser = cli.Parser(prog="jaxrec")
-  growth.add_grow_parser(parser.add_subparsers(dest="command",
-                                               parser_class=cli.Parser))
+  grow_cli.add_parser(parser.add_subparsers(dest="command",
+                                            parser_class=cli.Parser))
   out = str(tmp_path / "cli_deep")
   args = parser.parse_args(["grow", "--from", src, "--out", out, "--method",
                             "cross", "--preset", "preserve", "--times", "2"])
-  growth.cmd_grow(args)
+  grow_cli.run(args)
   printed = capsys.readouterr().out
   assert "2 -> 8 blocks" in printed
   assert checkpoints.read_meta(out, "latest")[1]["lineage"][-1]["times"] == 2
@@ -560,8 +583,8 @@ def test_cli_grow_prints_source_and_deep_depth(run, tmp_path, capsys):
 
 def test_cli_grow_rejects_an_unknown_method():
   parser = cli.Parser(prog="jaxrec")
-  growth.add_grow_parser(parser.add_subparsers(dest="command",
-                                               parser_class=cli.Parser))
+  grow_cli.add_parser(parser.add_subparsers(dest="command",
+                                            parser_class=cli.Parser))
   with pytest.raises(JaxrecError, match="--method"):
     parser.parse_args(["grow", "--from", "a", "--out", "b", "--method", "x"])
 
@@ -593,7 +616,7 @@ def test_init_opt_state_starts_from_the_mapped_adam_moments(tmp_path, run):
   outs = {}
   for flag in (False, True):
     out = str(tmp_path / f"ft_{flag}")
-    train.train(one_step, out, data, init_from=grown, init_opt_state=flag,
+    loop.train(one_step, out, data, init_from=grown, init_opt_state=flag,
                 progress_bar=False)
     outs[flag] = evaluation.load_params(out, "latest")
   params_fresh, params_mapped = outs[False][0], outs[True][0]
@@ -610,5 +633,5 @@ def test_init_opt_state_refuses_another_optimizer(tmp_path, run):
   growth.grow_checkpoint(src, grown, "cross", "paper", map_opt_state=True)
   clipped = cfg.replace(train=dataclasses.replace(cfg.train, clip_norm=1.0))
   with pytest.raises(JaxrecError, match="init-opt-state"):
-    train.train(clipped, str(tmp_path / "ft"), data, init_from=grown,
+    loop.train(clipped, str(tmp_path / "ft"), data, init_from=grown,
                 init_opt_state=True, progress_bar=False)

@@ -1,14 +1,14 @@
-"""Tests for jaxrec.input_pipeline: formats, processing, protocols, cache."""
+"""Tests for jaxrec.data.pipeline: formats, processing, protocols, cache."""
 import sys
 import zipfile
 
 import numpy as np
 import pytest
 
-from jaxrec import input_pipeline as ip
+from jaxrec.data import pipeline as ip
 from jaxrec.config import DataConfig
 from jaxrec.errors import JaxrecError
-from jaxrec.sequences import Interactions
+from jaxrec.data.sequences import Interactions
 
 # (user, item, rating, timestamp): 3 users, every one with >= 3 events.
 EVENTS = [(1, 10, 4, 100), (1, 20, 3, 101), (1, 30, 5, 102),

@@ -1,4 +1,5 @@
-"""Tests for jaxrec.losses: chunked and sampled softmax, samplers, dispatch.
+"""Tests for the softmax losses: chunked and sampled softmax, samplers, and
+the softmax head's loss dispatch (jaxrec.heads).
 
 Everything runs under a few module-level jits with repeated shapes: eager
 JAX compiles every primitive on its own, and compilation dominates here.
@@ -11,9 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrec import losses
+from jaxrec import config
 from jaxrec.config import TrainConfig
 from jaxrec.errors import JaxrecError
+from jaxrec.heads import chunked_softmax, sampled_softmax, softmax
+from jaxrec.heads.softmax import SoftmaxConfig
 
 C = 8
 N = 12
@@ -29,18 +32,18 @@ def value_and_grads(fn, h, w, b, targets, mask, *args, **kw):
 
 
 def chunked(h, w, b, targets, mask, chunk_size):
-  return value_and_grads(losses.softmax_cross_entropy, h, w, b, targets,
-                         mask, chunk_size=chunk_size)
+  return value_and_grads(chunked_softmax.softmax_cross_entropy, h, w, b,
+                         targets, mask, chunk_size=chunk_size)
 
 
 def naive(h, w, b, targets, mask):
-  return value_and_grads(losses.naive_softmax_cross_entropy, h, w, b,
+  return value_and_grads(chunked_softmax.naive_softmax_cross_entropy, h, w, b,
                          targets, mask)
 
 
 def sampled(h, w, b, targets, mask, rng, sampler, num_samples):
-  return value_and_grads(losses.sampled_softmax_cross_entropy, h, w, b,
-                         targets, mask, rng, num_samples=num_samples,
+  return value_and_grads(sampled_softmax.sampled_softmax_cross_entropy, h, w,
+                         b, targets, mask, rng, num_samples=num_samples,
                          sampler=sampler)
 
 
@@ -49,7 +52,27 @@ def sample(sampler, rng, n):
   return sampler.sample(rng, n)
 
 
-output_loss = jax.jit(losses.output_loss, static_argnums=6)
+def head_config(cfg_train, tie_embeddings=False):
+  return config.Config(train=cfg_train,
+                       head=SoftmaxConfig(tie_embeddings=tie_embeddings))
+
+
+def head_params(w, b, tie_embeddings=False):
+  if tie_embeddings:
+    return {"item_embedding": {"embedding": w}, "head": {"bias": b}}
+  return {"head": {"kernel": w, "bias": b}}
+
+
+def _head_loss(h, w, b, targets, mask, rng, cfg_train, sampler=None,
+               tie_embeddings=False):
+  """The softmax head's loss on the output layer (w, b)."""
+  return softmax.loss(head_params(w, b, tie_embeddings),
+                      head_config(cfg_train, tie_embeddings), h, targets,
+                      mask, rng=rng, sampler=sampler)
+
+
+output_loss = jax.jit(_head_loss, static_argnums=6,
+                      static_argnames="tie_embeddings")
 
 
 def _key(seed: int) -> jax.Array:
@@ -151,7 +174,8 @@ def test_all_masked_gives_zero_loss_and_gradient():
 def test_leading_batch_dims_and_bool_mask_are_accepted():
   h, w, b, targets, mask = _inputs()
   flat, _ = chunked(h, w, b, targets, mask, 5)
-  got = jax.jit(losses.softmax_cross_entropy, static_argnames="chunk_size")(
+  got = jax.jit(chunked_softmax.softmax_cross_entropy,
+                static_argnames="chunk_size")(
       h.reshape(3, 4, C), w, b, targets.reshape(3, 4), mask.reshape(3, 4) > 0,
       chunk_size=5)
   np.testing.assert_allclose(got, flat, rtol=1e-6)
@@ -172,7 +196,7 @@ def test_chunked_loss_is_jit_compatible():
   # The unjitted forward (its scan compiles on its own) equals the jitted
   # value-and-grad program the training step uses.
   args = _inputs()
-  eager = losses.softmax_cross_entropy(*args, chunk_size=5)
+  eager = chunked_softmax.softmax_cross_entropy(*args, chunk_size=5)
   loss, grads = chunked(*args, 5)
   np.testing.assert_allclose(loss, eager, rtol=1e-6)
   assert all(np.all(np.isfinite(g)) for g in grads)
@@ -188,10 +212,11 @@ def _largest_array(fn, *args) -> int:
 def test_chunked_loss_never_materialises_all_logits():
   n, v = 48, 4099
   h, w, b, targets, mask = _inputs(n, v)
-  tiled = lambda h, w, b: losses.softmax_cross_entropy(  # pylint: disable=g-long-lambda
-      h, w, b, targets, mask, chunk_size=256)
-  full = lambda h, w, b: losses.naive_softmax_cross_entropy(  # pylint: disable=g-long-lambda
-      h, w, b, targets, mask)
+  tiled = lambda h, w, b: (  # pylint: disable=g-long-lambda
+      chunked_softmax.softmax_cross_entropy(h, w, b, targets, mask,
+                                            chunk_size=256))
+  full = lambda h, w, b: (  # pylint: disable=g-long-lambda
+      chunked_softmax.naive_softmax_cross_entropy(h, w, b, targets, mask))
   # The probe does see [N, V] where it exists.
   assert _largest_array(full, h, w, b) >= n * v
   assert _largest_array(tiled, h, w, b) < n * v // 4
@@ -200,9 +225,9 @@ def test_chunked_loss_never_materialises_all_logits():
 # ------------------------------------------------------------------- samplers
 
 
-@pytest.mark.parametrize("name", losses.SAMPLERS)
+@pytest.mark.parametrize("name", sampled_softmax.SAMPLERS)
 def test_sampler_probabilities_sum_to_one_and_exclude_padding(name):
-  sampler = losses.make_sampler(name, 23, np.arange(23) % 5)
+  sampler = sampled_softmax.make_sampler(name, 23, np.arange(23) % 5)
   q = np.exp(_np(sampler.log_q))
   assert q[0] == 0.0
   assert np.all(q[1:] > 0)
@@ -210,21 +235,21 @@ def test_sampler_probabilities_sum_to_one_and_exclude_padding(name):
 
 
 def test_log_uniform_is_zipfian_over_ids():
-  q = losses.sampler_probs("log_uniform", 50)
+  q = sampled_softmax.sampler_probs("log_uniform", 50)
   ids = np.arange(1, 50)
   np.testing.assert_allclose(q[1:], np.log((ids + 1) / ids) / np.log(50))
   assert np.all(np.diff(q[1:]) < 0)  # id 1 most popular.
 
 
 def test_unigram_uses_smoothed_counts():
-  q = losses.sampler_probs("unigram", 4, np.array([100, 10, 0, 30]))
+  q = sampled_softmax.sampler_probs("unigram", 4, np.array([100, 10, 0, 30]))
   np.testing.assert_allclose(q, [0.0, 11 / 43, 1 / 43, 31 / 43])
 
 
-@pytest.mark.parametrize("name", losses.SAMPLERS)
+@pytest.mark.parametrize("name", sampled_softmax.SAMPLERS)
 def test_sample_frequencies_match_q(name):
   v, n = 20, 200_000
-  sampler = losses.make_sampler(name, v, (np.arange(v) * 7) % 13)
+  sampler = sampled_softmax.make_sampler(name, v, (np.arange(v) * 7) % 13)
   ids = np.asarray(sample(sampler, _key(3), n))
   assert ids.min() >= 1 and ids.max() <= v - 1
   observed = np.bincount(ids, minlength=v)[1:]
@@ -235,11 +260,11 @@ def test_sample_frequencies_match_q(name):
 
 def test_sampler_errors_name_the_problem():
   with pytest.raises(JaxrecError, match="train.sampler"):
-    losses.make_sampler("zipf", 10)
+    sampled_softmax.make_sampler("zipf", 10)
   with pytest.raises(JaxrecError, match="item_counts"):
-    losses.make_sampler("unigram", 10)
+    sampled_softmax.make_sampler("unigram", 10)
   with pytest.raises(JaxrecError, match="shape"):
-    losses.make_sampler("unigram", 10, np.ones(9))
+    sampled_softmax.make_sampler("unigram", 10, np.ones(9))
 
 
 # ------------------------------------------------------------ sampled softmax
@@ -264,7 +289,7 @@ def _sampled_reference(h, w, b, targets, mask, ids, log_q, s):
 @pytest.mark.parametrize("name", ["uniform", "log_uniform"])
 def test_sampled_loss_matches_log_q_corrected_formula(name):
   args = _inputs(v=SV)
-  sampler = losses.make_sampler(name, SV)
+  sampler = sampled_softmax.make_sampler(name, SV)
   ids = sample(sampler, _key(7), S)
   assert set(np.asarray(ids)) & set(np.asarray(args[3][3:]))  # Has hits.
   got, _ = sampled(*args, _key(7), sampler, S)
@@ -276,7 +301,7 @@ def test_sampled_loss_on_tiny_example_by_hand():
   # V = 3, C = 1, h = 1, w = 0: logits are the bias. Uniform q = 1/2, S = 2,
   # so every logit loses log(S q) = log 1 = 0. Target 1: a sample of 1 is
   # an accidental hit, a sample of 2 has logit b[2].
-  sampler = losses.make_sampler("uniform", 3)
+  sampler = sampled_softmax.make_sampler("uniform", 3)
   num_twos = int((np.asarray(sample(sampler, _key(0), 2)) == 2).sum())
   want = np.log(np.exp(0.5) + num_twos * np.exp(2.0)) - 0.5
   got, _ = sampled(jnp.ones((1, 1)), jnp.zeros((3, 1)),
@@ -292,14 +317,14 @@ def test_sampled_accidental_hits_are_removed():
   h, w, b, _, mask = _inputs(v=2)
   targets = jnp.ones(N, jnp.int32)
   loss, _ = sampled(h, w, b, targets, mask, _key(0),
-                    losses.make_sampler("uniform", 2), S)
+                    sampled_softmax.make_sampler("uniform", 2), S)
   assert float(loss) == 0.0
 
 
 def test_sampled_loss_trains_only_targets_and_samples_never_padding():
   h, w, b, _, mask = _inputs(v=SV)
   targets = jnp.array([0, 0, 1, 1, 2, 2, 3, 3, 1, 2, 0, 3])
-  sampler = losses.make_sampler("unigram", SV, np.arange(SV))
+  sampler = sampled_softmax.make_sampler("unigram", SV, np.arange(SV))
   loss, (_, dw, db) = sampled(h, w, b, targets, jnp.ones_like(mask), _key(1),
                               sampler, S)
   assert np.isfinite(float(loss))
@@ -313,25 +338,27 @@ def test_sampled_loss_trains_only_targets_and_samples_never_padding():
 def test_sampled_loss_by_name_equals_prebuilt_sampler():
   args = _inputs(v=SV)
   by_name = jax.jit(functools.partial(
-      losses.sampled_softmax_cross_entropy, num_samples=S,
+      sampled_softmax.sampled_softmax_cross_entropy, num_samples=S,
       sampler="log_uniform"))(*args, _key(2))
-  prebuilt, _ = sampled(*args, _key(2), losses.make_sampler("log_uniform", SV),
-                        S)
+  prebuilt, _ = sampled(*args, _key(2),
+                        sampled_softmax.make_sampler("log_uniform", SV), S)
   np.testing.assert_allclose(by_name, prebuilt, rtol=1e-6)
 
 
 # ----------------------------------------------------------------- dispatcher
 
 
-def test_output_loss_full_is_the_chunked_softmax():
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_output_loss_full_is_the_chunked_softmax(tie_embeddings):
   args = _inputs()
-  got = output_loss(*args, None, TrainConfig(loss="full", loss_chunk=5))
+  got = output_loss(*args, None, TrainConfig(loss="full", loss_chunk=5),
+                    tie_embeddings=tie_embeddings)
   np.testing.assert_allclose(got, chunked(*args, 5)[0], rtol=1e-6)
 
 
 def test_output_loss_sampled_uses_the_given_sampler():
   args = _inputs(v=SV)
-  sampler = losses.make_sampler("unigram", SV, np.arange(SV))
+  sampler = sampled_softmax.make_sampler("unigram", SV, np.arange(SV))
   cfg = TrainConfig(loss="sampled", num_samples=S, sampler="unigram")
   got = output_loss(*args, _key(4), cfg, sampler)
   np.testing.assert_allclose(got, sampled(*args, _key(4), sampler, S)[0],
@@ -341,4 +368,4 @@ def test_output_loss_sampled_uses_the_given_sampler():
 def test_output_loss_sampled_unigram_needs_a_prebuilt_sampler():
   cfg = TrainConfig(loss="sampled", sampler="unigram")
   with pytest.raises(JaxrecError, match="item_counts"):
-    losses.output_loss(*_inputs(), _key(0), cfg)
+    _head_loss(*_inputs(), _key(0), cfg)

@@ -1,7 +1,7 @@
 """Deterministic batching: the batch of a step is a pure function."""
 import numpy as np
 
-from jaxrec import sequences
+from jaxrec.data import sequences
 
 
 def rows(n=40, width=6):

@@ -1,10 +1,10 @@
-"""Tests for jaxrec.synthetic: determinism, ranges, structure, options."""
+"""Tests for jaxrec.data.synthetic: determinism, ranges, structure, options."""
 import dataclasses
 
 import numpy as np
 import pytest
 
-from jaxrec import synthetic
+from jaxrec.data import synthetic
 from jaxrec.errors import JaxrecError
 
 
@@ -131,7 +131,8 @@ def test_unknown_option_raises_naming_it():
 
 
 def test_bad_value_raises_naming_the_option():
-  with pytest.raises(JaxrecError, match="users"):
+  # The config coercer reads the value; the message names option and value.
+  with pytest.raises(JaxrecError, match=r"users.*'many'"):
     synthetic.parse_size("tiny,users=many")
 
 

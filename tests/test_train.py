@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import jax
 import jax.numpy as jnp
@@ -13,10 +14,12 @@ import pytest
 
 from jaxrec import config
 from jaxrec import evaluation
-from jaxrec import input_pipeline
-from jaxrec import losses
-from jaxrec import train
+from jaxrec.data import pipeline
 from jaxrec.errors import JaxrecError
+from jaxrec.models.nextitnet import NextItNetConfig
+from jaxrec.models.sasrec import SASRecConfig
+from jaxrec.tasks import next_item
+from jaxrec.training import loop as train
 
 
 def tiny_config(**train_kw):
@@ -24,7 +27,7 @@ def tiny_config(**train_kw):
              keep_checkpoints=2)
   tkw.update(train_kw)
   return config.Config(
-      model=config.ModelConfig(num_blocks=2, embed_dim=8),
+      model=NextItNetConfig(num_blocks=2, embed_dim=8),
       data=config.DataConfig(source="synthetic:tiny", max_len=20),
       train=config.TrainConfig(**tkw))
 
@@ -74,7 +77,8 @@ def test_keeps_n_latest_and_the_best_checkpoint(tmp_path):
 
 KILL_AND_RESUME = """
 import os, signal, json
-from jaxrec import config, train
+from jaxrec import config
+from jaxrec.training import loop as train
 cfg = config.from_dict(json.loads({cfg!r}))
 def kill(step):
   if step == {kill_at}:
@@ -106,32 +110,30 @@ def log_records(run_dir):
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(
-    tmp_path, monkeypatch):
+    tmp_path):
   cfg = tiny_config(steps=30, eval_every=10)
-  data = input_pipeline.load_data(cfg.data)
+  data = pipeline.load_data(cfg.data)
   # An extra item id that no real row contains marks the poisoned batches.
   mark = data.num_items
   data = dataclasses.replace(data, num_items=mark + 1,
                              item_counts=np.append(data.item_counts, 0))
-  real_batch = train.sequences.train_batch
 
-  def batch(rows, step, batch_size, seed):
-    out = real_batch(rows, step, batch_size, seed)
+  def batch(data, step, batch_size, seed):
+    out = next_item.batch(data, step, batch_size, seed)
     if step >= 14:
       out["targets"] = out["targets"].copy()
       out["targets"][0, -1] = mark
     return out
 
-  real_loss = losses.output_loss
+  def loss(params, cfg, arrays, rng, sampler):
+    value = next_item.loss(params, cfg, arrays, rng, sampler)
+    return jnp.where(jnp.any(arrays["targets"] == mark), jnp.nan, value)
 
-  def loss(h, w, b, targets, *args):
-    value = real_loss(h, w, b, targets, *args)
-    return jnp.where(jnp.any(targets == mark), jnp.nan, value)
-
-  monkeypatch.setattr(train.sequences, "train_batch", batch)
-  monkeypatch.setattr(losses, "output_loss", loss)
+  # The loop knows only its task: a task whose loss turns NaN at step 14.
+  poisoned = types.SimpleNamespace(batch=batch, loss=loss,
+                                   rank_fn=next_item.rank_fn)
   with pytest.raises(JaxrecError, match="at step 14"):
-    train.train(cfg, str(tmp_path), data, progress_bar=False)
+    train.train(cfg, str(tmp_path), data, progress_bar=False, task=poisoned)
   assert os.listdir(tmp_path / "checkpoints" / "latest") == ["10"]
   params = latest_params(tmp_path)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
@@ -148,7 +150,7 @@ def test_early_stopping_after_patience_validations(tmp_path):
 def test_resume_refuses_a_different_config(tmp_path):
   train.train(tiny_config(steps=6), str(tmp_path), progress_bar=False)
   other = tiny_config(steps=6).replace(
-      model=config.ModelConfig(num_blocks=3, embed_dim=8))
+      model=NextItNetConfig(num_blocks=3, embed_dim=8))
   with pytest.raises(JaxrecError, match="num_blocks"):
     train.train(other, str(tmp_path), resume=True, progress_bar=False)
 
@@ -161,20 +163,22 @@ def test_fresh_run_refuses_a_directory_holding_a_run(tmp_path):
 
 EIGHT_DEVICES = """
 import json, jax, numpy as np
-from jaxrec import config, input_pipeline, models, sequences, train
+from jaxrec import config, models
+from jaxrec.data import pipeline, sequences
+from jaxrec.training import loop, state as state_lib
+from jaxrec.training.mesh import Sharder, make_mesh
 cfg = config.from_dict(json.loads({cfg!r}))
-data = input_pipeline.load_data(cfg.data)
-cfg = cfg.replace(model=config.ModelConfig(num_items=data.num_items,
-                                           num_blocks=2, embed_dim=8))
-opt = train.make_optimizer(cfg.train)
+data = pipeline.load_data(cfg.data)
+cfg = cfg.replace(model=cfg.model.fit_data(data.num_items, data.max_len))
+params = models.init_params(cfg, jax.random.key(0))
+opt, labels = state_lib.optimizer_for(cfg, params)
 out = {{}}
 for n in (1, 8):
-  sharder = train.Sharder(train.make_mesh(jax.devices()[:n]))
-  step = jax.jit(train.make_train_step(cfg, opt, None),
+  sharder = Sharder(make_mesh(jax.devices()[:n]))
+  step = jax.jit(loop.make_train_step(cfg, opt, labels, None),
                  in_shardings=(sharder.replicated, sharder.batch),
                  out_shardings=(sharder.replicated, sharder.replicated))
-  state = sharder.replicate(train.init_state(
-      models.init_params(cfg.model, jax.random.key(0)), opt))
+  state = sharder.replicate(state_lib.init_state(params, opt))
   losses = []
   for s in range(3):
     batch = sharder.put_batch(sequences.train_batch(data.train, s, 16, 0))
@@ -200,12 +204,17 @@ def test_eight_fake_devices_give_the_same_loss_as_one(tmp_path):
                              atol=1e-6)
 
 
-def test_trained_model_beats_popularity_twice_on_synthetic(tmp_path):
+@pytest.mark.parametrize("model", [
+    NextItNetConfig(num_blocks=2, embed_dim=32),
+    SASRecConfig(num_blocks=2, embed_dim=32, num_heads=2),
+], ids=["nextitnet", "sasrec"])
+def test_trained_model_beats_popularity_twice_on_synthetic(tmp_path, model):
   cfg = config.Config(
-      model=config.ModelConfig(num_blocks=2, embed_dim=32),
+      model=model,
       data=config.DataConfig(source="synthetic:small,users=1000"),
       train=config.TrainConfig(steps=400, eval_every=400, batch_size=64))
   result = train.train(cfg, str(tmp_path), progress_bar=False)
+  assert result["backbone"] == model.name
   assert result["test"]["ndcg@10"] >= 2 * result["popularity"]["ndcg@10"]
 
 

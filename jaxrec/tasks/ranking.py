@@ -1,4 +1,4 @@
-"""Full-ranking evaluation: MRR, HR and NDCG at 5, 10 and 20.
+"""Ranking metrics: MRR, HR and NDCG at 5, 10 and 20, over all items.
 
 Every example is scored against all V-1 real items on device, in item tiles
 so no [batch, V] matrix is needed for huge catalogues. Rules:
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec import sequences
+from jaxrec.data import sequences
 
 CUTOFFS = (5, 10, 20)
 
@@ -37,76 +37,64 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
   return out
 
 
-def _tile_scores(h: jax.Array, w: jax.Array, b: jax.Array, start: jax.Array,
-                 tile: int) -> tuple[jax.Array, jax.Array]:
-  """Scores [B, tile] of items start..start+tile-1, and those ids."""
-  ids = start + jnp.arange(tile)
-  wt = jax.lax.dynamic_slice_in_dim(w, start, tile)
-  bt = jax.lax.dynamic_slice_in_dim(b, start, tile)
-  scores = jnp.einsum("bc,vc->bv", h, wt.astype(h.dtype),
-                      preferred_element_type=jnp.float32) + bt
-  return scores, ids
-
-
-def target_ranks(h: jax.Array, w: jax.Array, b: jax.Array,
-                 targets: jax.Array, history: jax.Array | None = None,
+def target_ranks(score_tile: Callable[[jax.Array, int], jax.Array],
+                 num_items: int, targets: jax.Array,
+                 history: jax.Array | None = None,
                  tile: int = 16384) -> jax.Array:
   """0-based rank of each target among all real items, item tile by tile.
 
-  h [B, C] last hidden states, w [V, C], b [V], targets [B]; history [B, T]
-  ids to exclude (0 = none). Two passes over the tiles: the first reads the
-  target's score out of the same matmul that scores every other item, so a
-  tie is a true tie, not a rounding difference between two code paths.
+  `score_tile(start, size)` returns float32 scores [B, size] of item ids
+  start..start+size-1 (any head's `tile_scores`; ids >= num_items are
+  excluded here, whatever they score). targets [B]; history [B, T] ids to
+  exclude (0 = none). Two passes over the tiles: the first reads the
+  target's score out of the same computation that scores every other item,
+  so a tie is a true tie, not a rounding difference between two code paths.
   """
-  v = w.shape[0]
+  v = num_items
+  b = targets.shape[0]
   tile = min(tile, v)
   num_tiles = -(-v // tile)
-  pad = num_tiles * tile - v
-  w = jnp.pad(w, ((0, pad), (0, 0)))
-  b = jnp.pad(b, (0, pad))
   starts = jnp.arange(num_tiles) * tile
-  rows = jnp.arange(h.shape[0])[:, None]
+  rows = jnp.arange(b)[:, None]
 
   def excluded(ids, start):
     out = (ids == 0) | (ids >= v)
-    out = jnp.broadcast_to(out, (h.shape[0], tile))
+    out = jnp.broadcast_to(out, (b, tile))
     if history is not None:
       # Out-of-tile ids go to index `tile` and are dropped (a negative index
       # would wrap around instead).
       local = history - start
       local = jnp.where((local >= 0) & (local < tile), local, tile)
-      seen = jnp.zeros((h.shape[0], tile), bool).at[rows, local].set(
+      seen = jnp.zeros((b, tile), bool).at[rows, local].set(
           True, mode="drop")
       seen = seen & (ids != 0)
       out = out | (seen & (ids[None, :] != targets[:, None]))
     return out
 
   def target_score(acc, start):
-    scores, ids = _tile_scores(h, w, b, start, tile)
+    scores, ids = score_tile(start, tile), start + jnp.arange(tile)
     hit = ids[None, :] == targets[:, None]
     return acc + jnp.sum(jnp.where(hit, scores, 0.0), axis=1), None
 
-  t_score, _ = jax.lax.scan(target_score, jnp.zeros(h.shape[0]), starts)
+  t_score, _ = jax.lax.scan(target_score, jnp.zeros(b), starts)
 
   def count_ahead(acc, start):
-    scores, ids = _tile_scores(h, w, b, start, tile)
+    scores, ids = score_tile(start, tile), start + jnp.arange(tile)
     # `other` also keeps the target from counting itself when XLA fuses the
     # two passes differently and its score moves by an ulp.
     other = ids[None, :] != targets[:, None]
     ahead = (scores >= t_score[:, None]) & other & ~excluded(ids, start)
     return acc + jnp.sum(ahead, axis=1), None
 
-  ranks, _ = jax.lax.scan(count_ahead, jnp.zeros(h.shape[0], jnp.int32),
-                          starts)
+  ranks, _ = jax.lax.scan(count_ahead, jnp.zeros(b, jnp.int32), starts)
   return ranks
 
 
-def sampled_ranks(h: jax.Array, w: jax.Array, b: jax.Array,
-                  targets: jax.Array, negatives: jax.Array) -> jax.Array:
-  """Rank of the target among itself and negatives [B, N] (ties against)."""
-  t_score = jnp.einsum("bc,bc->b", h, w[targets]) + b[targets]
-  n_score = jnp.einsum("bc,bnc->bn", h, w[negatives]) + b[negatives]
-  return jnp.sum(n_score >= t_score[:, None], axis=1)
+def sampled_ranks(target_scores: jax.Array,
+                  negative_scores: jax.Array) -> jax.Array:
+  """Rank of the target [B] among itself and negatives [B, N] (ties
+  against the target)."""
+  return jnp.sum(negative_scores >= target_scores[:, None], axis=1)
 
 
 def sample_negatives(rng: np.random.Generator, targets: np.ndarray,

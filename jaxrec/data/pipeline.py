@@ -39,7 +39,7 @@ import numpy as np
 
 from jaxrec.config import DataConfig
 from jaxrec.errors import JaxrecError
-from jaxrec.sequences import Interactions, SequenceData
+from jaxrec.data.sequences import Interactions, SequenceData
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def load_data(cfg: DataConfig,
 
   Args:
     cfg: the data options.
-    synthetic_fn: replaces `jaxrec.synthetic.generate` for `synthetic[:SIZE]`
+    synthetic_fn: replaces `jaxrec.data.synthetic.generate` for `synthetic[:SIZE]`
       sources; called with the size string.
   """
   _check_options(cfg)  # Before any parsing, so a typo fails at once.
@@ -114,7 +114,7 @@ def resolve_source(spec: str, cfg: DataConfig,
     return Source(f"tfds:{arg}", functools.partial(read_tfds, arg))
   path = os.path.expanduser(arg)
   if not os.path.exists(path):
-    hint = (" (jaxrec.input_pipeline.download_movielens fetches GroupLens "
+    hint = (" (jaxrec.data.pipeline.download_movielens fetches GroupLens "
             "zips)" if kind == "movielens" else "")
     raise JaxrecError(f"{path}: no such file or directory "
                       f"(data.source={spec!r}){hint}")
@@ -276,7 +276,7 @@ def _synthetic_source(size: str, synthetic_fn: SyntheticFn | None) -> Source:
     inter = synthetic_fn(size)
     return Source(f"synthetic:{size}:{_interactions_digest(inter)}",
                   lambda: inter)
-  from jaxrec import synthetic  # pylint: disable=import-outside-toplevel
+  from jaxrec.data import synthetic  # pylint: disable=import-outside-toplevel
   # The module's source digest also catches code edits without a version bump.
   version = getattr(synthetic, "GENERATOR_VERSION", None)
   key = f"synthetic:{size}:{version}:{_sha256_file(synthetic.__file__)}"

@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from jaxrec import config as config_lib
 from jaxrec.errors import JaxrecError
-from jaxrec.sequences import Interactions
+from jaxrec.data.sequences import Interactions
 
 GENERATOR_VERSION = 1  # Bump when the same spec would produce other arrays.
 
@@ -414,25 +415,12 @@ _FIELDS = {f.name: f for f in dataclasses.fields(SyntheticSpec)
 
 
 def _parse_value(key: str, text: str) -> Any:
-  """Parses one override by its field's type; names the key on failure."""
+  """Parses one override by its field's type (the config coercer; lists
+  take '/' between values, as commas separate options); names the key."""
   if key not in _FIELDS:
     raise JaxrecError(f"synthetic: unknown option {key!r}; expected one of "
                       f"{sorted(_FIELDS)}")
-  kind = _FIELDS[key].type
-  try:
-    if kind == "int":
-      return int(text)
-    if kind == "float":
-      return float(text)
-    if kind == "tuple[int, ...]":
-      return tuple(int(v) for v in text.split("/"))
-    if kind == "tuple[float, ...]":
-      return tuple(float(v) for v in text.split("/"))
-  except ValueError:
-    raise JaxrecError(f"synthetic: option {key}={text!r}: expected {kind}"
-                      + (" with '/' between values" if "tuple" in kind else "")
-                      ) from None
-  raise AssertionError(f"unhandled field type {kind}")
+  return config_lib.coerce(_FIELDS[key], text, f"synthetic: option {key}")
 
 
 def _rng(spec: SyntheticSpec, stream: int) -> np.random.Generator:

@@ -1,7 +1,7 @@
 """The data types every source produces, and deterministic batching.
 
 Sources (synthetic, MovieLens, CSV, RecBole, TFDS) yield `Interactions`;
-`jaxrec.input_pipeline` turns them into `SequenceData`: left-padded id arrays
+`jaxrec.data.pipeline` turns them into `SequenceData`: left-padded id arrays
 with 0 = padding, split by a protocol so that training never sees a valid or
 test target.
 """

@@ -7,9 +7,14 @@ Layout of a run directory:
                                --resume; the newest `keep` are kept
   DIR/checkpoints/best/N/      params + meta of the best validation so far
 
-Each checkpoint's `meta` item is JSON: the model config, the data
-fingerprint, the training position and the lineage (the checkpoints this one
-was grown or fine-tuned from, oldest first). Orbax writes every step into a
+Each checkpoint's `meta` item is JSON: the format (`jaxrec/2`), the
+backbone and head names, the full config, the data fingerprint, the training
+position and the lineage (the checkpoints this one was grown or fine-tuned
+from, oldest first). Checkpoints of jaxrec 0.1 (`jaxrec.nextitnet/1`: the
+output layer under `softmax`, the head options in the model config) are
+converted when their params are loaded; a run in that format cannot be
+resumed (its optimizer state has another layout), which says so in one
+line. Orbax writes every step into a
 temporary directory and renames it when complete, so a kill during a save
 leaves the previous checkpoint as the latest one.
 """
@@ -25,7 +30,8 @@ import orbax.checkpoint as ocp
 from jaxrec import config as config_lib
 from jaxrec.errors import JaxrecError
 
-FORMAT = "jaxrec.nextitnet/1"
+FORMAT = "jaxrec/2"
+LEGACY_FORMATS = ("jaxrec.nextitnet/1",)
 
 
 def manager(run_dir: str, kind: str, keep: int = 1,
@@ -60,8 +66,17 @@ def restore(mngr: ocp.CheckpointManager, step: int | None = None,
     raise JaxrecError(f"{mngr.directory}: no checkpoint found")
   state_arg = (ocp.args.StandardRestore(target) if target is not None
                else ocp.args.StandardRestore())
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=state_arg, meta=ocp.args.JsonRestore()))
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=state_arg, meta=ocp.args.JsonRestore()))
+  except ValueError as e:
+    if target is None:
+      raise
+    # Orbax's structure/shape mismatch: the arrays are not those the
+    # checkpoint's own config implies (a tampered or foreign checkpoint).
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    raise JaxrecError(f"{mngr.directory}/{step}: the saved arrays do not "
+                      f"fit the checkpoint's config: {detail}") from None
   state = restored.state
   abstract = [x for x in jax.tree.leaves(state)
               if isinstance(x, jax.ShapeDtypeStruct)]
@@ -91,9 +106,13 @@ def open_checkpoint(run_dir: str, kind: str | None = None) -> Opened:
   kind = kind or default_kind(run_dir)
   mngr = open_existing(run_dir, kind)
   step = mngr.latest_step()
-  meta = mngr.restore(step, args=ocp.args.Composite(
-      meta=ocp.args.JsonRestore())).meta
+  meta = mngr.restore(step, args=meta_args()).meta
   return Opened(mngr, kind, step, meta)
+
+
+def meta_args() -> ocp.args.Composite:
+  """Restore args that read a checkpoint's JSON metadata and no array."""
+  return ocp.args.Composite(meta=ocp.args.JsonRestore())
 
 
 def read_meta(run_dir: str,
@@ -115,17 +134,42 @@ def open_existing(run_dir: str, kind: str) -> ocp.CheckpointManager:
   return mngr
 
 
+def check_format(meta: dict[str, Any], origin: str,
+                 legacy_ok: bool = True) -> None:
+  """Refuses a checkpoint of another program or of an unreadable version."""
+  found = meta.get("format")
+  if found == FORMAT or (legacy_ok and found in LEGACY_FORMATS):
+    return
+  readable = [FORMAT, *LEGACY_FORMATS] if legacy_ok else [FORMAT]
+  raise JaxrecError(f"{origin}: checkpoint format {found!r}; expected "
+                    + " or ".join(repr(f) for f in readable)
+                    + ("" if legacy_ok or found not in LEGACY_FORMATS else
+                       " (start a new run from it with --init-from)"))
+
+
+def is_legacy(meta: dict[str, Any]) -> bool:
+  return meta.get("format") in LEGACY_FORMATS
+
+
 def config_from_meta(meta: dict[str, Any], origin: str) -> config_lib.Config:
-  if meta.get("format") != FORMAT:
-    raise JaxrecError(f"{origin}: not a jaxrec NextItNet checkpoint (format "
-                      f"{meta.get('format')!r}, expected {FORMAT!r})")
+  """The Config a checkpoint was written with (legacy ones upgraded)."""
+  check_format(meta, origin)
   return config_lib.from_dict(meta["config"], origin=f"{origin}: config")
+
+
+def convert_legacy_params(params: dict[str, Any]) -> dict[str, Any]:
+  """jaxrec.nextitnet/1 params -> the current tree: the output layer moves
+  from `softmax` to `head`; the backbone leaves are unchanged."""
+  out = {k: v for k, v in params.items() if k != "softmax"}
+  out["head"] = params["softmax"]
+  return out
 
 
 def make_meta(cfg: config_lib.Config, data_fingerprint: str, step: int,
               lineage: list[dict[str, Any]],
               **extra: Any) -> dict[str, Any]:
-  return {"format": FORMAT, "config": cfg.to_dict(), "step": int(step),
+  return {"format": FORMAT, "backbone": cfg.model.name,
+          "head": cfg.head.name, "config": cfg.to_dict(), "step": int(step),
           "data_fingerprint": data_fingerprint, "lineage": lineage, **extra}
 
 

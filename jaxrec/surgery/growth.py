@@ -28,11 +28,11 @@ A *preset* says what happens to the leaves besides the block copies:
             the shallow one did. Needs residual="alpha".
   full      everything copied as is.
 
-"Fresh" and "reset" leaves are exactly the leaves of `init(deep_cfg, rng)`
-(for NextItNet `models.init_params`), so with `embed_only` + `paper` the deep
+"Fresh" and "reset" leaves are exactly the leaves of
+`models.init_params(deep_cfg, rng)`, so with `embed_only` + `paper` the deep
 model is a fresh model whose item embedding is the shallow one's.
 
-Dilations are config, not params. Policy `position` (official) keeps the
+Dilations (NextItNet) are config, not params. Policy `position` (official) keeps the
 `dilations` cycle, so a copied kernel runs at the dilation of its new
 position; `carry` pins every deep block to its source's dilation (an explicit
 per-block list; fresh blocks get their positional dilation). `preserve` is
@@ -42,75 +42,52 @@ for cross, random_top and top-k cross (the bottom L positions keep their
 dilations) but not for adjacent with a cycle such as [1, 4] (shallow block 1,
 dilation 4, lands on position 2, dilation 1), and `stack` warns.
 
-The core (`gather_blocks`, `index_map`, `grow_tree`) works on any param tree
-whose residual blocks live under one subtree with a leading block axis;
-what is model specific (which leaves are norms, gates, the output layer; the
-init) is one `GrowthRules` value. Array work is `jnp.take` / `jnp.where`
+It works on every registered backbone: its `surgery` rules (`jaxrec.models`)
+name the block stacks (each grown with the same plan), the norms and the
+gates; the output head is the `head` subtree; fresh leaves come from
+`models.init_params` of the deep config. Array work is `jnp.take` / `jnp.where`
 along axis 0, pure and jittable (cfg, method, preset static): wrap
 `lambda p, r: stack(p, cfg, ..., rng=r)[0]` in `jax.jit`. Eagerly, every
 output leaf is placed with the sharding of the shallow leaf it replaces
 (replicated stays replicated).
 
-`grow_checkpoint` / `jaxrec grow` grow a saved run into a new directory that
-`jaxrec train --init-from` starts from, with a fresh optimizer as in the
+`grow_checkpoint` / `jaxrec grow` grow a saved run into a new directory
+(through `surgery.checkpoint.apply_to_checkpoint`) that `jaxrec train
+--init-from` starts from, with a fresh optimizer as in the
 paper; `stack_opt_state` (and `map_opt_state=True`) grows Adam's moments too,
 which `train --init-opt-state` then uses.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import fnmatch
 import functools
-import os
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec import checkpoints
 from jaxrec import models
-from jaxrec import train
-from jaxrec.config import Config, ModelConfig
+from jaxrec.config import Config
 from jaxrec.errors import JaxrecError
+from jaxrec.surgery.checkpoint import apply_to_checkpoint
+from jaxrec.training.optim import path_name
 
 Params = dict[str, Any]
 FRESH = -1  # Index-map entry of a deep block that gets fresh params.
+HEAD = "head"  # The output head's subtree, which `paper` re-initialises.
 METHODS = ("adjacent", "cross", "random_top", "embed_only")
 PRESETS = ("paper", "preserve", "full")
 DILATION_POLICIES = ("position", "carry")
 
 
 @dataclasses.dataclass(frozen=True)
-class GrowthRules:
-  """What growth must know about one model's param tree.
-
-  Leaf paths inside a block are "/"-joined keys matched with fnmatch. The
-  model config must be a dataclass with `num_blocks` and `dilations` fields
-  and a `block_dilations()` method, as `ModelConfig`.
-  """
-  init: Callable[[Any, jax.Array], Params]  # (cfg, rng) -> a fresh tree.
-  check: Callable[[Params, Any], None]  # Raises AssertionError on a misfit.
-  blocks: str = "blocks"  # Top-level subtree with the leading block axis.
-  output: tuple[str, ...] = ()  # Top-level subtrees `paper` re-initialises.
-  block_reset: tuple[str, ...] = ()  # Block leaves `paper` resets to init.
-  gate: str | None = None  # Block leaf scaling the residual branch.
-
-
-NEXTITNET = GrowthRules(
-    init=models.init_params, check=models.check_params, blocks="blocks",
-    output=("softmax",),
-    block_reset=("ln*/scale", "ln*/bias", "alpha"),
-    gate="alpha")
-
-
-@dataclasses.dataclass(frozen=True)
 class Plan:
   """One growth step, all static: where each deep block comes from."""
   index_map: tuple[int, ...]
-  gate_off: tuple[bool, ...]  # preserve: blocks whose gate is set to 0.
+  gate_off: tuple[bool, ...]  # preserve: blocks whose gates are set to 0.
   preset: str
 
 
@@ -169,7 +146,7 @@ def gather_blocks(blocks: Params, idx: tuple[int, ...],
 
 
 def grow_tree(tree: Params, plan: Plan, fresh: Params | None,
-              rules: GrowthRules = NEXTITNET) -> Params:
+              rules: models.SurgeryRules) -> Params:
   """Applies one plan to a params-shaped tree (params or an Adam moment).
 
   `fresh` is a fresh deep tree; None means zeros (the moments of new params).
@@ -177,9 +154,9 @@ def grow_tree(tree: Params, plan: Plan, fresh: Params | None,
   out = {}
   for name, sub in tree.items():
     fresh_sub = None if fresh is None else fresh[name]
-    if name == rules.blocks:
+    if name in rules.stacks:
       out[name] = _grow_blocks(sub, plan, fresh_sub, rules)
-    elif plan.preset == "paper" and name in rules.output:
+    elif plan.preset == "paper" and name == HEAD:
       out[name] = (fresh_sub if fresh_sub is not None
                    else jax.tree.map(jnp.zeros_like, sub))
     else:
@@ -188,15 +165,15 @@ def grow_tree(tree: Params, plan: Plan, fresh: Params | None,
 
 
 def _grow_blocks(blocks: Params, plan: Plan, fresh: Params | None,
-                 rules: GrowthRules) -> Params:
+                 rules: models.SurgeryRules) -> Params:
   deep = gather_blocks(blocks, plan.index_map, fresh)
   gate_off = np.asarray(plan.gate_off)
 
   def fix(path, x, f):
-    name = _path_name(path)
-    if plan.preset == "paper" and _matches(name, rules.block_reset):
+    name = path_name(path)
+    if plan.preset == "paper" and _matches(name, rules.norms + rules.gates):
       return jnp.zeros_like(x) if f is None else f
-    if plan.preset == "preserve" and name == rules.gate:
+    if plan.preset == "preserve" and _matches(name, rules.gates):
       return jnp.where(gate_off.reshape((-1,) + (1,) * (x.ndim - 1)), 0, x)
     return x
 
@@ -206,10 +183,6 @@ def _grow_blocks(blocks: Params, plan: Plan, fresh: Params | None,
   return jax.tree_util.tree_map_with_path(fix, deep, fresh)
 
 
-def _path_name(path: tuple) -> str:
-  return "/".join(str(getattr(k, "key", k)) for k in path)
-
-
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
   return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
@@ -217,45 +190,44 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
 # -------------------------------------------------------------- the API
 
 
-def stack(params: Params, cfg: ModelConfig, method: str,
+def stack(params: Params, cfg: Config, method: str,
           preset: str = "paper", *, rng: jax.Array, times: int = 1,
-          top: int | None = None, dilations: str | None = None,
-          rules: GrowthRules = NEXTITNET) -> tuple[Params, ModelConfig]:
+          top: int | None = None,
+          dilations: str | None = None) -> tuple[Params, Config]:
   """Grows `params` (shaped by `cfg`) `times` times; returns (params, cfg).
 
   Each growth adds L blocks (k with `top=k`): 4 -> 8 -> 16 with times=2.
   `dilations`: "position" or "carry"; None means carry for `preserve` (the
   policy that keeps it exact) and position (official) otherwise. The first
-  growth draws fresh leaves from `rules.init(deep_cfg, rng)`, growth s > 0
-  from `fold_in(rng, s)`.
+  growth draws fresh leaves from `models.init_params(deep_cfg, rng)`,
+  growth s > 0 from `fold_in(rng, s)`.
   """
   policy = resolve_policy(preset, dilations)
-  check_options(params, cfg, method, preset, policy, times, top, rules)
+  check_options(params, cfg, method, preset, policy, times, top)
   plans, cfgs = [], []
   for _ in range(times):
-    plans.append(make_plan(cfg.num_blocks, method, preset, top))
+    plans.append(make_plan(cfg.model.num_blocks, method, preset, top))
     cfg = deep_config(cfg, plans[-1], policy)
     cfgs.append(cfg)
-  deep = _grow_params(params, rng, tuple(plans), tuple(cfgs), rules)
+  deep = _grow_params(params, rng, tuple(plans), tuple(cfgs))
   return place_like(deep, params), cfg
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+@functools.partial(jax.jit, static_argnums=(2, 3))
 def _grow_params(params: Params, rng: jax.Array, plans: tuple[Plan, ...],
-                 cfgs: tuple[ModelConfig, ...], rules: GrowthRules) -> Params:
+                 cfgs: tuple[Config, ...]) -> Params:
   """All growths as one program: eagerly, every op would compile alone."""
   for s, (plan, deep_cfg) in enumerate(zip(plans, cfgs)):
     needs_fresh = plan.preset == "paper" or FRESH in plan.index_map
     key = rng if s == 0 else jax.random.fold_in(rng, s)
-    fresh = rules.init(deep_cfg, key) if needs_fresh else None
-    params = grow_tree(params, plan, fresh, rules)
+    fresh = models.init_params(deep_cfg, key) if needs_fresh else None
+    params = grow_tree(params, plan, fresh, _rules(deep_cfg))
   return params
 
 
-def stack_opt_state(opt_state: Any, cfg: ModelConfig, method: str,
+def stack_opt_state(opt_state: Any, cfg: Config, method: str,
                     preset: str = "paper", *, times: int = 1,
-                    top: int | None = None,
-                    rules: GrowthRules = NEXTITNET) -> Any:
+                    top: int | None = None) -> Any:
   """Maps an optax state the way `stack` maps the params it belongs to.
 
   Every subtree shaped like the params (Adam's mu and nu) is grown with the
@@ -263,20 +235,24 @@ def stack_opt_state(opt_state: Any, cfg: ModelConfig, method: str,
   the gates `preserve` switches off) get zeros. Other leaves (the step
   count, so Adam's bias correction goes on) are kept.
   """
-  shallow = jax.eval_shape(lambda: rules.init(cfg, jax.random.key(0)))
-  check_options(shallow, cfg, method, preset, "position", times, top, rules)
-  plans, depth = [], cfg.num_blocks
+  shallow = models.abstract_params(cfg)
+  check_options(shallow, cfg, method, preset, "position", times, top)
+  if cfg.train.freeze:
+    raise JaxrecError("mapping the optimizer state of a run with frozen "
+                      f"parts (train.freeze={list(cfg.train.freeze)}) is "
+                      "not supported; grow without --map-opt-state")
+  plans, depth = [], cfg.model.num_blocks
   for _ in range(times):
     plans.append(make_plan(depth, method, preset, top))
     depth = len(plans[-1].index_map)
   structure = jax.tree.structure(shallow)
-  deep = _grow_moments(opt_state, tuple(plans), rules, structure)
+  deep = _grow_moments(opt_state, tuple(plans), _rules(cfg), structure)
   return place_like(deep, opt_state)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _grow_moments(opt_state: Any, plans: tuple[Plan, ...], rules: GrowthRules,
-                  structure: Any) -> Any:
+def _grow_moments(opt_state: Any, plans: tuple[Plan, ...],
+                  rules: models.SurgeryRules, structure: Any) -> Any:
   def params_like(x):
     return isinstance(x, dict) and jax.tree.structure(x) == structure
 
@@ -290,6 +266,10 @@ def _grow_moments(opt_state: Any, plans: tuple[Plan, ...], rules: GrowthRules,
   return jax.tree.map(grow, opt_state, is_leaf=params_like)
 
 
+def _rules(cfg: Config) -> models.SurgeryRules:
+  return models.get(cfg.model.name).surgery
+
+
 def make_plan(num_blocks: int, method: str, preset: str,
               top: int | None) -> Plan:
   """The static part of one growth of a `num_blocks` stack."""
@@ -297,18 +277,15 @@ def make_plan(num_blocks: int, method: str, preset: str,
   return Plan(idx, gated_off(idx), preset)
 
 
-def deep_config(cfg: ModelConfig, plan: Plan, policy: str) -> ModelConfig:
-  """The deep model's config: depth from the plan, dilations by policy."""
-  idx = plan.index_map
-  deep = dataclasses.replace(cfg, num_blocks=len(idx))  # position: same cycle
-  if policy == "carry":
-    src_dils, positional = cfg.block_dilations(), deep.block_dilations()
-    dils = tuple(src_dils[j] if j != FRESH else positional[i]
-                 for i, j in enumerate(idx))
-    deep = dataclasses.replace(deep, dilations=dils)
-  if plan.preset == "preserve":
-    _warn_if_moved(plan, cfg.block_dilations(), deep.block_dilations())
-  return deep
+def deep_config(cfg: Config, plan: Plan, policy: str) -> Config:
+  """The deep model's config: the backbone's `grown_config` (depth, and
+  for NextItNet the dilations by policy)."""
+  backbone = models.get(cfg.model.name)
+  deep = backbone.grown_config(cfg.model, plan.index_map, policy == "carry")
+  if plan.preset == "preserve" and hasattr(cfg.model, "block_dilations"):
+    _warn_if_moved(plan, cfg.model.block_dilations(),
+                   deep.block_dilations())
+  return cfg.replace(model=deep)
 
 
 def _warn_if_moved(plan: Plan, src_dils: tuple[int, ...],
@@ -333,9 +310,8 @@ def resolve_policy(preset: str, dilations: str | None) -> str:
   return dilations
 
 
-def check_options(params: Params, cfg: ModelConfig, method: str, preset: str,
-                  policy: str, times: int, top: int | None,
-                  rules: GrowthRules) -> None:
+def check_options(params: Params, cfg: Config, method: str, preset: str,
+                  policy: str, times: int, top: int | None) -> None:
   """Every user mistake as one JaxrecError, before any array work."""
   if method not in METHODS:
     raise JaxrecError(f"growth method {method!r}: expected one of "
@@ -348,33 +324,27 @@ def check_options(params: Params, cfg: ModelConfig, method: str, preset: str,
                       f"{list(DILATION_POLICIES)}")
   if not isinstance(times, int) or times < 1:
     raise JaxrecError(f"times={times!r}: expected an integer >= 1")
-  if top is not None and not (isinstance(top, int)
-                              and 1 <= top <= cfg.num_blocks):
-    raise JaxrecError(f"top={top!r}: expected 1..{cfg.num_blocks} (the "
-                      f"shallow model has {cfg.num_blocks} blocks)")
-  _wrap_check(rules, params, cfg)
+  depth = cfg.model.num_blocks
+  if top is not None and not (isinstance(top, int) and 1 <= top <= depth):
+    raise JaxrecError(f"top={top!r}: expected 1..{depth} (the shallow model "
+                      f"has {depth} blocks)")
+  models.require_fit(params, cfg, "params")
   if preset == "preserve":
-    if rules.gate is None or rules.gate not in params[rules.blocks]:
+    rules = _rules(cfg)
+    gated = all(
+        any(_matches(path_name(p), rules.gates)
+            for p, _ in jax.tree_util.tree_leaves_with_path(params[stack_]))
+        for stack_ in rules.stacks)
+    if not rules.gates or not gated:
       raise JaxrecError(
           "preset 'preserve' needs a gated residual (model.residual='alpha') "
           "so a duplicated block can start as the identity; this model has "
-          f"residual={getattr(cfg, 'residual', None)!r}: use 'paper' or "
-          "'full'")
+          f"residual={getattr(cfg.model, 'residual', None)!r}: use 'paper' "
+          "or 'full'")
     if method == "embed_only":
       raise JaxrecError("preset 'preserve' cannot keep the function with "
                         "method 'embed_only' (every block is fresh): use "
                         "'paper' or 'full'")
-
-
-def _wrap_check(rules: GrowthRules, params: Params, cfg: Any) -> None:
-  try:
-    rules.check(params, cfg)
-  except (AssertionError, ValueError, TypeError) as e:
-    detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    raise JaxrecError(
-        f"params do not fit the model config ({cfg.num_blocks} blocks, "
-        f"C={getattr(cfg, 'embed_dim', '?')}, "
-        f"V={getattr(cfg, 'num_items', '?')}): {detail}") from None
 
 
 def place_like(deep: Params, shallow: Params) -> Params:
@@ -407,132 +377,24 @@ def grow_checkpoint(src_dir: str, out_dir: str, method: str,
   Reads `src_dir`'s `kind` checkpoint: by default the best (the latest if
   it never validated; the latest with `map_opt_state`, as only it holds the
   optimizer state); `kind="latest"` grows the model where training stopped,
-  as progressive stacking does. Restored as saved and checked against its
-  config. Writes step 0 of the deep model as a
-  full train state to out_dir/checkpoints/latest, plus out_dir/config.json,
-  so `train(..., init_from=out_dir)` starts from it: params only with a
-  fresh optimizer (the paper), or with `init_opt_state=True` the saved
-  optimizer state too. That state is fresh unless `map_opt_state`, which
-  grows the source's Adam moments with `stack_opt_state`.
+  as progressive stacking does. The grown model is step 0 of a new run
+  (`train --init-from out_dir`), with a fresh optimizer as in the paper or,
+  with `map_opt_state`, the source's Adam moments grown by
+  `stack_opt_state` (used by `train --init-opt-state`).
   """
-  train.refuse_existing_checkpoints(out_dir)  # Before any work.
-  if kind not in (None, "best", "latest"):
-    raise JaxrecError(f"--source={kind!r}: expected 'best' or 'latest'")
-  if map_opt_state:
-    if kind == "best":
-      raise JaxrecError("--map-opt-state needs --source latest: only the "
-                        "latest checkpoint holds the optimizer state")
-    kind = "latest"
-  ckpt = checkpoints.open_checkpoint(src_dir, kind)
-  kind, step = ckpt.kind, ckpt.step
-  src_cfg = checkpoints.config_from_meta(ckpt.meta, src_dir)
-  state, meta = checkpoints.restore(ckpt.mngr, step)
-  if not isinstance(state, dict) or "params" not in state:
-    raise JaxrecError(f"{src_dir}: checkpoint state holds no params")
   policy = resolve_policy(preset, dilations)
-  deep, deep_model = stack(state["params"], src_cfg.model, method, preset,
-                           rng=jax.random.key(seed), times=times, top=top,
-                           dilations=policy)
-  cfg = src_cfg.replace(model=deep_model)
-  deep_opt = None
-  if map_opt_state:
-    shallow_opt = _restructure(
-        state.get("opt_state"),
-        train.abstract_state(src_cfg, "latest")["opt_state"], src_dir)
-    deep_opt = stack_opt_state(shallow_opt, src_cfg.model, method, preset,
-                               times=times, top=top)
-  lineage = list(meta.get("lineage") or []) + [{
-      "dir": os.path.abspath(src_dir), "kind": kind, "step": int(step),
-      "op": "grow", "method": method, "preset": preset, "times": times,
-      "dilations": policy, "top": top, "seed": seed,
-      "map_opt_state": map_opt_state}]
-  train.save_start_checkpoint(out_dir, cfg, deep, meta["data_fingerprint"],
-                              lineage, deep_opt)
-  return cfg
 
+  def grow(params, cfg):
+    return stack(params, cfg, method, preset, rng=jax.random.key(seed),
+                 times=times, top=top, dilations=policy)
 
-def _restructure(raw: Any, like: Any, origin: str) -> Any:
-  """Puts a tree restored as saved back into `like`'s structure.
+  def grow_opt(opt_state, cfg, _):
+    return stack_opt_state(opt_state, cfg, method, preset, times=times,
+                           top=top)
 
-  Orbax restores an optax state without a target as plain containers
-  (NamedTuples as dicts, tuples as lists); the path of each leaf of `like`
-  finds it there.
-  """
-  def lookup(path, _):
-    node = raw
-    for key in path:
-      if isinstance(key, jax.tree_util.GetAttrKey):
-        node = node[key.name]
-      elif isinstance(key, jax.tree_util.SequenceKey):
-        node = node[key.idx]
-      else:
-        node = node[key.key]
-    return node
-
-  try:
-    return jax.tree_util.tree_map_with_path(lookup, like)
-  except (KeyError, IndexError, TypeError):
-    raise JaxrecError(f"{origin}: the saved optimizer state does not match "
-                      "its config's optimizer") from None
-
-
-# --------------------------------------------------------------------- CLI
-
-
-def add_grow_parser(subparsers: Any) -> argparse.ArgumentParser:
-  """Registers `jaxrec grow` on the CLI's subparsers."""
-  p = subparsers.add_parser(
-      "grow", help="stack a trained model into a deeper one (StackRec)",
-      description="Grow a run's checkpoint into a deeper model in --out; "
-      "continue training it with `jaxrec train --init-from NEW_DIR`.")
-  p.add_argument("--from", dest="src", required=True, metavar="DIR",
-                 help="run directory to grow (see --source)")
-  p.add_argument("--out", required=True, metavar="NEW_DIR",
-                 help="directory for the grown checkpoint (must hold none)")
-  p.add_argument("--method", required=True, choices=METHODS,
-                 help="adjacent: deep i <- i//2 (stackA); cross: i mod L "
-                      "(stackC); random_top: bottom copied, top fresh "
-                      "(StackR); embed_only: only the item embedding (StackE)")
-  p.add_argument("--preset", default="paper", choices=PRESETS,
-                 help="paper: copy convs + embedding, reset LayerNorm, alpha "
-                      "and softmax (official); preserve: copy all, duplicates "
-                      "get alpha 0 (same outputs); full: copy all "
-                      "(default: paper)")
-  p.add_argument("--times", type=int, default=1, metavar="N",
-                 help="grow N times: 4 -> 8 -> 16 ... (default: 1)")
-  p.add_argument("--dilations", default=None, choices=DILATION_POLICIES,
-                 help="position: dilation follows the new position "
-                      "(official); carry: a copy keeps its source's dilation "
-                      "(default: carry for preserve, else position)")
-  p.add_argument("--top", type=int, default=None, metavar="K",
-                 help="duplicate only the top K blocks (deep depth L+K)")
-  p.add_argument("--seed", type=int, default=0,
-                 help="seed of the re-initialised parts (default: 0)")
-  p.add_argument("--source", choices=("best", "latest"), default=None,
-                 help="which checkpoint of --from to grow (default: best, "
-                      "else latest)")
-  p.add_argument("--map-opt-state", action="store_true",
-                 help="also grow the Adam moments of the latest checkpoint "
-                      "(used by `train --init-from NEW_DIR "
-                      "--init-opt-state`; without it the optimizer starts "
-                      "fresh, as the paper)")
-  return p
-
-
-def cmd_grow(args: argparse.Namespace) -> None:
-  """Runs `jaxrec grow` and prints a one-line summary."""
-  _, meta = checkpoints.read_meta(args.src, args.source)
-  src = checkpoints.config_from_meta(meta, args.src).model
-  cfg = grow_checkpoint(args.src, args.out, args.method, args.preset,
-                        times=args.times, dilations=args.dilations,
-                        top=args.top, seed=args.seed,
-                        map_opt_state=args.map_opt_state, kind=args.source)
-  print(f"grew {args.src} -> {args.out}: {src.num_blocks} -> "
-        f"{cfg.model.num_blocks} blocks, {_count(src):,} -> "
-        f"{_count(cfg.model):,} params ({args.method}, {args.preset}, "
-        f"dilations {list(cfg.model.block_dilations())})")
-
-
-def _count(cfg: ModelConfig) -> int:
-  return models.count_params(
-      jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0))))
+  return apply_to_checkpoint(
+      src_dir, out_dir, grow,
+      {"op": "grow", "method": method, "preset": preset, "times": times,
+       "dilations": policy, "top": top, "seed": seed,
+       "map_opt_state": map_opt_state},
+      kind=kind, opt_fn=grow_opt if map_opt_state else None)

@@ -1,0 +1,5 @@
+import sys
+
+from jaxrec.cli import main
+
+sys.exit(main())

@@ -1,0 +1,60 @@
+"""`jaxrec train`: train a model and write DIR/metrics.json."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from jaxrec import config as config_lib
+from jaxrec.cli import flags
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+  p = sub.add_parser("train", help="train a model and write DIR/metrics.json",
+                     description="Train a model (--model, default "
+                     "nextitnet); writes DIR/config.json, DIR/metrics.json, "
+                     "DIR/metrics.jsonl and Orbax checkpoints under "
+                     "DIR/checkpoints.")
+  p.add_argument("--out", required=True, metavar="DIR",
+                 help="run directory")
+  p.add_argument("--config", metavar="FILE",
+                 help="YAML or JSON config (sections model, head, data, "
+                      "train); flags override it")
+  p.add_argument("--resume", action="store_true",
+                 help="continue the run in --out from its latest checkpoint")
+  p.add_argument("--init-from", metavar="DIR",
+                 help="start from the params of another run or a surgery's "
+                      "checkpoint (its model and head config are used)")
+  p.add_argument("--init-opt-state", action="store_true",
+                 help="with --init-from: also take its optimizer state (e.g. "
+                      "Adam moments grown by `jaxrec grow --map-opt-state`); "
+                      "default: a fresh optimizer, as the paper")
+  p.add_argument("--distributed", action="store_true",
+                 help="call jax.distributed.initialize() (multi-host)")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
+  flags.add_config_flags(p)
+  return p
+
+
+def run(args: argparse.Namespace) -> None:
+  cfg = flags.config_from_args(args).validate()
+  if args.distributed:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.distributed.initialize()
+  from jaxrec.training import loop  # pylint: disable=import-outside-toplevel
+  result = loop.train(cfg, args.out, resume=args.resume,
+                      init_from=args.init_from,
+                      init_opt_state=args.init_opt_state,
+                      progress_bar=not args.quiet)
+  print(format_summary(result))
+
+
+def format_summary(result: dict[str, Any]) -> str:
+  """Test metrics of the model next to the popularity baseline."""
+  rows = [f"{'metric':<10}{'model':>10}{'popularity':>12}"]
+  for name in config_lib.METRIC_NAMES:
+    rows.append(f"{name:<10}{result['test'][name]:>10.4f}"
+                f"{result['popularity'][name]:>12.4f}")
+  head = (f"test ({result['test']['count']} users, full ranking, "
+          f"best step {result['best_step']}, "
+          f"{result['train_time_s']:.0f}s training)")
+  return "\n".join([head] + rows)

@@ -1,0 +1,52 @@
+"""Output heads: hidden states -> a training loss and item scores.
+
+A head is one module with a config dataclass (extending
+`jaxrec.config.HeadConfig`, chosen by `head.name`) and a `Head` entry:
+
+- `init(head_cfg, model_cfg, rng) -> params`: the tree under `head`;
+- `loss(params, cfg, h, targets, mask, *, rng, sampler) -> scalar`: the
+  masked mean training loss of hidden states h [N, C] (never a [N, V]
+  matrix for large V); `cfg.train.loss` picks exact or sampled;
+- `tile_scores(params, cfg, h, start, size) -> [B, size]`: float32 scores
+  of item ids start..start+size-1 for h [B, C] (ids >= V may score
+  anything: callers exclude them), so full-ranking evaluation walks any
+  head tile by tile;
+- `item_scores(params, cfg, h, ids) -> [B, N]`: scores of given ids [B, N]
+  (sampled evaluation).
+
+`params` is the whole model tree (a tied head reads the item embedding);
+`cfg` the whole Config. Adding a head: write `heads/NAME.py` and add its
+`HEAD` to `_HEADS` below.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from jaxrec.errors import JaxrecError
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+  name: str
+  config: type
+  init: Callable[..., Any]
+  loss: Callable[..., Any]
+  tile_scores: Callable[..., Any]
+  item_scores: Callable[..., Any]
+
+
+def _registry() -> dict[str, Head]:
+  from jaxrec.heads import softmax  # pylint: disable=import-outside-toplevel
+  return {h.name: h for h in (softmax.HEAD,)}
+
+
+def names() -> tuple[str, ...]:
+  return tuple(_registry())
+
+
+def get(name: str, option: str = "head.name") -> Head:
+  heads = _registry()
+  if name not in heads:
+    raise JaxrecError(f"{option}={name!r}: expected one of {list(heads)}")
+  return heads[name]

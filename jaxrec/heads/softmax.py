@@ -1,0 +1,87 @@
+"""The softmax output head: a [V, C] weight (or the tied item embedding)
+and a [V] bias. Trained with the chunked full softmax (`train.loss=full`)
+or the sampled softmax with logQ correction (`train.loss=sampled`).
+
+  head/kernel  [V, C]   absent when tie_embeddings
+  head/bias    [V]
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxrec.config import HeadConfig, option
+from jaxrec.heads import Head
+from jaxrec.heads import chunked_softmax, sampled_softmax
+from jaxrec.nn.conv import weight_init
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxConfig(HeadConfig):
+  name: str = option("softmax", "output head, one of jaxrec.heads.names()")
+  tie_embeddings: bool = option(False, "use the item embedding as the "
+                                "output softmax matrix")
+
+
+def init(cfg: SoftmaxConfig, model_cfg: Any, rng: jax.Array) -> Params:
+  out = {"bias": jnp.zeros((model_cfg.num_items,))}
+  if not cfg.tie_embeddings:
+    out["kernel"] = weight_init(rng, (model_cfg.num_items,
+                                      model_cfg.embed_dim))
+  return out
+
+
+def weights(params: Params, cfg: Any) -> tuple[jax.Array, jax.Array]:
+  """The softmax weights [V, C] and bias [V] (tied: the item embedding)."""
+  w = (params["item_embedding"]["embedding"] if cfg.head.tie_embeddings
+       else params["head"]["kernel"])
+  return w, params["head"]["bias"]
+
+
+def loss(params: Params, cfg: Any, h: jax.Array, targets: jax.Array,
+         mask: jax.Array, *, rng: jax.Array | None = None,
+         sampler: sampled_softmax.Sampler | None = None) -> jax.Array:
+  """Masked mean cross entropy: `cfg.train.loss` full (chunked) or sampled."""
+  w, b = weights(params, cfg)
+  tcfg = cfg.train
+  if tcfg.loss == "full":
+    return chunked_softmax.softmax_cross_entropy(
+        h, w, b, targets, mask, chunk_size=tcfg.loss_chunk)
+  if tcfg.loss != "sampled":
+    raise ValueError(f"train.loss={tcfg.loss!r}: expected 'full' or "
+                     "'sampled'")
+  if rng is None:
+    raise ValueError("train.loss='sampled' needs an rng key")
+  if sampler is None:
+    sampler = sampled_softmax.make_sampler(tcfg.sampler, w.shape[0])
+  return sampled_softmax.sampled_softmax_cross_entropy(
+      h, w, b, targets, mask, rng, num_samples=tcfg.num_samples,
+      sampler=sampler)
+
+
+def tile_scores(params: Params, cfg: Any, h: jax.Array, start: jax.Array,
+                size: int) -> jax.Array:
+  """Scores [B, size] of ids start..start+size-1; rows past V read zeros."""
+  w, b = weights(params, cfg)
+  ids = start + jnp.arange(size)
+  wt = jnp.take(w, ids, axis=0, mode="fill", fill_value=0)
+  bt = jnp.take(b, ids, axis=0, mode="fill", fill_value=0)
+  return jnp.einsum("bc,vc->bv", h, wt.astype(h.dtype),
+                    preferred_element_type=jnp.float32) + bt
+
+
+def item_scores(params: Params, cfg: Any, h: jax.Array,
+                ids: jax.Array) -> jax.Array:
+  """Scores [B, N] of ids [B, N]."""
+  w, b = weights(params, cfg)
+  return jnp.einsum("bc,bnc->bn", h, w[ids].astype(h.dtype),
+                    preferred_element_type=jnp.float32) + b[ids]
+
+
+HEAD = Head(name="softmax", config=SoftmaxConfig, init=init, loss=loss,
+            tile_scores=tile_scores, item_scores=item_scores)

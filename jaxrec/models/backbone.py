@@ -1,0 +1,56 @@
+"""The backbone contract: what every registered model provides.
+
+A backbone maps item ids [B, T] to hidden states [B, T, C] (a float32
+residual stream); an output head (`jaxrec.heads`) turns hidden states into
+scores. A backbone is one module with:
+
+- a config dataclass extending `jaxrec.config.BackboneConfig`;
+- `init(cfg, rng) -> params`: a plain nested dict; every leaf of a block
+  stack has a leading block axis (made by vmapping the block's init);
+- `apply(params, cfg, ids, *, train, rng, source, gates, unroll) -> h`:
+  `train` switches dropout on (keys from `rng`); `source` is a static map
+  from run position to stored block (`jaxrec.nn.stack`); `gates` [L, B]
+  scale each block's residual branch per sequence (1 keeps, 0 skips);
+  `unroll` runs the stack as a Python loop (the test oracle);
+- `surgery`: which subtrees are block stacks and which block leaves are
+  norms and gates, for growth and freezing;
+- `grown_config(cfg, sources, carry)`: the config of a model whose run
+  position i holds old block `sources[i]` (-1: fresh).
+
+Registering the module's `BACKBONE` in `jaxrec.models` gives it every head,
+task, loss, evaluation, checkpoint, resume and growth path, and the contract
+tests in tests/test_contract.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class SurgeryRules:
+  """Where surgery acts on a backbone's tree. Paths are '/'-joined keys;
+  leaf names inside a block are fnmatch patterns."""
+  stacks: tuple[str, ...] = ("blocks",)  # Subtrees with a leading block axis.
+  norms: tuple[str, ...] = ()  # Block leaves that StackRec's `paper` resets.
+  gates: tuple[str, ...] = ()  # Block leaves scaling a residual branch.
+  embedding: str = "item_embedding/embedding"
+
+
+def grown_depth(cfg: Any, sources: tuple[int, ...], carry: bool) -> Any:
+  """The default `grown_config`: only the depth changes."""
+  del carry  # Nothing positional in the config.
+  return dataclasses.replace(cfg, num_blocks=len(sources))
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+  """One registry entry (see the module docstring)."""
+  name: str
+  config: type
+  init: Callable[..., Params]
+  apply: Callable[..., Any]
+  surgery: SurgeryRules
+  grown_config: Callable[[Any, tuple[int, ...], bool], Any] = grown_depth

@@ -1,0 +1,84 @@
+"""Next-item prediction: teacher forcing over every position, full ranking.
+
+Training: inputs `row[:-1]`, targets `row[1:]` (autoregressive), padding
+targets masked; the loss is the head's (chunked full softmax or sampled).
+Evaluation: the last position's hidden state ranks the target against every
+item through the head's `tile_scores` (`jaxrec.tasks.ranking`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from jaxrec import heads
+from jaxrec import models
+from jaxrec.data import sequences
+from jaxrec.tasks import ranking
+
+NAME = "next_item"
+
+
+def batch(data: sequences.SequenceData, step: int, batch_size: int,
+          seed: int) -> dict[str, np.ndarray]:
+  """The training batch of `step`: a pure function of (seed, step)."""
+  return sequences.train_batch(data.train, step, batch_size, seed)
+
+
+def loss(params: models.Params, cfg: Any, batch_arrays: dict[str, jax.Array],
+         rng: jax.Array, sampler: Any = None) -> jax.Array:
+  """Masked mean next-item cross entropy over every position of the batch."""
+  k_model, k_head = jax.random.split(rng)
+  h = models.hidden_states(params, cfg, batch_arrays["inputs"], train=True,
+                           rng=k_model)
+  h = h.reshape(-1, cfg.model.embed_dim).astype(cfg.model.dtype)
+  targets = batch_arrays["targets"].reshape(-1)
+  return heads.get(cfg.head.name).loss(params, cfg, h, targets, targets != 0,
+                                       rng=k_head, sampler=sampler)
+
+
+def last_hidden(params: models.Params, cfg: Any,
+                inputs: jax.Array) -> jax.Array:
+  """The representation that predicts the next item: h at the last slot."""
+  h = models.hidden_states(params, cfg, inputs)[:, -1]
+  return h.astype(cfg.model.dtype)
+
+
+def rank_fn(cfg: Any) -> Callable[..., jax.Array]:
+  """(params, inputs, targets) -> 0-based full-ranking ranks of targets."""
+  head = heads.get(cfg.head.name)
+  mask_history = cfg.train.mask_history
+
+  def ranks(params, inputs, targets):
+    h = last_hidden(params, cfg, inputs)
+    return ranking.target_ranks(
+        lambda start, size: head.tile_scores(params, cfg, h, start, size),
+        cfg.model.num_items, targets, inputs if mask_history else None,
+        tile=cfg.train.loss_chunk)
+
+  return ranks
+
+
+def sampled_rank_fn(cfg: Any) -> Callable[..., jax.Array]:
+  """(params, inputs, targets, negatives [B, N]) -> ranks among 1 + N."""
+  head = heads.get(cfg.head.name)
+
+  def ranks(params, inputs, targets, negatives):
+    h = last_hidden(params, cfg, inputs)
+    target = head.item_scores(params, cfg, h, targets[:, None])[:, 0]
+    return ranking.sampled_ranks(
+        target, head.item_scores(params, cfg, h, negatives))
+
+  return ranks
+
+
+def sampler_for(cfg: Any, data: sequences.SequenceData) -> Any:
+  """The negative sampler `train.loss=sampled` needs (None for `full`)."""
+  if cfg.train.loss != "sampled":
+    return None
+  from jaxrec.heads import sampled_softmax  # pylint: disable=import-outside-toplevel
+  return sampled_softmax.make_sampler(cfg.train.sampler, data.num_items,
+                                      data.item_counts)
+
+

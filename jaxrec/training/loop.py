@@ -1,0 +1,329 @@
+"""The training loop: one readable function, `train`, and its pure step.
+
+- `train_step(state, batch)` is pure and jitted with NamedShardings over a
+  1-D `data` mesh of all devices (`jaxrec.training.mesh`): the batch is
+  split on `data`, params and optimizer state are replicated, and the state
+  is donated. It differentiates only the trainable part of the params
+  (`jaxrec.training.optim`).
+- What is optimised and how it is evaluated is the task's
+  (`jaxrec.tasks.next_item`); the loop knows neither the backbone nor the
+  head.
+- The batch for step s and the step's RNG are pure functions of (seed, s),
+  so resuming from a checkpoint at step s replays exactly what an
+  uninterrupted run would have done.
+- Validation every `eval_every` steps; the best params (by `select_metric`)
+  go to `checkpoints/best`, the full state to `checkpoints/latest`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from jaxrec import models
+from jaxrec.config import Config
+from jaxrec.data import sequences
+from jaxrec.errors import JaxrecError
+from jaxrec.tasks import next_item, ranking
+from jaxrec.training import checkpoints, optim, rundir
+from jaxrec.training.mesh import Sharder, make_mesh
+from jaxrec.training.state import State, abstract_state, init_state
+from jaxrec.training.state import optimizer_for
+
+Task = Any  # A module with batch, loss, rank_fn (jaxrec.tasks).
+
+
+def make_train_step(cfg: Config, opt: Any, labels: Any,
+                    sampler: Any = None, task: Task = next_item,
+                    row_masks: dict[str, np.ndarray] | None = None
+                    ) -> Callable[[State, dict], tuple]:
+  """The pure step: (state, batch) -> (state, {"loss"})."""
+  base_key = jax.random.key(cfg.train.seed)
+  masks = row_masks or {}
+
+  def train_step(state, batch):
+    step = state["step"]
+    rng = jax.random.fold_in(base_key, step)
+    trainable, frozen = optim.split(state["params"], labels)
+
+    def loss_of(trainable):
+      params = optim.merge(trainable, frozen, labels)
+      return task.loss(params, cfg, batch, rng, sampler)
+
+    loss, grads = jax.value_and_grad(loss_of)(trainable)
+    # Frozen leaves were not differentiated; the optimizer's set_to_zero
+    # ignores the zeros standing in for their gradients.
+    grads = optim.merge(grads, jax.tree.map(jnp.zeros_like, frozen), labels)
+    grads = optim.mask_rows(grads, masks)
+    updates, opt_state = opt.update(grads, state["opt_state"],
+                                    state["params"])
+    updates = optim.mask_rows(updates, masks)
+    first_bad = jnp.where(
+        (state["first_bad_step"] < 0) & ~jnp.isfinite(loss), step,
+        state["first_bad_step"])
+    new_state = {"params": optim.apply_updates(state["params"], updates,
+                                               labels, masks),
+                 "opt_state": opt_state, "step": step + 1,
+                 "first_bad_step": first_bad}
+    return new_state, {"loss": loss}
+
+  return train_step
+
+
+def jit_rank_fn(cfg: Config, sharder: Sharder,
+                task: Task = next_item) -> Callable:
+  # Ranks come back replicated: on several hosts each process reads them
+  # all, which a batch-sharded array would not allow.
+  return jax.jit(task.rank_fn(cfg),
+                 in_shardings=(sharder.replicated, sharder.batch,
+                               sharder.batch),
+                 out_shardings=sharder.replicated)
+
+
+def evaluate_params(params: models.Params, cfg: Config, sharder: Sharder,
+                    inputs: np.ndarray, targets: np.ndarray,
+                    rank_fn: Callable | None = None) -> dict[str, float]:
+  """Full-ranking metrics of `params` on (inputs, targets)."""
+  if rank_fn is None:
+    rank_fn = jit_rank_fn(cfg, sharder)
+  batch_size = sharder.check_batch(cfg.train.eval_batch_size,
+                                   "train.eval_batch_size")
+
+  def ranks(batch):
+    placed = sharder.put_batch({"inputs": batch["inputs"],
+                                "targets": batch["targets"]})
+    return rank_fn(params, placed["inputs"], placed["targets"])
+
+  return ranking.evaluate(ranks, inputs, targets, batch_size)
+
+
+@dataclasses.dataclass
+class Progress:
+  """What a resume needs besides the arrays: early stopping and the clock."""
+  best_metric: float = -1.0
+  best_step: int = -1
+  evals_since_best: int = 0
+  train_time_s: float = 0.0
+  best_valid: dict[str, float] | None = None
+
+  def record(self, valid: dict[str, float], metric: str, step: int) -> bool:
+    """Takes one validation; True if it is the best so far."""
+    improved = valid[metric] > self.best_metric
+    if improved:
+      self.best_metric, self.best_step = valid[metric], step
+      self.evals_since_best, self.best_valid = 0, valid
+    else:
+      self.evals_since_best += 1
+    return improved
+
+  def stopped(self, patience: int) -> bool:
+    """Early stopping: `patience` validations without a gain (0: never)."""
+    return bool(patience) and self.evals_since_best >= patience
+
+
+def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
+          resume: bool = False, init_from: str | None = None,
+          init_opt_state: bool = False,
+          devices: list[jax.Device] | None = None, progress_bar: bool = True,
+          step_callback: Callable[[int], None] | None = None,
+          task: Task = next_item) -> dict[str, Any]:
+  """Trains, validates, checkpoints; writes and returns DIR/metrics.json.
+
+  `init_from` starts from another run's (or a surgery's) checkpoint's
+  params, with its model and head config; `init_opt_state` also takes its
+  optimizer state (from its latest checkpoint, e.g. `jaxrec grow
+  --map-opt-state`), else the optimizer starts fresh as in the paper.
+  `step_callback(step)` runs after each step (tests use it to kill a run at
+  a chosen moment).
+  """
+  if data is None:
+    from jaxrec.data import pipeline  # pylint: disable=import-outside-toplevel
+    data = pipeline.load_data(cfg.data)
+  lineage: list[dict[str, Any]] = []
+  if init_from:
+    cfg, lineage, init_params, init_opt = _load_init(cfg, init_from, data,
+                                                     init_opt_state)
+  cfg = cfg.replace(model=cfg.model.fit_data(data.num_items, data.max_len))
+  cfg.validate()
+  tcfg = cfg.train
+  if resume:  # A run of another format cannot go on, whatever its config.
+    _check_resumable_format(out_dir)
+  rundir.prepare(cfg, out_dir, resume)
+
+  sharder = Sharder(make_mesh(devices))
+  batch_size = sharder.check_batch(tcfg.batch_size, "train.batch_size")
+  params = (init_params if init_from else
+            models.init_params(cfg, jax.random.key(tcfg.seed)))
+  opt, labels = optimizer_for(cfg, params)
+  masks = optim.row_masks(params, models.get(cfg.model.name).surgery.stacks,
+                          tcfg.train_top_blocks)
+  step_fn = jax.jit(
+      make_train_step(cfg, opt, labels, next_item.sampler_for(cfg, data),
+                      task, masks),
+      in_shardings=(sharder.replicated, sharder.batch),
+      out_shardings=(sharder.replicated, sharder.replicated),
+      donate_argnums=0)
+  rank_fn = jit_rank_fn(cfg, sharder, task)
+
+  state = init_state(params, opt)
+  if init_from and init_opt_state:
+    state["opt_state"] = init_opt  # E.g. Adam moments mapped by `grow`.
+  state = sharder.replicate(state)
+  latest = checkpoints.manager(out_dir, "latest", keep=tcfg.keep_checkpoints)
+  best = checkpoints.manager(out_dir, "best", keep=1)
+  prog = Progress()
+  if resume and latest.latest_step() is not None:
+    state, meta = _restore_latest(latest, state, data)
+    prog = Progress(**meta["progress"])
+    lineage = meta["lineage"]
+  start = int(state["step"])
+
+  log = rundir.MetricsLog(out_dir, tcfg.tensorboard, start)
+  log_every = min(50, tcfg.eval_every)
+  tokens_per_step = int(np.sum(data.train[:, 1:] != 0) /
+                        max(1, data.train.shape[0]) * batch_size)
+  bar = tqdm(total=tcfg.steps, initial=start, disable=not progress_bar,
+             desc="train", unit="step", mininterval=1.0, dynamic_ncols=True)
+  t_last, s_last = time.time(), start
+  clock = time.time() - prog.train_time_s
+  done = start
+  # A resumed run that had already stopped early stays stopped.
+  end = start if prog.stopped(tcfg.patience) else tcfg.steps
+  try:
+    for step in range(start, end):
+      batch = task.batch(data, step, batch_size, tcfg.seed)
+      state, out = step_fn(state, sharder.put_batch(batch))
+      done = step + 1
+      log_now = done % log_every == 0 or done == tcfg.steps
+      eval_now = done % tcfg.eval_every == 0 or done == tcfg.steps
+      if log_now or eval_now:  # Never validate or save non-finite params.
+        loss = _check_finite(state, out, out_dir)
+      if log_now:
+        rate = (done - s_last) * tokens_per_step / (time.time() - t_last)
+        t_last, s_last = time.time(), done
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
+        log.write({"step": done, "loss": loss, "tokens_per_s": rate})
+      bar.update(1)
+      if eval_now:
+        valid = evaluate_params(state["params"], cfg, sharder,
+                                data.valid_inputs, data.valid_targets,
+                                rank_fn)
+        prog.train_time_s = time.time() - clock
+        improved = prog.record(valid, tcfg.select_metric, done)
+        log.write({"step": done, "valid": valid,
+                   "train_time_s": prog.train_time_s})
+        bar.write(f"step {done}: valid {tcfg.select_metric}="
+                  f"{valid[tcfg.select_metric]:.4f}"
+                  + (" (best)" if improved else ""))
+        meta = checkpoints.make_meta(cfg, data.fingerprint, done, lineage,
+                                     progress=dataclasses.asdict(prog))
+        if improved:
+          checkpoints.save(best, done, {"params": state["params"]}, meta)
+        checkpoints.save(latest, done, state, meta)
+        if prog.stopped(tcfg.patience):
+          bar.write(f"early stop at step {done}: no {tcfg.select_metric} "
+                    f"gain in {tcfg.patience} validations")
+          break
+      if step_callback is not None:
+        step_callback(done)
+  finally:
+    bar.close()
+    log.close()
+    latest.wait_until_finished()
+    best.wait_until_finished()
+
+  return _finish(cfg, out_dir, data, sharder, rank_fn, best, prog, done)
+
+
+def _finish(cfg: Config, out_dir: str, data: sequences.SequenceData,
+            sharder: Sharder, rank_fn: Callable, best, prog: Progress,
+            steps: int) -> dict[str, Any]:
+  """Tests the best checkpoint (read back from disk) and writes metrics.json."""
+  restored, _ = checkpoints.restore(
+      best, target=abstract_state(cfg, "best", sharder.replicated))
+  test = evaluate_params(restored["params"], cfg, sharder, data.test_inputs,
+                         data.test_targets, rank_fn)
+  pop = ranking.popularity_metrics(data.item_counts, data.test_inputs,
+                                   data.test_targets, cfg.train.mask_history)
+  result = {
+      "valid": prog.best_valid, "test": test, "popularity": pop,
+      "best_step": prog.best_step, "steps": steps,
+      "train_time_s": prog.train_time_s,
+      "ranking": "full", "mask_history": cfg.train.mask_history,
+      "backbone": cfg.model.name, "head": cfg.head.name,
+      "data": data.meta,
+  }
+  checkpoints.write_json(os.path.join(out_dir, "metrics.json"), result)
+  return result
+
+
+def _check_resumable_format(out_dir: str) -> None:
+  path = os.path.join(out_dir, "checkpoints", "latest")
+  if os.path.isdir(path):
+    opened = checkpoints.open_checkpoint(out_dir, "latest")
+    checkpoints.check_format(opened.meta, f"{path}/{opened.step}",
+                             legacy_ok=False)
+
+
+def _restore_latest(latest, state: State,
+                    data: sequences.SequenceData) -> tuple[State, dict]:
+  step = latest.latest_step()
+  meta = latest.restore(step, args=checkpoints.meta_args()).meta
+  checkpoints.check_format(meta, f"{latest.directory}/{step}",
+                           legacy_ok=False)
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+      state)
+  restored, meta = checkpoints.restore(latest, step, target=abstract)
+  if meta["data_fingerprint"] != data.fingerprint:
+    raise JaxrecError(f"{latest.directory}: checkpoint was trained on other "
+                      "data (fingerprint differs); use another --out")
+  return restored, meta
+
+
+def _load_init(cfg: Config, init_from: str, data: sequences.SequenceData,
+               with_opt_state: bool):
+  """Params (and optionally the optimizer state) of a trained or surgery
+  checkpoint; its model and head config win. Returns (cfg, lineage,
+  params, opt_state or None)."""
+  from jaxrec.training import state as state_lib  # pylint: disable=import-outside-toplevel
+  # Only `latest` checkpoints hold an optimizer state.
+  opened = checkpoints.open_checkpoint(init_from,
+                                       "latest" if with_opt_state else None)
+  src = checkpoints.config_from_meta(opened.meta, init_from)
+  if src.model.num_items != data.num_items:
+    raise JaxrecError(f"{init_from}: model has {src.model.num_items} item "
+                      f"ids but the data has {data.num_items}")
+  cfg = cfg.replace(model=src.model, head=src.head)
+  lineage = opened.meta["lineage"] + [{
+      "dir": os.path.abspath(init_from), "kind": opened.kind,
+      "step": opened.step, "op": "init_from", "opt_state": with_opt_state}]
+  if not with_opt_state:
+    return cfg, lineage, state_lib.restore_params(opened, src, init_from), None
+  checkpoints.check_format(opened.meta, init_from, legacy_ok=False)
+  restored, _ = checkpoints.restore(
+      opened.mngr, opened.step, target=abstract_state(src, "latest"))
+  opt_state = restored["opt_state"]
+  fresh = jax.eval_shape(optimizer_for(cfg, restored["params"])[0].init,
+                         restored["params"])
+  if (jax.tree.structure(fresh) != jax.tree.structure(opt_state) or
+      jax.tree.map(lambda a: a.shape, fresh) !=
+      jax.tree.map(lambda a: a.shape, opt_state)):
+    raise JaxrecError(f"{init_from}: its optimizer state does not fit this "
+                      "run's optimizer (schedule, clipping, weight decay or "
+                      "frozen parts differ); drop --init-opt-state")
+  return cfg, lineage, restored["params"], opt_state
+
+
+def _check_finite(state: State, out: dict, out_dir: str) -> float:
+  bad = int(state["first_bad_step"])
+  if bad >= 0:
+    raise JaxrecError(f"loss is NaN/inf at step {bad}; stopped, the last "
+                      f"good checkpoint is kept in {out_dir}/checkpoints")
+  return float(out["loss"])

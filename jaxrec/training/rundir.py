@@ -1,0 +1,110 @@
+"""The run directory: who may write it, and its logs.
+
+  DIR/config.json      the full Config (a resume must match it)
+  DIR/metrics.jsonl    loss and tokens/s every 50 steps, each validation
+  DIR/metrics.json     the final summary (`jaxrec.training.loop`)
+  DIR/checkpoints/     `jaxrec.training.checkpoints`
+  DIR/tb/              TensorBoard events, if asked
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from jaxrec import config as config_lib
+from jaxrec.config import Config
+from jaxrec.errors import JaxrecError
+from jaxrec.training import checkpoints
+
+
+def prepare(cfg: Config, out_dir: str, resume: bool) -> None:
+  """Refuses to mix runs: a resume needs the same config, a fresh run an
+  empty directory. Guards against silently continuing someone else's run."""
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, "config.json")
+  has_ckpt = os.path.isdir(os.path.join(out_dir, "checkpoints", "latest"))
+  if os.path.exists(path) and (resume or has_ckpt):
+    with open(path, encoding="utf-8") as f:
+      saved = config_lib.upgrade(json.load(f), path)
+    if not resume:
+      raise JaxrecError(f"{out_dir}: already holds a run; pass --resume to "
+                        "continue it or choose another --out")
+    diff = config_diff(saved, cfg.to_dict())
+    if diff:
+      raise JaxrecError(f"{path}: --resume with a different config "
+                        f"({', '.join(diff)}); use another --out")
+  checkpoints.write_json(path, cfg.to_dict())
+
+
+def config_diff(saved: dict, new: dict) -> list[str]:
+  """`section.key: old -> new` for every difference except train.steps
+  (a resume may extend a run)."""
+  out = []
+  for section in config_lib.SECTIONS:
+    for key in sorted(set(saved.get(section, {})) | set(new.get(section, {}))):
+      a, b = saved.get(section, {}).get(key), new.get(section, {}).get(key)
+      if a != b and f"{section}.{key}" != "train.steps":
+        out.append(f"{section}.{key}: {a!r} -> {b!r}")
+  return out
+
+
+def refuse_existing_checkpoints(out_dir: str) -> None:
+  """Surgery writes a new directory; it never overwrites a run."""
+  ckpt_dir = os.path.join(out_dir, "checkpoints")
+  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+    raise JaxrecError(f"{out_dir}: already holds checkpoints; choose another "
+                      "--out")
+
+
+def drop_records_after(path: str, step: int) -> None:
+  """A resumed run replays the steps after its checkpoint: the killed run's
+  records of them go, so the log reads as one uninterrupted run."""
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        if json.loads(line)["step"] <= step:
+          kept.append(line)
+      except json.JSONDecodeError:  # A kill can cut the last line short.
+        continue
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
+class MetricsLog:
+  """DIR/metrics.jsonl, plus TensorBoard events under DIR/tb if asked."""
+
+  def __init__(self, out_dir: str, tensorboard: bool, start_step: int = 0):
+    path = os.path.join(out_dir, "metrics.jsonl")
+    drop_records_after(path, start_step)
+    self.file = open(path, "a", encoding="utf-8")
+    self.tb = None
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      except ImportError:
+        self.file.close()
+        raise JaxrecError("train.tensorboard=true needs tensorboardX: "
+                          "pip install tensorboardX") from None
+      self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+
+  def write(self, record: dict[str, Any]) -> None:
+    self.file.write(json.dumps(record) + "\n")
+    self.file.flush()
+    if self.tb is not None:
+      for key, value in record.items():
+        if isinstance(value, dict):
+          for name, v in value.items():
+            self.tb.add_scalar(f"{key}/{name}", v, record["step"])
+        elif key != "step":
+          self.tb.add_scalar(key, value, record["step"])
+
+  def close(self) -> None:
+    self.file.close()
+    if self.tb is not None:
+      self.tb.close()

@@ -1,0 +1,226 @@
+"""The backbone contract, checked for every registered backbone.
+
+A new backbone gets these tests by registering in `jaxrec.models`. Each
+test builds the backbone's config from its defaults at a tiny size (with
+residual="alpha" where the backbone has that option, the gated form that
+growth and skipping rely on) and perturbs every leaf off its init, so a
+leaf the code ignores cannot pass by being zero or one.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxrec import heads, models
+from jaxrec.config import Config, TrainConfig
+from jaxrec.nn.stack import gather_blocks
+from jaxrec.surgery import growth
+from jaxrec.training import checkpoints, loop, optim
+from jaxrec.training import state as state_lib
+
+BACKBONES = models.names()
+V, T, L = 30, 12, 4
+
+
+def tiny(name, **train_kw):
+  model = models.get(name).config(num_items=V, embed_dim=8, num_blocks=L)
+  model = model.fit_data(V, T)
+  if "residual" in {f.name for f in dataclasses.fields(model)}:
+    model = dataclasses.replace(model, residual="alpha")
+  return Config(model=model, train=TrainConfig(**train_kw))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def trained_like(cfg, seed=0):
+  params = models.init_params(cfg, jax.random.key(seed))
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  return jax.tree.unflatten(treedef, [
+      x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "unroll", "source"))
+def hidden(params, ids, gates=None, *, cfg, unroll=False, source=None):
+  return models.hidden_states(params, cfg, ids, unroll=unroll,
+                              source=source, gates=gates)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def all_scores(params, ids, *, cfg):
+  h = models.hidden_states(params, cfg, ids)
+  flat = h.reshape(-1, h.shape[-1])
+  return heads.get(cfg.head.name).tile_scores(params, cfg, flat, 0, V)
+
+
+def ids(seed=0, batch=3):
+  rows = np.random.default_rng(seed).integers(1, V, (batch, T))
+  rows[0, :4] = 0  # A left-padded row.
+  return jnp.asarray(rows, jnp.int32)
+
+
+def block_leaves(params, cfg):
+  for stack in models.get(cfg.model.name).surgery.stacks:
+    yield from jax.tree_util.tree_leaves_with_path(params[stack])
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_param_tree_is_plain_float32_dicts_with_a_block_axis(name):
+  cfg = tiny(name)
+  params = models.init_params(cfg, jax.random.key(0))
+  models.check_params(params, cfg)
+  assert "head" in params
+  for _, leaf in block_leaves(params, cfg):
+    assert leaf.shape[0] == L
+  assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {
+      np.dtype(np.float32)}
+  is_dict = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda x: not isinstance(x, dict))[0]
+  assert all(isinstance(leaf, jax.Array) for _, leaf in is_dict)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_output_is_float32_hidden_states(name):
+  cfg = tiny(name)
+  h = hidden(trained_like(cfg), ids(), cfg=cfg)
+  assert h.shape == (3, T, 8) and h.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_output_at_t_ignores_items_after_t(name):
+  cfg = tiny(name)
+  params = trained_like(cfg)
+  x = ids()
+  changed = x.at[:, 7:].set((x[:, 7:] % (V - 2)) + 1)
+  a, b = hidden(params, x, cfg=cfg), hidden(params, changed, cfg=cfg)
+  np.testing.assert_allclose(a[:, :7], b[:, :7], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(a[:, 7:], b[:, 7:])
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_scanned_stack_equals_unrolled(name):
+  cfg = tiny(name)
+  params = trained_like(cfg)
+  np.testing.assert_allclose(hidden(params, ids(), cfg=cfg),
+                             hidden(params, ids(), cfg=cfg, unroll=True),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_identity_source_map_is_the_plain_stack(name):
+  cfg = tiny(name)
+  params = trained_like(cfg)
+  np.testing.assert_array_equal(
+      hidden(params, ids(), cfg=cfg),
+      hidden(params, ids(), cfg=cfg, source=tuple(range(L))))
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_a_shared_stack_equals_its_untied_gather(name):
+  """Two stored blocks run as (0, 0, 1, 1) == four stored blocks gathered."""
+  cfg = tiny(name)
+  params = trained_like(cfg)
+  source = (0, 0, 1, 1)
+  shared = dict(params, blocks=jax.tree.map(lambda a: a[:2],
+                                            params["blocks"]))
+  untied = dict(params, blocks=gather_blocks(shared["blocks"], source))
+  np.testing.assert_allclose(hidden(shared, ids(), cfg=cfg, source=source),
+                             hidden(untied, ids(), cfg=cfg),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_gates_of_one_change_nothing_and_zero_gates_skip_blocks(name):
+  cfg = tiny(name)
+  params = trained_like(cfg)
+  x = ids()
+  ones, zeros = jnp.ones((L, 3)), jnp.zeros((L, 3))
+  np.testing.assert_allclose(hidden(params, x, ones, cfg=cfg),
+                             hidden(params, x, cfg=cfg), rtol=1e-5,
+                             atol=1e-5)
+  # A zero gate must act as a zero residual gate leaf: the block is skipped.
+  rules = models.get(name).surgery
+  gated_off = jax.tree_util.tree_map_with_path(
+      lambda p, a: jnp.zeros_like(a) if growth._matches(  # pylint: disable=protected-access
+          optim.path_name(p), rules.gates) else a, params["blocks"])
+  np.testing.assert_allclose(
+      hidden(params, x, zeros, cfg=cfg),
+      hidden(dict(params, blocks=gated_off), x, cfg=cfg),
+      rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+@pytest.mark.parametrize("method", ["adjacent", "cross", "random_top"])
+def test_preserve_growth_keeps_every_score(name, method):
+  cfg = tiny(name)
+  params = trained_like(cfg)
+  deep, deep_cfg = growth.stack(params, cfg, method, "preserve",
+                                rng=jax.random.key(3))
+  assert deep_cfg.model.num_blocks == 2 * L
+  np.testing.assert_allclose(all_scores(deep, ids(), cfg=deep_cfg),
+                             all_scores(params, ids(), cfg=cfg),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_checkpoint_round_trip(name, tmp_path):
+  cfg = tiny(name)
+  params = trained_like(cfg)
+  mngr = checkpoints.manager(str(tmp_path), "best")
+  checkpoints.save(mngr, 3, {"params": params},
+                   checkpoints.make_meta(cfg, "fp", 3, []))
+  mngr.wait_until_finished()
+  restored, restored_cfg, meta = state_lib.load_params(str(tmp_path))
+  assert restored_cfg == cfg and meta["backbone"] == name
+  jax.tree.map(np.testing.assert_array_equal, restored, params)
+
+
+def run_steps(cfg, steps=3):
+  params = trained_like(cfg)
+  opt, labels = state_lib.optimizer_for(cfg, params)
+  masks = optim.row_masks(params, models.get(cfg.model.name).surgery.stacks,
+                          cfg.train.train_top_blocks)
+  step = jax.jit(loop.make_train_step(cfg, opt, labels, None, row_masks=masks))
+  state = state_lib.init_state(params, opt)
+  rows = np.random.default_rng(0).integers(1, V, (8, T + 1)).astype(np.int32)
+  batch = {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
+  for _ in range(steps):
+    state, out = step(state, batch)
+    assert np.isfinite(float(out["loss"]))
+  return params, state
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_frozen_leaves_stay_bit_identical_and_hold_no_adam_state(name):
+  cfg = tiny(name, freeze=("item_embedding/.*", "blocks/.*"),
+             weight_decay=0.1)
+  before, state = run_steps(cfg)
+  after = state["params"]
+  for part in ("item_embedding", "blocks"):
+    jax.tree.map(np.testing.assert_array_equal, after[part], before[part])
+  assert not np.array_equal(after["head"]["kernel"], before["head"]["kernel"])
+  mu = optax.tree_utils.tree_get(state["opt_state"], "mu")
+  assert set(mu["head"]) == {"kernel", "bias"}
+  for part in ("item_embedding", "blocks"):
+    assert all(isinstance(x, optax.MaskedNode) for x in jax.tree.leaves(
+        mu[part], is_leaf=lambda x: isinstance(x, optax.MaskedNode)))
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_training_the_top_blocks_keeps_the_lower_rows(name):
+  cfg = tiny(name, train_top_blocks=1, weight_decay=0.1)
+  before, state = run_steps(cfg)
+  for path, leaf in block_leaves(state["params"], cfg):
+    old = before["blocks"]
+    for key in path:
+      old = old[key.key]
+    np.testing.assert_array_equal(leaf[:L - 1], old[:L - 1])
+  kernels = [leaf for path, leaf in block_leaves(state["params"], cfg)
+             if optim.path_name(path).endswith("kernel")]
+  olds = [leaf for path, leaf in block_leaves(before, cfg)
+          if optim.path_name(path).endswith("kernel")]
+  assert any(not np.array_equal(k[L - 1], o[L - 1])
+             for k, o in zip(kernels, olds))
