@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxrec.heads import softmax_common as common
 
+
 def naive_softmax_cross_entropy(h: jax.Array,
                                 w: jax.Array,
                                 b: jax.Array,

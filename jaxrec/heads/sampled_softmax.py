@@ -19,6 +19,7 @@ SAMPLERS = ("uniform", "log_uniform", "unigram")
 # tail of a million-item catalogue (eps 6e-8 near 1.0), 2**-32 steps do not.
 _BITS = 2**32
 
+
 @flax.struct.dataclass
 class Sampler:
   """A distribution q over item ids 1..V-1 (q(0) = 0), sampled on device.

@@ -17,8 +17,9 @@ import numpy as np
 
 F32 = jnp.float32
 
+
 def flatten(h: jax.Array, targets: jax.Array,
-             mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+            mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Flattens leading dims to tokens: h [N, C], targets [N], mask [N]."""
   if targets.shape != h.shape[:-1] or mask.shape != targets.shape:
     raise ValueError(f"shapes do not match: h {h.shape}, targets "

@@ -33,8 +33,8 @@ from jaxrec.errors import JaxrecError
 from jaxrec.tasks import next_item, ranking
 from jaxrec.training import checkpoints, optim, rundir
 from jaxrec.training.mesh import Sharder, make_mesh
-from jaxrec.training.state import State, abstract_state, init_state
-from jaxrec.training.state import optimizer_for
+from jaxrec.training.state import (State, abstract_state, init_state,
+                                   optimizer_for, restore_params)
 
 Task = Any  # A module with batch, loss, rank_fn (jaxrec.tasks).
 
@@ -292,7 +292,6 @@ def _load_init(cfg: Config, init_from: str, data: sequences.SequenceData,
   """Params (and optionally the optimizer state) of a trained or surgery
   checkpoint; its model and head config win. Returns (cfg, lineage,
   params, opt_state or None)."""
-  from jaxrec.training import state as state_lib  # pylint: disable=import-outside-toplevel
   # Only `latest` checkpoints hold an optimizer state.
   opened = checkpoints.open_checkpoint(init_from,
                                        "latest" if with_opt_state else None)
@@ -305,7 +304,7 @@ def _load_init(cfg: Config, init_from: str, data: sequences.SequenceData,
       "dir": os.path.abspath(init_from), "kind": opened.kind,
       "step": opened.step, "op": "init_from", "opt_state": with_opt_state}]
   if not with_opt_state:
-    return cfg, lineage, state_lib.restore_params(opened, src, init_from), None
+    return cfg, lineage, restore_params(opened, src, init_from), None
   checkpoints.check_format(opened.meta, init_from, legacy_ok=False)
   restored, _ = checkpoints.restore(
       opened.mngr, opened.step, target=abstract_state(src, "latest"))
