@@ -117,6 +117,8 @@ def run_one(name: str, b: Bench, steps: int) -> dict:
       "compile_s": compile_s,
       "peak_gib": None if peak is None else peak / 2**30,
       "loss": loss0, "config": dataclasses.asdict(b),
+      "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+      "date": time.strftime("%Y-%m-%d"),
   }
 
 

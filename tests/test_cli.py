@@ -2,6 +2,10 @@
 import dataclasses
 import json
 import os
+import socket
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -55,11 +59,37 @@ def test_eval_prints_full_ranking_metrics(trained_run, capsys):
   assert set(out) >= {"valid", "test", "popularity_test"}
 
 
+def read_metrics(run_dir):
+  with open(os.path.join(run_dir, "metrics.json")) as f:
+    return json.load(f)
+
+
+def test_eval_reproduces_the_metrics_of_training(trained_run, capsys):
+  trained = read_metrics(trained_run)
+  assert cli.main(["eval", "--ckpt", trained_run]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["checkpoint_step"] == trained["best_step"]
+  assert out["valid"] == trained["valid"]
+  assert out["test"] == trained["test"]
+  assert out["popularity_test"] == trained["popularity"]
+
+
 def test_eval_sampled_is_labelled_sampled(trained_run, capsys):
   assert cli.main(["eval", "--ckpt", trained_run, "--split", "test",
                    "--sampled", "10"]) == 0
   out = json.loads(capsys.readouterr().out)
   assert out["ranking"] == "sampled:10" and out["test"]["ranking"] == "sampled:10"
+
+
+def test_eval_sampled_ranks_among_one_positive_and_n_negatives(trained_run,
+                                                                capsys):
+  assert cli.main(["eval", "--ckpt", trained_run, "--split", "test",
+                   "--sampled", "10"]) == 0
+  sampled = json.loads(capsys.readouterr().out)["test"]
+  # 1 positive + 10 negatives: every rank is < 11, so every target is in the
+  # top 20, which the full ranking over all items does not give.
+  assert sampled["hr@20"] == 1.0 and sampled["mrr@20"] >= 1 / 11
+  assert read_metrics(trained_run)["test"]["hr@20"] < 1.0
 
 
 def test_inspect_shows_shapes_counts_and_lineage(trained_run, capsys):
@@ -143,7 +173,8 @@ def test_non_numeric_flag_names_the_flag(tmp_path, capsys):
 
 
 def test_unknown_flag_is_one_line(capsys):
-  run_error(capsys, ["train", "--out", "x", "--no-such-flag", "1"])
+  line = run_error(capsys, ["train", "--out", "x", "--no-such-flag", "1"])
+  assert "--no-such-flag" in line
 
 
 def test_missing_data_file_names_the_file(tmp_path, capsys):
@@ -158,7 +189,7 @@ def test_malformed_row_names_file_and_line(tmp_path, capsys):
   path.write_text("user_id,item_id,timestamp\n1,2,3\n1,3\n")
   line = run_error(capsys, ["train", "--out", str(tmp_path / "o"),
                             "--data", f"csv:{path}"])
-  assert "bad.csv" in line and ":3" in line
+  assert f"{path}:3:" in line and "expected 3 fields" in line
 
 
 def test_non_numeric_timestamp_names_file_and_line(tmp_path, capsys):
@@ -166,7 +197,7 @@ def test_non_numeric_timestamp_names_file_and_line(tmp_path, capsys):
   path.write_text("user_id,item_id,timestamp\n1,2,3\n1,3,yesterday\n")
   line = run_error(capsys, ["train", "--out", str(tmp_path / "o"),
                             "--data", f"csv:{path}"])
-  assert "ts.csv" in line and "3" in line
+  assert f"{path}:3:" in line and "'yesterday'" in line
 
 
 def test_data_empty_after_filtering_names_the_filter(tmp_path, capsys):
@@ -174,7 +205,7 @@ def test_data_empty_after_filtering_names_the_filter(tmp_path, capsys):
   path.write_text("user_id,item_id,timestamp\n1,2,3\n1,3,4\n2,2,5\n")
   line = run_error(capsys, ["train", "--out", str(tmp_path / "o"),
                             "--data", f"csv:{path}"])
-  assert "min_user_count" in line or "min_item_count" in line
+  assert "data.min_user_count=5" in line and "data.min_item_count=5" in line
 
 
 def test_bad_config_file_key_names_the_key(tmp_path, capsys):
@@ -210,8 +241,9 @@ def test_eval_of_a_directory_without_checkpoints(tmp_path, capsys):
 
 def test_a_failed_resume_leaves_the_checkpoint_restorable(trained_run,
                                                           capsys):
-  run_error(capsys, ["train", "--out", trained_run, "--resume"] + TINY
-            + ["--num-blocks", "3"])
+  line = run_error(capsys, ["train", "--out", trained_run, "--resume"] + TINY
+                   + ["--num-blocks", "3"])
+  assert "model.num_blocks: 2 -> 3" in line
   assert cli.main(["eval", "--ckpt", trained_run, "--split", "test"]) == 0
 
 
@@ -228,8 +260,9 @@ def test_grow_then_inspect_shows_the_lineage(trained_run, tmp_path, capsys):
 
 def test_grow_into_a_directory_holding_checkpoints_is_refused(trained_run,
                                                               capsys):
-  run_error(capsys, ["grow", "--from", trained_run, "--out", trained_run,
-                     "--method", "cross"])
+  line = run_error(capsys, ["grow", "--from", trained_run, "--out",
+                            trained_run, "--method", "cross"])
+  assert f"{trained_run}: already holds checkpoints" in line
 
 
 def test_sasrec_takes_every_path_nextitnet_has(tmp_path, capsys):
@@ -260,3 +293,90 @@ def test_sasrec_takes_every_path_nextitnet_has(tmp_path, capsys):
   assert "model: sasrec (" in out and "num_blocks=4" in out
   assert "blocks/attention/query/kernel" in out
   assert "op=grow" in out and "op=init_from" in out
+
+
+# ------------------------------------------------------ --mask-history
+
+
+@pytest.fixture(scope="module")
+def masked_run(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("masked"))
+  assert cli.main(["train", "--out", out, "--mask-history", "true"]
+                  + TINY) == 0
+  return out
+
+
+def test_train_with_mask_history_records_it(masked_run):
+  assert read_metrics(masked_run)["mask_history"] is True
+
+
+def test_eval_with_mask_history_reproduces_training(masked_run, capsys):
+  trained = read_metrics(masked_run)
+  assert cli.main(["eval", "--ckpt", masked_run, "--mask-history"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["mask_history"] is True
+  assert out["valid"] == trained["valid"] and out["test"] == trained["test"]
+  assert out["popularity_test"] == trained["popularity"]
+
+
+def test_masked_metrics_are_at_least_the_unmasked(masked_run, capsys):
+  assert cli.main(["eval", "--ckpt", masked_run, "--split", "test"]) == 0
+  plain = json.loads(capsys.readouterr().out)
+  masked = read_metrics(masked_run)
+  for name in config.METRIC_NAMES:
+    assert masked["test"][name] >= plain["test"][name], name
+    assert masked["popularity"][name] >= plain["popularity_test"][name], name
+  # Masking acted: seen items no longer push targets down.
+  assert masked["test"]["mrr@20"] > plain["test"]["mrr@20"]
+  assert masked["popularity"]["mrr@20"] > plain["popularity_test"]["mrr@20"]
+
+
+# --------------------------------------------------------- --distributed
+
+DISTRIBUTED = """
+import json, sys
+from jaxrec import cli
+code = cli.main(sys.argv[1:])
+import jax
+print(json.dumps({"code": code, "initialized": jax.distributed.is_initialized(),
+                  "processes": jax.process_count()}))
+"""
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_train_distributed_on_one_local_process(tmp_path):
+  port = free_port()
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith("SLURM_") and "_proxy" not in k.lower()}
+  env.update({
+      "JAX_PLATFORMS": "cpu",
+      "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+      "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0",
+      # jax.distributed.initialize() reads the process count and id only from
+      # a cluster it detects: a one-task Slurm step on this host gives them.
+      "SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "127.0.0.1",
+      "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"})
+  out = str(tmp_path / "run")
+  proc = subprocess.run(
+      [sys.executable, "-c", textwrap.dedent(DISTRIBUTED), "train",
+       "--distributed", "--out", out] + TINY,
+      capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result == {"code": 0, "initialized": True, "processes": 1}
+  assert read_metrics(out)["steps"] == 6
+
+
+def test_distributed_outside_a_cluster_is_one_line(tmp_path, capsys,
+                                                   monkeypatch):
+  for name in list(os.environ):
+    if name.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR", "TPU_")):
+      monkeypatch.delenv(name)
+  line = run_error(capsys, ["train", "--out", str(tmp_path), "--distributed"]
+                   + TINY)
+  assert "--distributed: jax.distributed.initialize() failed" in line

@@ -1,4 +1,5 @@
 """The scenario scripts' shared pieces: nested data, clocks, time to reach."""
+import importlib
 import json
 import os
 import sys
@@ -10,6 +11,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
                                 "experiments"))
 import stackrec_common as common  # pylint: disable=wrong-import-position
 from jaxrec.data import sequences  # pylint: disable=wrong-import-position
+from jaxrec.training import checkpoints  # pylint: disable=wrong-import-position
 
 
 def toy_data(rows=50):
@@ -96,3 +98,116 @@ def test_new_output_layer_keeps_blocks_and_embedding(tmp_path):
   for name in ("blocks", "item_embedding"):
     jax.tree.map(np.testing.assert_array_equal, after[name], before[name])
   assert meta["lineage"][-1]["op"] == "new_output_head"
+
+
+# ------------------------------------------- the scripts, end to end (tiny)
+
+TINY = dict(model=dict(embed_dim=8),
+            data=dict(source="synthetic:tiny", max_len=20),
+            train=dict(batch_size=16, eval_batch_size=64))
+ARM_FIELDS = {"best_valid_mrr@5", "test", "best_stage", "wall_s",
+              "time_to_scratch_best_s", "time_ratio_vs_scratch",
+              "stack_points_s", "stages", "curve"}
+
+
+def run_script(monkeypatch, name, out, *extra, **settings):
+  """Runs experiments/NAME.py's main() with --out OUT and module attributes
+  (its SMALL settings, the grown arms) patched to tiny ones."""
+  module = importlib.import_module(name)
+  for key, value in settings.items():
+    target = common if key == "GROWN_ARMS" else module
+    monkeypatch.setattr(target, key, value)
+  monkeypatch.setattr(sys, "argv", [f"{name}.py", "--out", str(out),
+                                    *extra])
+  module.main()
+
+
+def read_results(out, scenario, arms, stack_points):
+  """results.json: the documented fields for every arm; the plot exists."""
+  with open(out / "results.json") as f:
+    results = json.load(f)
+  assert results["scenario"] == scenario
+  assert results["metric"] == "valid mrr@5"
+  assert set(results["arms"]) == set(arms)
+  for name, arm in results["arms"].items():
+    assert set(arm) == ARM_FIELDS, name
+    assert len(arm["stack_points_s"]) == stack_points[name], name
+    assert arm["curve"] and arm["best_valid_mrr@5"] == max(
+        p[1] for p in arm["curve"])
+    assert arm["test"]["count"] > 0
+    assert all(np.isfinite(v) for v in arm["test"].values())
+    counted = sum(s["train_time_s"] for s in arm["stages"])
+    assert arm["wall_s"] >= counted > 0
+    for stage in arm["stages"]:
+      assert os.path.isfile(os.path.join(stage["dir"], "metrics.json"))
+  assert (out / "valid_mrr5.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  return results
+
+
+@pytest.mark.slow
+def test_demo_trains_grows_finetunes_and_compares(tmp_path, monkeypatch,
+                                                  capsys):
+  cfg = tmp_path / "demo.json"
+  cfg.write_text(json.dumps({
+      "model": {"num_blocks": 2, "embed_dim": 8},
+      "data": {"source": "synthetic:tiny", "max_len": 20},
+      "train": {"batch_size": 16, "eval_batch_size": 64, "steps": 4,
+                "eval_every": 2, "patience": 1}}))
+  out = tmp_path / "demo"
+  run_script(monkeypatch, "demo", out, "--config", str(cfg),
+             "--shallow-steps", "2")
+  printed = capsys.readouterr().out
+  for row in ("popularity", "shallow (1 blocks)", "grown (2 blocks)",
+              "scratch (2 blocks)"):
+    assert row in printed, row
+  for stage in ("shallow", "finetuned", "scratch"):
+    with open(out / stage / "metrics.json") as f:
+      assert np.isfinite(json.load(f)["test"]["mrr@5"])
+  _, meta = checkpoints.read_meta(str(out / "finetuned"))
+  assert [e["op"] for e in meta["lineage"]] == ["grow", "init_from"]
+  assert meta["lineage"][0]["preset"] == "preserve"
+
+
+@pytest.mark.slow
+def test_stackrec_ts_writes_results_and_plot(tmp_path, monkeypatch):
+  small = dict(TINY, blocks=(1, 2), steps=(2,), max_steps=4, patience=1,
+               eval_every=2)
+  run_script(monkeypatch, "stackrec_ts", tmp_path, SMALL=small,
+             GROWN_ARMS=(("adjacent", "paper"), ("cross", "preserve")))
+  results = read_results(tmp_path, "TS",
+                         ["scratch", "adjacent/paper", "cross/preserve"],
+                         {"scratch": 0, "adjacent/paper": 1,
+                          "cross/preserve": 1})
+  assert results["settings"]["blocks"] == [1, 2]
+  assert {name: len(arm["stages"]) for name, arm in results["arms"].items()
+          } == {"scratch": 1, "adjacent/paper": 2, "cross/preserve": 2}
+
+
+@pytest.mark.slow
+def test_stackrec_cl_writes_results_and_plot(tmp_path, monkeypatch):
+  small = dict(TINY, blocks=1, increment_steps=2, max_steps=4, patience=1,
+               eval_every=2)
+  run_script(monkeypatch, "stackrec_cl", tmp_path, SMALL=small,
+             FRACTIONS=(0.5, 1.0), GROWN_ARMS=(("adjacent", "preserve"),))
+  results = read_results(tmp_path, "CL",
+                         ["scratch", "shallow", "adjacent/preserve"],
+                         {"scratch": 0, "shallow": 0,
+                          "adjacent/preserve": 1})
+  assert results["settings"]["deep_blocks"] == 2
+  with open(tmp_path / "shallow_0.5" / "metrics.json") as f:
+    assert json.load(f)["data"]["train_fraction"] == 0.5
+
+
+@pytest.mark.slow
+def test_stackrec_tf_writes_results_and_plot(tmp_path, monkeypatch):
+  small = dict(TINY, blocks=(1, 2), steps=(2, 2), max_steps=4, patience=1,
+               eval_every=2, target="synthetic:tiny,seed=3")  # Same 50 ids.
+  run_script(monkeypatch, "stackrec_tf", tmp_path, SMALL=small,
+             GROWN_ARMS=(("cross", "paper"),))
+  results = read_results(tmp_path, "TF",
+                         ["scratch", "no_pretrain", "cross/paper"],
+                         {"scratch": 1, "no_pretrain": 0, "cross/paper": 2})
+  assert results["settings"]["target"] == "synthetic:tiny,seed=3"
+  # Pretraining stages advance the clock but are not on the target curve.
+  counted = [s["counted"] for s in results["arms"]["cross/paper"]["stages"]]
+  assert counted == [False, False, True]

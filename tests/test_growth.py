@@ -24,7 +24,8 @@ from jaxrec.data import pipeline
 from jaxrec.errors import JaxrecError
 from jaxrec.models.nextitnet import NextItNetConfig
 from jaxrec.surgery import growth
-from jaxrec.training import checkpoints, loop
+from jaxrec.tasks import next_item
+from jaxrec.training import checkpoints, loop, optim
 from jaxrec.training import state as state_lib
 
 RNG = jax.random.key(7)
@@ -606,11 +607,32 @@ def test_map_opt_state_from_the_best_checkpoint_is_refused(tmp_path, run):
                            map_opt_state=True, kind="best")
 
 
+def first_step_by_hand(cfg, data, params, opt_state=None):
+  """optax's first update of a run, outside the loop: the task loss's
+  gradient on batch 0 with the step-0 rng, then the run's optimizer from
+  `opt_state` (default: a fresh one)."""
+  opt = optim.make_optimizer(cfg.train,
+                             optim.trainable_labels(params, cfg.train.freeze))
+  if opt_state is None:
+    opt_state = opt.init(params)
+  batch = jax.tree.map(jnp.asarray, next_item.batch(
+      data, 0, cfg.train.batch_size, cfg.train.seed))
+  rng = jax.random.fold_in(jax.random.key(cfg.train.seed), 0)
+
+  @jax.jit
+  def step(params, opt_state):
+    grads = jax.grad(next_item.loss)(params, cfg, batch, rng)
+    updates, _ = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates)
+
+  return step(params, opt_state)
+
+
 def test_init_opt_state_starts_from_the_mapped_adam_moments(tmp_path, run):
   cfg, data, src, _ = run
   grown = str(tmp_path / "mapped")
-  growth.grow_checkpoint(src, grown, "adjacent", "preserve",
-                         map_opt_state=True)
+  deep_cfg = growth.grow_checkpoint(src, grown, "adjacent", "preserve",
+                                    map_opt_state=True)
   one_step = cfg.replace(train=dataclasses.replace(cfg.train, steps=1,
                                                    eval_every=1))
   outs = {}
@@ -625,6 +647,17 @@ def test_init_opt_state_starts_from_the_mapped_adam_moments(tmp_path, run):
       lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
       params_fresh, params_mapped))
   assert any(diffs)  # Adam's first step differs with non-zero moments.
+  # Each run's first step is optax's, from the grown checkpoint's moments
+  # (--init-opt-state) or from fresh ones.
+  saved, _ = checkpoints.restore(
+      checkpoints.open_existing(grown, "latest"),
+      target=state_lib.abstract_state(deep_cfg, "latest"))
+  run_cfg = outs[True][1]
+  close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)
+  jax.tree.map(close, params_mapped, first_step_by_hand(
+      run_cfg, data, saved["params"], saved["opt_state"]))
+  jax.tree.map(close, params_fresh,
+               first_step_by_hand(run_cfg, data, saved["params"]))
 
 
 def test_init_opt_state_refuses_another_optimizer(tmp_path, run):

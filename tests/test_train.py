@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import types
 
 import jax
@@ -14,12 +15,16 @@ import pytest
 
 from jaxrec import config
 from jaxrec import evaluation
+from jaxrec import models
 from jaxrec.data import pipeline
 from jaxrec.errors import JaxrecError
+from jaxrec.heads.softmax import SoftmaxConfig
 from jaxrec.models.nextitnet import NextItNetConfig
 from jaxrec.models.sasrec import SASRecConfig
 from jaxrec.tasks import next_item
+from jaxrec.training import checkpoints
 from jaxrec.training import loop as train
+from jaxrec.training import state as state_lib
 
 
 def tiny_config(**train_kw):
@@ -54,10 +59,23 @@ def test_same_seed_gives_same_params(tmp_path):
                latest_params(tmp_path / "b"))
 
 
-def test_metrics_json_has_valid_test_and_popularity(tmp_path):
-  result = train.train(tiny_config(), str(tmp_path), progress_bar=False)
-  with open(tmp_path / "metrics.json") as f:
-    saved = json.load(f)
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  """A 12-step run validated at 6 and 12: (dir, returned result, wall s)."""
+  out = tmp_path_factory.mktemp("tiny_run")
+  start = time.time()
+  result = train.train(tiny_config(), str(out), progress_bar=False)
+  return out, result, time.time() - start
+
+
+def read_metrics(run_dir):
+  with open(os.path.join(run_dir, "metrics.json")) as f:
+    return json.load(f)
+
+
+def test_metrics_json_has_valid_test_and_popularity(tiny_run):
+  out, result, _ = tiny_run
+  saved = read_metrics(out)
   assert saved["steps"] == 12 and saved["train_time_s"] > 0
   for split in ("valid", "test", "popularity"):
     for k in (5, 10, 20):
@@ -65,6 +83,58 @@ def test_metrics_json_has_valid_test_and_popularity(tmp_path):
         assert 0.0 <= saved[split][f"{m}@{k}"] <= 1.0
   assert saved["test"] == result["test"]
   assert saved["ranking"] == "full" and saved["mask_history"] is False
+
+
+def brute_force_metrics(scores, targets):
+  """MRR/HR/NDCG@k from scores [B, V] over ids 0..V-1 by counting, for each
+  target, the real items (not padding 0, not the target) scoring >= it."""
+  ids = np.arange(scores.shape[1])
+  target_score = scores[np.arange(len(targets)), targets]
+  ahead = ((scores >= target_score[:, None]) & (ids[None, :] != 0)
+           & (ids[None, :] != targets[:, None]))
+  ranks = ahead.sum(axis=1)
+  out = {}
+  for k in (5, 10, 20):
+    hit = ranks < k
+    out[f"mrr@{k}"] = np.mean(np.where(hit, 1.0 / (ranks + 1), 0.0))
+    out[f"hr@{k}"] = np.mean(hit)
+    out[f"ndcg@{k}"] = np.mean(np.where(hit, 1.0 / np.log2(ranks + 2), 0.0))
+  return out
+
+
+def test_popularity_in_metrics_json_matches_a_brute_force_ranking(tiny_run):
+  out, _, _ = tiny_run
+  data = pipeline.load_data(tiny_config().data)
+  # Popularity = how often an item occurs in the training rows.
+  counts = np.bincount(data.train.ravel(), minlength=data.num_items)
+  counts[0] = 0
+  scores = np.broadcast_to(counts, (len(data.test_targets), data.num_items))
+  expected = brute_force_metrics(scores, data.test_targets)
+  popularity = read_metrics(out)["popularity"]
+  assert popularity["count"] == len(data.test_targets)
+  for name, value in expected.items():
+    assert popularity[name] == pytest.approx(value, rel=1e-12), name
+
+
+def test_metrics_json_valid_is_the_best_logged_validation(tiny_run):
+  out, _, _ = tiny_run
+  saved = read_metrics(out)
+  with open(out / "metrics.jsonl") as f:
+    validations = {r["step"]: r["valid"] for r in map(json.loads, f)
+                   if "valid" in r}
+  assert sorted(validations) == [6, 12]
+  best = max(validations, key=lambda s: validations[s]["mrr@5"])
+  assert saved["best_step"] == best
+  assert saved["valid"] == validations[best]
+
+
+def test_train_time_is_the_clock_at_the_last_validation(tiny_run):
+  out, _, wall_s = tiny_run
+  saved = read_metrics(out)
+  with open(out / "metrics.jsonl") as f:
+    clocks = [r["train_time_s"] for r in map(json.loads, f) if "valid" in r]
+  assert saved["train_time_s"] == clocks[-1]
+  assert 0 < clocks[0] < clocks[-1] <= wall_s
 
 
 def test_keeps_n_latest_and_the_best_checkpoint(tmp_path):
@@ -87,6 +157,12 @@ train.train(cfg, {out!r}, progress_bar=False, step_callback=kill)
 """
 
 
+def complete_steps(run_dir, kind="latest"):
+  """The steps of the complete checkpoints of a kind, as Orbax sees them."""
+  return list(checkpoints.manager(str(run_dir), kind,
+                                  read_only=True).all_steps())
+
+
 @pytest.mark.parametrize("kill_at", [13, 12])  # 12: during the async save.
 def test_resume_after_sigkill_ends_with_identical_params(tmp_path, kill_at):
   cfg = tiny_config(steps=20, eval_every=6)
@@ -96,7 +172,22 @@ def test_resume_after_sigkill_ends_with_identical_params(tmp_path, kill_at):
                                            kill_at=kill_at, out=killed),
                     check=False)
   assert proc.returncode == -9, proc.stderr[-2000:]
-  train.train(cfg, killed, resume=True, progress_bar=False)
+  on_disk = sorted(complete_steps(killed))
+  assert on_disk, "the killed run left no checkpoint to resume from"
+  if kill_at == 12:
+    # Killed while step 12 was being written: Orbax's tmp directory of it
+    # is there, it never became a checkpoint, so step 6 is the one resumed.
+    assert on_disk == [6]
+    entries = os.listdir(os.path.join(killed, "checkpoints", "latest"))
+    assert "12" not in entries, entries
+    assert any(e.startswith("12.") and "tmp" in e for e in entries), entries
+  else:
+    assert on_disk[-1] in (6, 12)
+  steps = []
+  train.train(cfg, killed, resume=True, progress_bar=False,
+              step_callback=steps.append)
+  # The resumed run starts right after the restored step.
+  assert steps == list(range(on_disk[-1] + 1, 21))
   jax.tree.map(np.testing.assert_array_equal,
                latest_params(tmp_path / "straight"), latest_params(killed))
   assert log_records(killed) == log_records(tmp_path / "straight")
@@ -225,9 +316,121 @@ def test_tensorboard_events_are_written_when_asked(tmp_path):
   assert any(name.startswith("events.out.tfevents") for name in events)
 
 
+def checkpoint_files(run_dir):
+  """Every directory and file under DIR/checkpoints, files with their bytes."""
+  root = os.path.join(run_dir, "checkpoints")
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    out[os.path.relpath(dirpath, root)] = None
+    for name in files:
+      path = os.path.join(dirpath, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, root)] = f.read()
+  return out
+
+
 def test_resuming_a_finished_run_changes_nothing(tmp_path):
   cfg = tiny_config(steps=6)
   first = train.train(cfg, str(tmp_path), progress_bar=False)
-  again = train.train(cfg, str(tmp_path), resume=True, progress_bar=False)
+  before = checkpoint_files(tmp_path)
+  assert "latest/6" in before and "best/6" in before
+  steps = []
+  again = train.train(cfg, str(tmp_path), resume=True, progress_bar=False,
+                      step_callback=steps.append)
+  assert steps == []  # No step ran...
+  assert checkpoint_files(tmp_path) == before  # ...and no checkpoint moved.
   assert again["steps"] == first["steps"] == 6
   assert again["test"] == first["test"]
+
+
+# ------------------------------------------- optimizer options, end to end
+
+
+def two_step_run(root, name, model=None, head=None, **train_kw):
+  """2 steps, validated and checkpointed after each: (dir, result)."""
+  cfg = tiny_config(steps=2, eval_every=1, keep_checkpoints=2,
+                    learning_rate=1e-2, **train_kw)
+  if model is not None:
+    cfg = cfg.replace(model=model)
+  if head is not None:
+    cfg = cfg.replace(head=head)
+  out = str(root / name)
+  return out, train.train(cfg, out, progress_bar=False)
+
+
+def params_at(run_dir, step):
+  """The params of DIR's `latest` checkpoint at `step`, as numpy."""
+  _, meta = checkpoints.read_meta(run_dir, "latest")
+  cfg = checkpoints.config_from_meta(meta, run_dir)
+  state, _ = checkpoints.restore(
+      checkpoints.open_existing(run_dir, "latest"), step,
+      target=state_lib.abstract_state(cfg, "latest"))
+  return jax.tree.map(np.asarray, state["params"])
+
+
+def init_params_of(run_dir):
+  """The params the run started from (init from its fitted config)."""
+  _, meta = checkpoints.read_meta(run_dir, "latest")
+  cfg = checkpoints.config_from_meta(meta, run_dir)
+  return jax.tree.map(np.asarray, models.init_params(
+      cfg, jax.random.key(cfg.train.seed)))
+
+
+def assert_finite_metrics(result):
+  for split in ("valid", "test"):
+    assert all(np.isfinite(v) for v in result[split].values()), result[split]
+
+
+@pytest.fixture(scope="module")
+def constant_run(tmp_path_factory):
+  return two_step_run(tmp_path_factory.mktemp("constant"), "run")
+
+
+def test_cosine_schedule_halves_the_last_of_two_steps(tmp_path, constant_run):
+  const, _ = constant_run
+  cos, result = two_step_run(tmp_path, "cos", schedule="cosine")
+  assert_finite_metrics(result)
+  # Step 1 at the full rate, as the constant run; step 2 (of 2) at half:
+  # same gradient and moments, so half the constant run's second move.
+  tree_close = lambda a, b: jax.tree.map(  # pylint: disable=unnecessary-lambda-assignment
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+      a, b)
+  tree_close(params_at(cos, 1), params_at(const, 1))
+  move = lambda run: jax.tree.map(  # pylint: disable=unnecessary-lambda-assignment
+      lambda b, a: b - a, params_at(run, 2), params_at(run, 1))
+  tree_close(move(cos), jax.tree.map(lambda d: 0.5 * d, move(const)))
+
+
+def test_warmup_cosine_first_step_moves_nothing(tmp_path):
+  run, result = two_step_run(tmp_path, "warm", schedule="warmup_cosine",
+                             warmup_steps=1)
+  assert_finite_metrics(result)
+  # The learning rate warms up from 0: step 1 changes no parameter.
+  jax.tree.map(np.testing.assert_array_equal, params_at(run, 1),
+               init_params_of(run))
+  moved = jax.tree.leaves(jax.tree.map(
+      lambda a, b: bool(np.any(a != b)), params_at(run, 2),
+      params_at(run, 1)))
+  assert any(moved)
+
+
+def test_weight_decay_adds_the_decay_term_to_the_first_step(tmp_path,
+                                                            constant_run):
+  const, _ = constant_run
+  decay = 0.5
+  run, result = two_step_run(tmp_path, "wd", weight_decay=decay)
+  assert_finite_metrics(result)
+  # AdamW's first step is Adam's plus -lr * decay * params.
+  jax.tree.map(
+      lambda wd, plain, p0: np.testing.assert_allclose(
+          wd - plain, -1e-2 * decay * p0, rtol=1e-3, atol=1e-7),
+      params_at(run, 1), params_at(const, 1), init_params_of(run))
+
+
+def test_tied_embeddings_train_with_no_head_kernel(tmp_path):
+  run, result = two_step_run(tmp_path, "tied",
+                             head=SoftmaxConfig(tie_embeddings=True))
+  assert_finite_metrics(result)
+  params, cfg, _ = evaluation.load_params(run)
+  assert cfg.head.tie_embeddings is True
+  assert set(params["head"]) == {"bias"}  # Scores read the item embedding.

@@ -6,6 +6,7 @@ from typing import Any
 
 from jaxrec import config as config_lib
 from jaxrec.cli import flags
+from jaxrec.errors import JaxrecError
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -39,7 +40,13 @@ def run(args: argparse.Namespace) -> None:
   cfg = flags.config_from_args(args).validate()
   if args.distributed:
     import jax  # pylint: disable=import-outside-toplevel
-    jax.distributed.initialize()
+    try:
+      jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+      # Outside a cluster jax cannot find the coordinator or process count.
+      detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+      raise JaxrecError(f"--distributed: jax.distributed.initialize() "
+                        f"failed: {detail}") from None
   from jaxrec.training import loop  # pylint: disable=import-outside-toplevel
   result = loop.train(cfg, args.out, resume=args.resume,
                       init_from=args.init_from,
