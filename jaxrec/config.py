@@ -95,8 +95,10 @@ class DataConfig:
                                "interactions")
   min_item_count: int = option(5, "k-core: drop items with fewer "
                                "interactions")
-  window: int = option(0, "split long training histories into windows of "
-                       "this length (0: keep only the last max_len items)")
+  window: int = option(-1, "split training histories into windows of this "
+                       "many transitions, each transition a target once per "
+                       "epoch (-1: windows of max_len; 0: keep only each "
+                       "history's last max_len items, as the official code)")
   test_fraction: float = option(0.2, "paper protocol: share of sequences "
                                 "held out for test")
   valid_fraction: float = option(0.1, "paper protocol: share of sequences "
@@ -119,7 +121,8 @@ class DataConfig:
             self.min_user_count, ">= 1")
     require(self.min_item_count >= 1, "data.min_item_count",
             self.min_item_count, ">= 1")
-    require(self.window >= 0, "data.window", self.window, ">= 0")
+    require(self.window >= -1, "data.window", self.window,
+            ">= -1 (-1: max_len, 0: last max_len items only)")
     require(0.0 < self.test_fraction < 1.0, "data.test_fraction",
             self.test_fraction, "in (0, 1)")
     require(0.0 < self.valid_fraction < 1.0 - self.test_fraction,
@@ -135,11 +138,18 @@ class TrainConfig:
   """Optimisation, trainable parts, evaluation and checkpointing."""
   batch_size: int = option(128, "sequences per step (a multiple of the "
                            "device count)")
-  steps: int = option(2000, "optimiser steps")
+  steps: int = option(0, "optimiser steps (0: train.epochs passes over "
+                      "the training rows)")
+  epochs: int = option(100, "passes over the training rows when train.steps "
+                       "is 0; early stopping usually ends the run sooner")
   learning_rate: float = option(1e-3, "Adam learning rate")
   schedule: str = option("constant", "constant | cosine | warmup_cosine")
   warmup_steps: int = option(0, "warmup steps for warmup_cosine")
-  weight_decay: float = option(0.0, "> 0 switches Adam to AdamW")
+  weight_decay: float = option(0.0, "> 0 switches Adam to AdamW, decaying "
+                               "kernels and embeddings (not biases, norms or "
+                               "gates)")
+  label_smoothing: float = option(0.0, "share of the target's probability "
+                                  "spread over all items (full softmax only)")
   clip_norm: float = option(0.0, "> 0 clips the global gradient norm")
   loss: str = option("full", "full: the head's exact loss (chunked full "
                      "softmax); sampled: sampled softmax with logQ "
@@ -157,13 +167,13 @@ class TrainConfig:
   train_top_blocks: int = option(0, "> 0: train only the top K blocks of "
                                  "every block stack (the rows below get no "
                                  "update and no weight decay)")
-  eval_every: int = option(500, "steps between validations and "
-                           "checkpoints")
+  eval_every: int = option(0, "steps between validations and checkpoints "
+                           "(0: once per epoch)")
   eval_batch_size: int = option(512, "sequences per evaluation batch")
   select_metric: str = option("mrr@5", "validation metric for early "
                               "stopping and the best checkpoint")
-  patience: int = option(0, "validations without improvement before "
-                         "stopping (0: off)")
+  patience: int = option(5, "validations without improvement before "
+                         "stopping (0: never stop early)")
   mask_history: bool = option(False, "evaluation: never rank items already "
                               "in the input")
   keep_checkpoints: int = option(2, "latest checkpoints kept for --resume")
@@ -172,10 +182,19 @@ class TrainConfig:
                              "DIR/tb (pip install -e .[tensorboard])")
 
   def validate(self) -> None:
-    for name in ("batch_size", "steps", "eval_every", "eval_batch_size",
-                 "loss_chunk", "num_samples", "keep_checkpoints"):
+    for name in ("batch_size", "epochs", "eval_batch_size", "loss_chunk",
+                 "num_samples", "keep_checkpoints"):
       require(getattr(self, name) >= 1, f"train.{name}", getattr(self, name),
               ">= 1")
+    for name in ("steps", "eval_every"):
+      require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name),
+              ">= 0 (0: by epochs)")
+    require(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing",
+            self.label_smoothing, "in [0, 1)")
+    if self.label_smoothing and self.loss != "full":
+      raise JaxrecError(f"train.label_smoothing={self.label_smoothing}: "
+                        "needs train.loss='full' (a sampled softmax does "
+                        "not see every item)")
     require(self.learning_rate > 0, "train.learning_rate",
             self.learning_rate, "> 0")
     require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps,

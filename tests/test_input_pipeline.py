@@ -199,10 +199,24 @@ def test_loo_split_on_hand_example(tmp_path):
                            num_valid=2, num_test=2, max_len=3)
 
 
-def test_train_rows_keep_last_max_len_plus_one_items(tmp_path):
+def test_window_0_keeps_only_the_last_max_len_plus_one_items(tmp_path):
   rows = [("A", i, i) for i in range(1, 11)]  # ids = 1..10 by appearance.
-  data = ip.build_sequences(inter(rows), make_cfg(tmp_path, max_len=4))
+  data = ip.build_sequences(inter(rows), make_cfg(tmp_path, max_len=4,
+                                                  window=0))
   np.testing.assert_array_equal(data.train, [[4, 5, 6, 7, 8]])
+
+
+def test_by_default_every_training_transition_is_a_target_once(tmp_path):
+  """Windows of max_len from the end back, sharing one item: the loo
+  training part 1..8 of a 10-item history gives transitions 1->2 .. 7->8,
+  each in exactly one row."""
+  rows = [("A", i, i) for i in range(1, 11)]
+  data = ip.build_sequences(inter(rows), make_cfg(tmp_path, max_len=4))
+  np.testing.assert_array_equal(data.train, [[4, 5, 6, 7, 8],
+                                             [0, 1, 2, 3, 4]])
+  pairs = [(a, b) for row in data.train.tolist()
+           for a, b in zip(row[:-1], row[1:]) if a]
+  assert sorted(pairs) == [(i, i + 1) for i in range(1, 8)]
 
 
 def unique_events(num_users, length):

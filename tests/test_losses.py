@@ -369,3 +369,47 @@ def test_output_loss_sampled_unigram_needs_a_prebuilt_sampler():
   cfg = TrainConfig(loss="sampled", sampler="unigram")
   with pytest.raises(JaxrecError, match="item_counts"):
     _head_loss(*_inputs(), _key(0), cfg)
+
+
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_label_smoothing_chunked_matches_naive_value_and_gradients(chunk):
+  rng = np.random.default_rng(5)
+  h = jnp.asarray(rng.normal(size=(2, 5, 6)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(23, 6)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(23,)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 23, size=(2, 5)), jnp.int32)
+  mask = jnp.ones((2, 5))
+  chunked = jax.value_and_grad(
+      lambda h, w, b: chunked_softmax.softmax_cross_entropy(
+          h, w, b, targets, mask, chunk_size=chunk, label_smoothing=0.1),
+      argnums=(0, 1, 2))(h, w, b)
+  naive = jax.value_and_grad(
+      lambda h, w, b: chunked_softmax.naive_softmax_cross_entropy(
+          h, w, b, targets, mask, label_smoothing=0.1),
+      argnums=(0, 1, 2))(h, w, b)
+  np.testing.assert_allclose(chunked[0], naive[0], rtol=1e-5)
+  for got, want in zip(chunked[1], naive[1]):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  plain = chunked_softmax.softmax_cross_entropy(h, w, b, targets, mask,
+                                                chunk_size=chunk)
+  assert abs(float(chunked[0]) - float(plain)) > 1e-3  # Smoothing acted.
+
+
+def test_label_smoothing_is_cross_entropy_against_the_smoothed_target():
+  rng = np.random.default_rng(6)
+  h = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(9, 4)), jnp.float32)
+  b = jnp.zeros(9)
+  targets = jnp.array([1, 4, 8])
+  eps = 0.2
+  logits = np.array(h @ w.T)
+  logits[:, 0] = -np.inf  # Padding is never a class.
+  logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  q = np.full((3, 9), eps / 8)
+  q[:, 0] = 0
+  q[np.arange(3), targets] += 1 - eps
+  expected = -(q[:, 1:] * logp[:, 1:]).sum(1).mean()
+  got = chunked_softmax.softmax_cross_entropy(h, w, b, targets, jnp.ones(3),
+                                              chunk_size=4,
+                                              label_smoothing=eps)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)

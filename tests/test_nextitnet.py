@@ -233,3 +233,22 @@ def test_check_params_rejects_another_config():
   params = models.init_params(small_config(), jax.random.key(0))
   with pytest.raises(AssertionError):
     models.check_params(params, small_config(num_blocks=8))
+
+
+def test_dropout_acts_only_in_training_and_follows_the_key():
+  cfg = small_config(dropout=0.3)
+  params = params_with_nonzero_alpha(cfg)
+  seq = jnp.array([[1, 2, 3, 4, 5, 6]])
+  plain = models.hidden_states(params, cfg, seq)
+  np.testing.assert_array_equal(
+      plain, models.hidden_states(params, small_config(), seq))
+  a = models.hidden_states(params, cfg, seq, train=True,
+                           rng=jax.random.key(1))
+  b = models.hidden_states(params, cfg, seq, train=True,
+                           rng=jax.random.key(1))
+  c = models.hidden_states(params, cfg, seq, train=True,
+                           rng=jax.random.key(2))
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, plain) and not np.allclose(a, c)
+  with pytest.raises(ValueError, match="rng"):
+    models.hidden_states(params, cfg, seq, train=True)

@@ -420,11 +420,19 @@ def test_weight_decay_adds_the_decay_term_to_the_first_step(tmp_path,
   decay = 0.5
   run, result = two_step_run(tmp_path, "wd", weight_decay=decay)
   assert_finite_metrics(result)
-  # AdamW's first step is Adam's plus -lr * decay * params.
-  jax.tree.map(
-      lambda wd, plain, p0: np.testing.assert_allclose(
-          wd - plain, -1e-2 * decay * p0, rtol=1e-3, atol=1e-7),
-      params_at(run, 1), params_at(const, 1), init_params_of(run))
+  # AdamW's first step is Adam's plus -lr * decay * params on kernels and
+  # embeddings; biases, LayerNorms and alphas are not decayed.
+  def check(path, wd, plain, p0):
+    name = "/".join(str(k.key) for k in path)
+    decayed = name.rsplit("/", 1)[-1] in ("kernel", "embedding")
+    np.testing.assert_allclose(wd - plain,
+                               -1e-2 * decay * p0 if decayed else 0 * p0,
+                               rtol=1e-3, atol=1e-7, err_msg=name)
+    return decayed
+
+  decayed = jax.tree_util.tree_map_with_path(
+      check, params_at(run, 1), params_at(const, 1), init_params_of(run))
+  assert any(jax.tree.leaves(decayed)) and not all(jax.tree.leaves(decayed))
 
 
 def test_tied_embeddings_train_with_no_head_kernel(tmp_path):

@@ -681,9 +681,11 @@ def _split_paper(seq: np.ndarray, starts: np.ndarray, ends: np.ndarray,
 
 def _train_rows(seq: np.ndarray, starts: np.ndarray, ends: np.ndarray,
                 cfg: DataConfig) -> np.ndarray:
-  """[N, max_len + 1] rows with at least one transition each."""
-  if cfg.window > 0:
-    starts, ends = _windows(starts, ends, cfg.window)
+  """[N, max_len + 1] rows with at least one transition each: by default
+  every transition of every training history once (windows of max_len)."""
+  window = cfg.max_len if cfg.window < 0 else cfg.window
+  if window > 0:
+    starts, ends = _windows(starts, ends, window)
   width = cfg.max_len + 1
   real = np.minimum(ends - starts, width)
   keep = real >= 2

@@ -25,6 +25,7 @@ def naive_softmax_cross_entropy(h: jax.Array,
                                 targets: jax.Array,
                                 mask: jax.Array,
                                 *,
+                                label_smoothing: float = 0.0,
                                 logits_dtype: Any = None) -> jax.Array:
   """Full softmax cross entropy that materialises all [N, V] logits.
 
@@ -37,8 +38,12 @@ def naive_softmax_cross_entropy(h: jax.Array,
   # The true logit is read before excluding id 0 so that a (never counted)
   # padding target gives a finite value rather than inf.
   true = jnp.take_along_axis(logits, targets[:, None], axis=1)[:, 0]
-  logits = logits.at[:, 0].set(-jnp.inf)
-  ce = jax.nn.logsumexp(logits, axis=1) - true
+  lse = jax.nn.logsumexp(logits.at[:, 0].set(-jnp.inf), axis=1)
+  # Smoothing spreads eps over the V-1 real items: CE against
+  # (1-eps) onehot + eps/(V-1), = (1-eps)(lse - z_t) + eps(lse - mean z).
+  mean_real = jnp.mean(logits[:, 1:], axis=1)
+  ce = ((1 - label_smoothing) * (lse - true)
+        + label_smoothing * (lse - mean_real))
   return common.masked_mean(ce, targets, mask)
 
 
@@ -49,6 +54,7 @@ def softmax_cross_entropy(h: jax.Array,
                           mask: jax.Array,
                           *,
                           chunk_size: int = 16384,
+                          label_smoothing: float = 0.0,
                           logits_dtype: Any = None) -> jax.Array:
   """Full softmax cross entropy over item tiles of at most `chunk_size`.
 
@@ -63,6 +69,8 @@ def softmax_cross_entropy(h: jax.Array,
     mask: [...] float or bool token weights.
     chunk_size: most items per tile. V is split into ceil(V / chunk_size)
       equal tiles (padded with -inf items), so padding stays below one tile.
+    label_smoothing: eps; the target distribution is (1-eps) on the target
+      plus eps spread evenly over the V-1 real items.
     logits_dtype: dtype of the matmul operands; None = h's dtype. The
       matmuls accumulate, and the logsumexp runs, in float32 either way.
 
@@ -82,7 +90,8 @@ def softmax_cross_entropy(h: jax.Array,
   w_tiles = jnp.pad(w, ((0, pad), (0, 0))).reshape(num_tiles, tile, c)
   b_tiles = jnp.pad(b, (0, pad)).reshape(num_tiles, tile)
   ce = _tiled_ce(h, w_tiles, b_tiles, targets, v,
-                 common.compute_dtype(h, logits_dtype))
+                 common.compute_dtype(h, logits_dtype),
+                 float(label_smoothing))
   return common.masked_mean(ce, targets, mask)
 
 
@@ -93,29 +102,37 @@ def _tile_ids(k: jax.Array, tile: int, num_items: int) -> tuple[jax.Array,
   return ids, (ids > 0) & (ids < num_items)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _tiled_ce(h: jax.Array, w_tiles: jax.Array, b_tiles: jax.Array,
-              targets: jax.Array, num_items: int, cdt: np.dtype) -> jax.Array:
+              targets: jax.Array, num_items: int, cdt: np.dtype,
+              smoothing: float) -> jax.Array:
   """Per-token cross entropy [N] over tiled items (w_tiles [K, T, C])."""
-  return _tiled_ce_fwd(h, w_tiles, b_tiles, targets, num_items, cdt)[0]
+  return _tiled_ce_fwd(h, w_tiles, b_tiles, targets, num_items, cdt,
+                       smoothing)[0]
 
 
 def _tiled_ce_fwd(h: jax.Array, w_tiles: jax.Array, b_tiles: jax.Array,
-                  targets: jax.Array, num_items: int,
-                  cdt: np.dtype) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-  """Scan over tiles with an online logsumexp; keeps only lse [N] for bwd."""
+                  targets: jax.Array, num_items: int, cdt: np.dtype,
+                  smoothing: float) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  """Scan over tiles with an online logsumexp; keeps only lse [N] for bwd.
+
+  With label smoothing eps it also sums the real items' logits:
+  ce = (1-eps)(lse - z_t) + eps(lse - sum_real z / (V-1)).
+  """
   n = h.shape[0]
   num_tiles, tile, _ = w_tiles.shape
   h_c = h.astype(cdt)
 
   def body(carry, xs):
-    m, s, true = carry
+    m, s, true, total = carry
     k, w_tile, b_tile = xs
     ids, valid = _tile_ids(k, tile, num_items)
     logits = common.logits(h_c, w_tile, b_tile, cdt)
     # Read before the -inf exclusion, as in the naive version.
     hit = ids[None, :] == targets[:, None]
     true = true + jnp.sum(jnp.where(hit, logits, 0.0), axis=1)
+    if smoothing:
+      total = total + jnp.sum(jnp.where(valid[None, :], logits, 0.0), axis=1)
     logits = jnp.where(valid[None, :], logits, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(logits, axis=1))
     # Until a row has seen a real item its max is -inf; shifting by 0 then
@@ -123,19 +140,24 @@ def _tiled_ce_fwd(h: jax.Array, w_tiles: jax.Array, b_tiles: jax.Array,
     shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
     s = s * jnp.exp(m - shift) + jnp.sum(
         jnp.exp(logits - shift[:, None]), axis=1)
-    return (m_new, s, true), None
+    return (m_new, s, true, total), None
 
-  init = (jnp.full((n,), -jnp.inf, common.F32), jnp.zeros((n,), common.F32),
-          jnp.zeros((n,), common.F32))
+  zeros = jnp.zeros((n,), common.F32)
+  init = (jnp.full((n,), -jnp.inf, common.F32), zeros, zeros, zeros)
   xs = (jnp.arange(num_tiles, dtype=jnp.int32), w_tiles, b_tiles)
-  (m, s, true), _ = jax.lax.scan(body, init, xs)
+  (m, s, true, total), _ = jax.lax.scan(body, init, xs)
   lse = m + jnp.log(s)
-  return lse - true, (h, w_tiles, b_tiles, targets, lse)
+  ce = lse - true
+  if smoothing:
+    ce = (1 - smoothing) * ce + smoothing * (lse - total / (num_items - 1))
+  return ce, (h, w_tiles, b_tiles, targets, lse)
 
 
-def _tiled_ce_bwd(num_items: int, cdt: np.dtype, res: tuple[jax.Array, ...],
+def _tiled_ce_bwd(num_items: int, cdt: np.dtype, smoothing: float,
+                  res: tuple[jax.Array, ...],
                   g: jax.Array) -> tuple[jax.Array | None, ...]:
-  """Recomputes each tile's logits: dlogits = g * (softmax - onehot)."""
+  """Recomputes each tile's logits:
+  dlogits = g * (softmax - (1-eps) onehot - eps/(V-1) on real items)."""
   h, w_tiles, b_tiles, targets, lse = res
   num_tiles, tile, _ = w_tiles.shape
   h_c = h.astype(cdt)
@@ -147,7 +169,10 @@ def _tiled_ce_bwd(num_items: int, cdt: np.dtype, res: tuple[jax.Array, ...],
     logits = common.logits(h_c, w_tile, b_tile, cdt)
     p = jnp.where(valid[None, :], jnp.exp(logits - lse[:, None]), 0.0)
     hit = ids[None, :] == targets[:, None]
-    dlogits = g[:, None] * (p - hit)
+    target = (1 - smoothing) * hit
+    if smoothing:
+      target = target + smoothing / (num_items - 1) * valid[None, :]
+    dlogits = g[:, None] * (p - target)
     d_c = dlogits.astype(cdt)
     dh = dh + jnp.einsum("nt,tc->nc", d_c, w_tile.astype(cdt),
                          preferred_element_type=common.F32)

@@ -51,7 +51,8 @@ def loss(params: Params, cfg: Any, h: jax.Array, targets: jax.Array,
   tcfg = cfg.train
   if tcfg.loss == "full":
     return chunked_softmax.softmax_cross_entropy(
-        h, w, b, targets, mask, chunk_size=tcfg.loss_chunk)
+        h, w, b, targets, mask, chunk_size=tcfg.loss_chunk,
+        label_smoothing=tcfg.label_smoothing)
   if tcfg.loss != "sampled":
     raise ValueError(f"train.loss={tcfg.loss!r}: expected 'full' or "
                      "'sampled'")

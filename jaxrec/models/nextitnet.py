@@ -13,7 +13,8 @@ The param tree (`init(cfg, rng)`), a plain nested dict:
 Block (official StackRec `nextitnet_residual_block_alpha`, post-norm):
 
   x -> conv(k, d) -> LayerNorm -> ReLU -> conv(k, 2d) -> LayerNorm -> ReLU
-    -> x + gate * alpha * h     (alpha learned, init 0; gate per sequence,
+    -> dropout -> x + gate * alpha * h
+                                (alpha learned, init 0; gate per sequence,
                                  1 unless a skipping policy passes gates)
 
 Dilations are config: a cycle of first-conv dilations ([1, 4] gives conv
@@ -49,6 +50,9 @@ class NextItNetConfig(BackboneConfig):
                          "StackRec); plain: x + h (NextItNet)")
   layer_norm_eps: float = option(1e-8, "LayerNorm epsilon (official code: "
                                  "1e-8)")
+  dropout: float = option(0.0, "dropout on the input embedding and on each "
+                          "block's residual branch, in training (the "
+                          "official code has none)")
 
   def block_dilations(self) -> tuple[int, ...]:
     """The first-conv dilation of every block, bottom to top."""
@@ -64,6 +68,8 @@ class NextItNetConfig(BackboneConfig):
             "model.dilations", list(self.dilations),
             "a non-empty list of positive integers")
     choice("model.residual", self.residual, ("alpha", "plain"))
+    require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout,
+            "in [0, 1)")
 
 
 class NextItNetBlock(nn.Module):
@@ -72,14 +78,15 @@ class NextItNetBlock(nn.Module):
   dilation: int
 
   @nn.compact
-  def __call__(self, x: jax.Array, gate: jax.Array | None = None
-               ) -> jax.Array:
+  def __call__(self, x: jax.Array, gate: jax.Array | None = None, *,
+               deterministic: bool = True) -> jax.Array:
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     c, k = cfg.embed_dim, cfg.kernel_size
     h = CausalConv(c, k, self.dilation, name="conv1")(x.astype(dtype))
     h = jax.nn.relu(LayerNorm(cfg.layer_norm_eps, name="ln1")(h))
     h = CausalConv(c, k, 2 * self.dilation, name="conv2")(h.astype(dtype))
     h = jax.nn.relu(LayerNorm(cfg.layer_norm_eps, name="ln2")(h))
+    h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
     if cfg.residual == "alpha":
       # Each new block starts as the identity (ReZero, dynamical isometry).
       h = self.param("alpha", nn.initializers.zeros, ()) * h
@@ -102,19 +109,34 @@ def apply(params: Params, cfg: NextItNetConfig, ids: jax.Array, *,
           train: bool = False, rng: jax.Array | None = None,
           source: tuple[int, ...] | None = None,
           gates: jax.Array | None = None, unroll: bool = False) -> jax.Array:
-  """Item ids [B, T] -> hidden states [B, T, C] (float32)."""
-  del train, rng  # No dropout in the official NextItNet.
+  """Item ids [B, T] -> hidden states [B, T, C] (float32).
+
+  With `train` and `model.dropout` > 0, dropout draws from `rng`.
+  """
+  dropping = train and cfg.dropout > 0
+  if dropping and rng is None:
+    raise ValueError("nextitnet: train=True with dropout needs an rng key")
   x = params["item_embedding"]["embedding"][ids]
+  block_keys = None
+  if dropping:
+    k_input, k_blocks = jax.random.split(rng)
+    x = nn.Dropout(cfg.dropout).apply({}, x, deterministic=False,
+                                      rngs={"dropout": k_input})
+    # One key per run position, scanned with the blocks.
+    block_keys = jax.random.split(k_blocks, cfg.num_blocks)
   # Zeroing padding makes a left-padded sequence see exactly the causal
   # conv's own zero padding at the bottom of the stack.
   x = x * (ids != 0)[..., None]
 
-  def block(p, x, dilation, gate):
-    return NextItNetBlock(cfg, dilation).apply({"params": p}, x, gate)
+  def block(p, x, dilation, inputs):
+    key, gate = inputs
+    return NextItNetBlock(cfg, dilation).apply(
+        {"params": p}, x, gate, deterministic=key is None,
+        rngs=None if key is None else {"dropout": key})
 
   return scan_blocks(block, params["blocks"], x,
-                     statics=cfg.block_dilations(), source=source, xs=gates,
-                     remat=cfg.remat, unroll=unroll)
+                     statics=cfg.block_dilations(), source=source,
+                     xs=(block_keys, gates), remat=cfg.remat, unroll=unroll)
 
 
 def grown_config(cfg: NextItNetConfig, sources: tuple[int, ...],

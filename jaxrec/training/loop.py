@@ -11,8 +11,11 @@
 - The batch for step s and the step's RNG are pure functions of (seed, s),
   so resuming from a checkpoint at step s replays exactly what an
   uninterrupted run would have done.
-- Validation every `eval_every` steps; the best params (by `select_metric`)
-  go to `checkpoints/best`, the full state to `checkpoints/latest`.
+- A run lasts `train.steps`, or `train.epochs` passes over the training
+  rows when steps is 0 (the default); validation every `eval_every` steps,
+  by default once per epoch; the best params (by `select_metric`) go to
+  `checkpoints/best`, the full state to `checkpoints/latest`; `patience`
+  validations without a gain stop the run (on by default).
 """
 from __future__ import annotations
 
@@ -160,7 +163,10 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
   batch_size = sharder.check_batch(tcfg.batch_size, "train.batch_size")
   params = (init_params if init_from else
             models.init_params(cfg, jax.random.key(tcfg.seed)))
-  opt, labels = optimizer_for(cfg, params)
+  per_epoch = sequences.steps_per_epoch(data.train.shape[0], batch_size)
+  total_steps = tcfg.steps or tcfg.epochs * per_epoch
+  eval_every = tcfg.eval_every or per_epoch
+  opt, labels = optimizer_for(cfg, params, total_steps)
   masks = optim.row_masks(params, models.get(cfg.model.name).surgery.stacks,
                           tcfg.train_top_blocks)
   step_fn = jax.jit(
@@ -185,23 +191,23 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
   start = int(state["step"])
 
   log = rundir.MetricsLog(out_dir, tcfg.tensorboard, start)
-  log_every = min(50, tcfg.eval_every)
+  log_every = min(50, eval_every)
   tokens_per_step = int(np.sum(data.train[:, 1:] != 0) /
                         max(1, data.train.shape[0]) * batch_size)
-  bar = tqdm(total=tcfg.steps, initial=start, disable=not progress_bar,
+  bar = tqdm(total=total_steps, initial=start, disable=not progress_bar,
              desc="train", unit="step", mininterval=1.0, dynamic_ncols=True)
   t_last, s_last = time.time(), start
   clock = time.time() - prog.train_time_s
   done = start
   # A resumed run that had already stopped early stays stopped.
-  end = start if prog.stopped(tcfg.patience) else tcfg.steps
+  end = start if prog.stopped(tcfg.patience) else total_steps
   try:
     for step in range(start, end):
       batch = task.batch(data, step, batch_size, tcfg.seed)
       state, out = step_fn(state, sharder.put_batch(batch))
       done = step + 1
-      log_now = done % log_every == 0 or done == tcfg.steps
-      eval_now = done % tcfg.eval_every == 0 or done == tcfg.steps
+      log_now = done % log_every == 0 or done == total_steps
+      eval_now = done % eval_every == 0 or done == total_steps
       if log_now or eval_now:  # Never validate or save non-finite params.
         loss = _check_finite(state, out, out_dir)
       if log_now:
@@ -238,12 +244,13 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
     latest.wait_until_finished()
     best.wait_until_finished()
 
-  return _finish(cfg, out_dir, data, sharder, rank_fn, best, prog, done)
+  return _finish(cfg, out_dir, data, sharder, rank_fn, best, prog, done,
+                 per_epoch)
 
 
 def _finish(cfg: Config, out_dir: str, data: sequences.SequenceData,
             sharder: Sharder, rank_fn: Callable, best, prog: Progress,
-            steps: int) -> dict[str, Any]:
+            steps: int, per_epoch: int) -> dict[str, Any]:
   """Tests the best checkpoint (read back from disk) and writes metrics.json."""
   restored, _ = checkpoints.restore(
       best, target=abstract_state(cfg, "best", sharder.replicated))
@@ -254,6 +261,7 @@ def _finish(cfg: Config, out_dir: str, data: sequences.SequenceData,
   result = {
       "valid": prog.best_valid, "test": test, "popularity": pop,
       "best_step": prog.best_step, "steps": steps,
+      "epochs": round(steps / per_epoch, 3), "steps_per_epoch": per_epoch,
       "train_time_s": prog.train_time_s,
       "ranking": "full", "mask_history": cfg.train.mask_history,
       "backbone": cfg.model.name, "head": cfg.head.name,

@@ -48,26 +48,46 @@ def trainable_labels(params: Any, freeze: tuple[str, ...]) -> Any:
   return labels
 
 
-def base_optimizer(tcfg: TrainConfig) -> optax.GradientTransformation:
-  """Adam (AdamW with weight decay), optional schedule and clipping."""
+DECAYED = ("kernel", "embedding")  # Leaf names weight decay acts on.
+
+
+def decay_mask(params: Any) -> Any:
+  """True for kernels and embeddings: weight decay leaves biases, norms and
+  residual gates alone (decaying a LayerNorm scale or an alpha toward 0
+  fights what they are for)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: path_name(path).rsplit("/", 1)[-1] in DECAYED, params)
+
+
+def base_optimizer(tcfg: TrainConfig,
+                   total_steps: int | None = None
+                   ) -> optax.GradientTransformation:
+  """Adam (AdamW with weight decay), optional schedule and clipping.
+
+  `total_steps` is the schedule's horizon (the run's resolved length; by
+  default `tcfg.steps`, at least 1).
+  """
+  horizon = max(1, total_steps or tcfg.steps)
   lr: Any = tcfg.learning_rate
   if tcfg.schedule == "cosine":
-    lr = optax.cosine_decay_schedule(tcfg.learning_rate, tcfg.steps)
+    lr = optax.cosine_decay_schedule(tcfg.learning_rate, horizon)
   elif tcfg.schedule == "warmup_cosine":
     lr = optax.warmup_cosine_decay_schedule(
-        0.0, tcfg.learning_rate, tcfg.warmup_steps, tcfg.steps)
-  opt = (optax.adamw(lr, weight_decay=tcfg.weight_decay)
+        0.0, tcfg.learning_rate, tcfg.warmup_steps, horizon)
+  opt = (optax.adamw(lr, weight_decay=tcfg.weight_decay, mask=decay_mask)
          if tcfg.weight_decay > 0 else optax.adam(lr))
   if tcfg.clip_norm > 0:
     opt = optax.chain(optax.clip_by_global_norm(tcfg.clip_norm), opt)
   return opt
 
 
-def make_optimizer(tcfg: TrainConfig,
-                   labels: Any) -> optax.GradientTransformation:
+def make_optimizer(tcfg: TrainConfig, labels: Any,
+                   total_steps: int | None = None
+                   ) -> optax.GradientTransformation:
   """The base optimizer on 'train' leaves, set_to_zero on 'frozen' ones."""
   return optax.multi_transform(
-      {TRAIN: base_optimizer(tcfg), FROZEN: optax.set_to_zero()}, labels)
+      {TRAIN: base_optimizer(tcfg, total_steps),
+       FROZEN: optax.set_to_zero()}, labels)
 
 
 def split(params: Any, labels: Any) -> tuple[Any, Any]:

@@ -38,13 +38,13 @@ def prepare(cfg: Config, out_dir: str, resume: bool) -> None:
 
 
 def config_diff(saved: dict, new: dict) -> list[str]:
-  """`section.key: old -> new` for every difference except train.steps
-  (a resume may extend a run)."""
+  """`section.key: old -> new` for every difference except train.steps and
+  train.epochs (a resume may extend a run)."""
   out = []
   for section in config_lib.SECTIONS:
     for key in sorted(set(saved.get(section, {})) | set(new.get(section, {}))):
       a, b = saved.get(section, {}).get(key), new.get(section, {}).get(key)
-      if a != b and f"{section}.{key}" != "train.steps":
+      if a != b and f"{section}.{key}" not in ("train.steps", "train.epochs"):
         out.append(f"{section}.{key}: {a!r} -> {b!r}")
   return out
 

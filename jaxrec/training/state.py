@@ -22,10 +22,12 @@ from jaxrec.training import optim
 State = dict[str, Any]
 
 
-def optimizer_for(cfg: Config, params: Any) -> tuple[Any, Any]:
-  """(optimizer, labels) of a run: `train.freeze` decides the labels."""
+def optimizer_for(cfg: Config, params: Any,
+                  total_steps: int | None = None) -> tuple[Any, Any]:
+  """(optimizer, labels) of a run: `train.freeze` decides the labels;
+  `total_steps` is the schedule's horizon (structure does not depend on it)."""
   labels = optim.trainable_labels(params, cfg.train.freeze)
-  return optim.make_optimizer(cfg.train, labels), labels
+  return optim.make_optimizer(cfg.train, labels, total_steps), labels
 
 
 def init_state(params: models.Params,

@@ -1,0 +1,66 @@
+"""experiments/tune.py: deterministic trials, selection on validation only,
+a best.yaml that `jaxrec train --config` reads, resumable."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
+                                "experiments"))
+import tune  # pylint: disable=wrong-import-position
+from jaxrec import cli  # pylint: disable=wrong-import-position
+from jaxrec.cli import flags  # pylint: disable=wrong-import-position
+
+
+class ValidOnly(dict):
+  """A trial record whose every field but `valid` is off limits."""
+
+  def __getitem__(self, key):
+    if key != "valid":
+      raise AssertionError(f"selection read {key!r}")
+    return super().__getitem__(key)
+
+
+def test_selection_reads_only_validation_metrics():
+  trials = [ValidOnly(valid={"ndcg@10": v}, test_for_the_record={
+      "ndcg@10": 1 - v}) for v in (0.2, 0.5, 0.3)]
+  assert tune.select_best(trials, "ndcg@10") is trials[1]
+
+
+def test_trial_values_are_a_pure_function_of_seed_and_trial():
+  assert tune.sample(0, 3, "nextitnet") == tune.sample(0, 3, "nextitnet")
+  assert tune.sample(0, 3, "nextitnet") != tune.sample(1, 3, "nextitnet")
+  values = [tune.sample(0, i, "sasrec") for i in range(20)]
+  assert all(2e-4 <= v["learning_rate"] <= 5e-3 for v in values)
+  assert {v["num_blocks"] for v in values} <= {1, 2, 3}
+
+
+@pytest.mark.slow
+def test_a_search_writes_trials_best_yaml_and_a_plot_and_resumes(
+    tmp_path, monkeypatch, capsys):
+  base = tmp_path / "base.yaml"
+  base.write_text("data:\n  max_len: 12\ntrain:\n  steps: 4\n"
+                  "  eval_every: 2\n  eval_batch_size: 64\n")
+  out = tmp_path / "tune"
+  argv = ["tune.py", "--data", "synthetic:tiny", "--model", "nextitnet",
+          "--out", str(out), "--trials", "2", "--config", str(base)]
+  monkeypatch.setattr(sys, "argv", argv)
+  tune.main()
+  with open(out / "trials.jsonl") as f:
+    trials = [json.loads(line) for line in f]
+  assert [t["trial"] for t in trials] == [0, 1]
+  best = max(trials, key=lambda t: t["valid"]["ndcg@10"])
+  assert f"best: trial {best['trial']}" in capsys.readouterr().out
+  assert os.path.getsize(out / "tune.png") > 0
+  args = cli.build_parser().parse_args(
+      ["train", "--out", "x", "--config", str(out / "best.yaml")])
+  cfg = flags.config_from_args(args)
+  assert cfg.model.embed_dim == best["values"]["embed_dim"]
+  assert cfg.train.learning_rate == best["values"]["learning_rate"]
+  assert cfg.model.num_items == 0 and cfg.train.steps == 4
+  # A rerun with the same options finds both trials done.
+  monkeypatch.setattr(sys, "argv", argv)
+  tune.main()
+  with open(out / "trials.jsonl") as f:
+    assert len(f.readlines()) == 2
