@@ -172,8 +172,9 @@ class TrainConfig:
   eval_batch_size: int = option(512, "sequences per evaluation batch")
   select_metric: str = option("mrr@5", "validation metric for early "
                               "stopping and the best checkpoint")
-  patience: int = option(5, "validations without improvement before "
-                         "stopping (0: never stop early)")
+  patience: int = option(10, "validations without improvement before "
+                         "stopping (0: never stop early); 10 outlasts the "
+                         "popularity plateau early in training")
   mask_history: bool = option(False, "evaluation: never rank items already "
                               "in the input")
   keep_checkpoints: int = option(2, "latest checkpoints kept for --resume")

@@ -64,3 +64,19 @@ def test_a_search_writes_trials_best_yaml_and_a_plot_and_resumes(
   tune.main()
   with open(out / "trials.jsonl") as f:
     assert len(f.readlines()) == 2
+
+
+def test_accuracy_table_shows_default_tuned_and_popularity_rows():
+  import accuracy  # pylint: disable=import-outside-toplevel
+  metrics = {"ndcg@10": 0.3, "hr@10": 0.5, "mrr@5": 0.2}
+  results = {"models": {"sasrec": {
+      "default": {"test": metrics, "valid": {"ndcg@10": 0.31},
+                  "train_time_s": 12.0, "popularity": metrics},
+      "tuned": {"test": {**metrics, "ndcg@10": 0.4},
+                "valid": {"ndcg@10": 0.41}, "train_time_s": 30.0,
+                "trials": 10}}}}
+  table = accuracy.markdown(results).splitlines()
+  assert table[2] == ("| sasrec | default | 0.3000 | 0.5000 | 0.2000 | "
+                      "0.3100 | 12 |")
+  assert table[3].startswith("| sasrec | tuned (best of 10) | 0.4000 |")
+  assert table[4].startswith("| popularity | | 0.3000 |")

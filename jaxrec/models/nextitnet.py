@@ -50,9 +50,10 @@ class NextItNetConfig(BackboneConfig):
                          "StackRec); plain: x + h (NextItNet)")
   layer_norm_eps: float = option(1e-8, "LayerNorm epsilon (official code: "
                                  "1e-8)")
-  dropout: float = option(0.0, "dropout on the input embedding and on each "
+  dropout: float = option(0.2, "dropout on the input embedding and on each "
                           "block's residual branch, in training (the "
-                          "official code has none)")
+                          "official code has none; 0.2 chosen on validation, "
+                          "RESULTS.md)")
 
   def block_dilations(self) -> tuple[int, ...]:
     """The first-conv dilation of every block, bottom to top."""
