@@ -14,7 +14,6 @@ RESULTS.md. Test metrics are reported, never used to choose.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -106,7 +105,7 @@ def markdown(results: dict) -> str:
                   + f" | {run['valid']['ndcg@10']:.4f} | "
                   f"{run['train_time_s']:.0f} |")
     pop = runs["default"]["popularity"]
-    rows.append(f"| popularity | | "
+    rows.append("| popularity | | "
                 + " | ".join(f"{pop[m]:.4f}" for m in SHOWN) + " | | |")
   return "\n".join(rows)
 

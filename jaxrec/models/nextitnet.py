@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jaxrec.config import BackboneConfig, choice, option, require
 from jaxrec.models.backbone import Backbone, Params, SurgeryRules
 from jaxrec.nn.conv import CausalConv, weight_init
+from jaxrec.nn.dropout import input_dropout
 from jaxrec.nn.norm import LayerNorm
 from jaxrec.nn.stack import scan_blocks
 
@@ -120,11 +121,7 @@ def apply(params: Params, cfg: NextItNetConfig, ids: jax.Array, *,
   x = params["item_embedding"]["embedding"][ids]
   block_keys = None
   if dropping:
-    k_input, k_blocks = jax.random.split(rng)
-    x = nn.Dropout(cfg.dropout).apply({}, x, deterministic=False,
-                                      rngs={"dropout": k_input})
-    # One key per run position, scanned with the blocks.
-    block_keys = jax.random.split(k_blocks, cfg.num_blocks)
+    x, block_keys = input_dropout(x, cfg.dropout, rng, cfg.num_blocks)
   # Zeroing padding makes a left-padded sequence see exactly the causal
   # conv's own zero padding at the bottom of the stack.
   x = x * (ids != 0)[..., None]

@@ -61,6 +61,7 @@ from jaxrec.errors import JaxrecError
 from jaxrec.models.backbone import Backbone, Params, SurgeryRules
 from jaxrec.nn.attention import CausalSelfAttention, dense_init
 from jaxrec.nn.conv import weight_init
+from jaxrec.nn.dropout import input_dropout
 from jaxrec.nn.norm import LayerNorm
 from jaxrec.nn.stack import scan_blocks
 
@@ -209,12 +210,7 @@ def apply(params: Params, cfg: SASRecConfig, ids: jax.Array, *,
   x = x + params["position_embedding"]["embedding"][cfg.num_positions - t:]
   block_keys = None
   if train:
-    k_input, k_blocks = jax.random.split(rng)
-    x = nn.Dropout(cfg.dropout).apply({}, x, deterministic=False,
-                                      rngs={"dropout": k_input})
-    # One key per run position, scanned with the blocks, so every block
-    # (shared or not) draws its own masks.
-    block_keys = jax.random.split(k_blocks, cfg.num_blocks)
+    x, block_keys = input_dropout(x, cfg.dropout, rng, cfg.num_blocks)
   # As the official code. Real positions would not see padding anyway (its
   # keys are masked, each block zeroes its rows); this keeps the stream zero
   # under padding from the start, whatever row 0 of the embedding holds.
