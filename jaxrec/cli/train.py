@@ -6,7 +6,7 @@ from typing import Any
 
 from jaxrec import config as config_lib
 from jaxrec.cli import flags
-from jaxrec.errors import JaxrecError
+from jaxrec.errors import JaxrecError, first_line
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> None:
       jax.distributed.initialize()
     except (ValueError, RuntimeError) as e:
       # Outside a cluster jax cannot find the coordinator or process count.
-      detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+      detail = first_line(e)
       raise JaxrecError(f"--distributed: jax.distributed.initialize() "
                         f"failed: {detail}") from None
   from jaxrec.training import loop  # pylint: disable=import-outside-toplevel

@@ -19,7 +19,7 @@ import chex
 import jax
 import numpy as np
 
-from jaxrec.errors import JaxrecError
+from jaxrec.errors import JaxrecError, first_line
 from jaxrec.models import nextitnet, sasrec
 from jaxrec.models.backbone import Backbone, Params, SurgeryRules
 
@@ -83,7 +83,7 @@ def require_fit(params: Params, cfg: Any, what: str) -> None:
   try:
     check_params(params, cfg)
   except (AssertionError, ValueError, TypeError) as e:
-    detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    detail = first_line(e)
     raise JaxrecError(
         f"{what} do not fit the model config ({cfg.model.name}, "
         f"{cfg.model.num_blocks} blocks, C={cfg.model.embed_dim}, "

@@ -28,7 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxrec import config as config_lib
-from jaxrec.errors import JaxrecError
+from jaxrec.errors import JaxrecError, first_line
 
 FORMAT = "jaxrec/2"
 LEGACY_FORMATS = ("jaxrec.nextitnet/1",)
@@ -74,7 +74,7 @@ def restore(mngr: ocp.CheckpointManager, step: int | None = None,
       raise
     # Orbax's structure/shape mismatch: the arrays are not those the
     # checkpoint's own config implies (a tampered or foreign checkpoint).
-    detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    detail = first_line(e)
     raise JaxrecError(f"{mngr.directory}/{step}: the saved arrays do not "
                       f"fit the checkpoint's config: {detail}") from None
   state = restored.state

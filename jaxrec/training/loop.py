@@ -281,14 +281,12 @@ def _check_resumable_format(out_dir: str) -> None:
 
 def _restore_latest(latest, state: State,
                     data: sequences.SequenceData) -> tuple[State, dict]:
-  step = latest.latest_step()
-  meta = latest.restore(step, args=checkpoints.meta_args()).meta
-  checkpoints.check_format(meta, f"{latest.directory}/{step}",
-                           legacy_ok=False)
+  # Its format was checked before the run directory was touched
+  # (`_check_resumable_format`).
   abstract = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
       state)
-  restored, meta = checkpoints.restore(latest, step, target=abstract)
+  restored, meta = checkpoints.restore(latest, target=abstract)
   if meta["data_fingerprint"] != data.fingerprint:
     raise JaxrecError(f"{latest.directory}: checkpoint was trained on other "
                       "data (fingerprint differs); use another --out")
