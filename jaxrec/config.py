@@ -13,8 +13,9 @@ generated from the fields (`jaxrec.cli.flags`), override it. Every field is
 declared with `option(default, help)`, so `--help` and the docs read the
 same text as the code. Values are read by one coercer (`coerce`) with one
 list syntax: a YAML/JSON list, or a string whose items are separated by
-commas or slashes (`1,4` or `1/4`; inside a `synthetic:` spec, where commas
-separate options, only slashes). Every value is validated here, so a bad one
+commas (numbers also by slashes: `1,4` or `1/4`; inside a `synthetic:` spec,
+where commas separate options, only slashes; path patterns, which contain
+slashes, only commas). Every value is validated here, so a bad one
 fails with a one-line `JaxrecError` naming the option before any work starts.
 """
 from __future__ import annotations
@@ -368,7 +369,8 @@ def coerce(field: dataclasses.Field, value: Any, origin: str) -> Any:
       return str(value)
     if kind in _LIST_ITEM:
       if isinstance(value, str):
-        value = split_list(value)
+        # Path patterns contain '/', so string lists split on commas only.
+        value = split_list(value, numbers=kind != "tuple[str, ...]")
       elif not isinstance(value, (list, tuple)):
         value = [value]
       return tuple(_LIST_ITEM[kind](v) for v in value)
@@ -379,9 +381,11 @@ def coerce(field: dataclasses.Field, value: Any, origin: str) -> Any:
   raise AssertionError(f"unhandled field type {kind}")
 
 
-def split_list(text: str) -> list[str]:
-  """'1,4' / '1/4' / '1 4' -> ['1', '4'] (the one list syntax)."""
-  return [v for v in re.split(r"[,/\s]+", text.strip()) if v]
+def split_list(text: str, numbers: bool = True) -> list[str]:
+  """'1,4' / '1/4' / '1 4' -> ['1', '4'] (the one list syntax); a list of
+  strings (`numbers=False`) splits on commas only: 'a/.*,b' -> ['a/.*', 'b']."""
+  pattern = r"[,/\s]+" if numbers else r"\s*,\s*"
+  return [v for v in re.split(pattern, text.strip()) if v]
 
 
 def load_file(path: str) -> dict[str, Any]:

@@ -380,3 +380,12 @@ def test_distributed_outside_a_cluster_is_one_line(tmp_path, capsys,
   line = run_error(capsys, ["train", "--out", str(tmp_path), "--distributed"]
                    + TINY)
   assert "--distributed: jax.distributed.initialize() failed" in line
+
+
+def test_freeze_flag_keeps_slashes_inside_path_patterns():
+  args = cli.build_parser().parse_args(
+      ["train", "--out", "x", "--freeze", "item_embedding/.*, blocks/.*",
+       "--dilations", "1/4"])
+  cfg = flags.config_from_args(args)
+  assert cfg.train.freeze == ("item_embedding/.*", "blocks/.*")
+  assert cfg.model.dilations == (1, 4)
