@@ -57,6 +57,20 @@ class BackboneConfig:
   remat: str = option("none", "rematerialise each scanned block group in "
                       "the backward pass: none | full | dots (keep matmul "
                       "outputs)")
+  embedding: str = option("full", "item embedding: full ([V, C] table) | "
+                          "adaptive (CpRec: a [k_j, d_j] table and a "
+                          "[d_j, C] projection per frequency band)")
+  num_bands: int = option(4, "CpRec frequency bands, head to tail (adaptive "
+                          "embedding, tree_softmax head)")
+  band_shares: tuple[float, ...] = option(
+      (0.8,), "cumulative shares of training events where bands end, head "
+      "first; bands without one split the rest into equal masses")
+  band_cutoffs: tuple[int, ...] = option(
+      (), "explicit band cutoffs as item ids c_1 < ... < c_{n-1} (ids rank "
+      "items by training frequency); empty: from band_shares, then written "
+      "into the run's config")
+  band_dims: tuple[int, ...] = option(
+      (), "embedding width d_j of each band (default C / 4^j, at least 1)")
 
   def fit_data(self, num_items: int, max_len: int) -> "BackboneConfig":
     """This config with the sizes the data fixes (a backbone with position
@@ -72,15 +86,35 @@ class BackboneConfig:
     require(self.num_blocks >= 1, "model.num_blocks", self.num_blocks, ">= 1")
     choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
     choice("model.remat", self.remat, ("none", "full", "dots"))
+    choice("model.embedding", self.embedding, ("full", "adaptive"))
+    self.validate_bands()
+
+  def validate_bands(self) -> None:
+    """Band options: shares, cutoffs (against V once known), dims."""
+    from jaxrec.nn import bands  # pylint: disable=import-outside-toplevel
+    require(self.num_bands >= 1, "model.num_bands", self.num_bands, ">= 1")
+    bands.check_shares(self.band_shares)
+    if self.band_cutoffs:
+      bands.check_cutoffs(self.band_cutoffs, self.num_bands, self.num_items)
+    if self.band_dims:
+      require(len(self.band_dims) == self.num_bands and all(
+          d >= 1 for d in self.band_dims), "model.band_dims",
+              list(self.band_dims),
+              f"{self.num_bands} positive widths (one per band)")
 
 
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:
   """Fields every output head has; each head's config extends it."""
   name: str = option("softmax", "output head, one of jaxrec.heads.names()")
+  uses_bands = False  # Class attribute: built on the model's frequency bands.
 
   def validate(self) -> None:
     pass
+
+  def check_train(self, train: "TrainConfig") -> None:
+    """Refuses training options this head cannot honour."""
+    del train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,7 +292,42 @@ class Config:
   def validate(self) -> "Config":
     for name in SECTIONS:
       getattr(self, name).validate()
+    self.head.check_train(self.train)
+    shared = getattr(self.model, "source_map", lambda: None)() is not None
+    if self.train.train_top_blocks and shared:
+      raise JaxrecError(
+          f"train.train_top_blocks={self.train.train_top_blocks}: the model "
+          f"shares blocks (model.share={self.model.share!r}), so no stored "
+          "block is the top one; freeze by path (train.freeze) instead")
+    if (self.model.embedding == "adaptive"
+        and getattr(self.head, "tie_embeddings", False)):
+      raise JaxrecError("head.tie_embeddings=True: needs model.embedding="
+                        "'full' (an adaptive embedding has no [V, C] table "
+                        "to tie)")
     return self
+
+  def uses_bands(self) -> bool:
+    """Whether the model or the head is built on frequency bands."""
+    return (self.model.embedding == "adaptive"
+            or getattr(self.head, "uses_bands", False))
+
+  def fit_data(self, num_items: int, max_len: int,
+               item_counts: Any = None) -> "Config":
+    """The sizes the data fixes, and the band cutoffs its training counts
+    give (when bands are used and no cutoffs were set)."""
+    model = self.model.fit_data(num_items, max_len)
+    cfg = self.replace(model=model)
+    if cfg.uses_bands() and not model.band_cutoffs:
+      from jaxrec.nn import bands  # pylint: disable=import-outside-toplevel
+      if item_counts is None:
+        raise JaxrecError("model.band_cutoffs: empty, and no training "
+                          "counts to resolve band_shares from")
+      model = dataclasses.replace(model, band_cutoffs=bands.cutoffs_from_counts(
+          item_counts, model.num_bands, model.band_shares))
+      cfg = cfg.replace(model=model)
+    if cfg.uses_bands():
+      model.validate_bands()
+    return cfg
 
   def to_dict(self) -> dict[str, Any]:
     out: dict[str, Any] = {name: section_to_dict(getattr(self, name))

@@ -149,11 +149,12 @@ def test_synthetic_source_passes_size_string(tmp_path):
 
 @pytest.mark.parametrize("scale", [1, 0.5])  # Integer and float timestamps.
 def test_tied_timestamps_keep_file_order(tmp_path, scale):
-  # All items unique, so ids follow first appearance: w=1 x=2 y=3 z=4.
+  # By time, ties in file order: x y w z. Training holds x and y (once
+  # each, so ids by first appearance: x=1 y=2); w and z come after: w=3 z=4.
   rows = [("a", "w", 2), ("a", "x", 1), ("a", "y", 1), ("a", "z", 2)]
   data = ip.build_sequences(inter([(u, i, t * scale) for u, i, t in rows]),
                             make_cfg(tmp_path, max_len=3))
-  np.testing.assert_array_equal(data.test_inputs, [[2, 3, 1]])
+  np.testing.assert_array_equal(data.test_inputs, [[1, 2, 3]])
   np.testing.assert_array_equal(data.test_targets, [4])
 
 
@@ -171,28 +172,44 @@ def test_k_core_filter_iterates_until_stable(tmp_path):
   assert data.meta["num_interactions"] == 6
 
 
-def test_item_id_1_is_the_most_popular(tmp_path):
+def test_item_id_1_is_the_most_frequent_in_training(tmp_path):
+  rows = []
+  for u in range(6):
+    rows += [(u, f"own{u}-{k}", k) for k in range(4)]
+    rows += [(u, "hit", 4), (u, f"own{u}-4", 5), (u, f"own{u}-5", 6)]
+  data = ip.build_sequences(inter(rows), make_cfg(tmp_path))
+  assert data.item_counts[1] == 6 and data.item_counts[2:].max() == 1
+  np.testing.assert_array_equal(data.valid_inputs[:, -1], np.ones(6))
+
+
+def test_items_only_in_valid_or_test_get_the_last_ids(tmp_path):
+  # "hit" is every user's test target, the most frequent item overall, but
+  # never in training: ranking by all events would leak the test targets.
   rows = []
   for u in range(6):
     rows += [(u, f"own{u}-{k}", k) for k in range(3)] + [(u, "hit", 9)]
   data = ip.build_sequences(inter(rows), make_cfg(tmp_path))
-  np.testing.assert_array_equal(data.test_targets, np.ones(6))
+  hit = data.test_targets[0]
+  np.testing.assert_array_equal(data.test_targets, np.full(6, hit))
+  assert data.item_counts[hit] == 0
+  assert hit > data.train.max()  # After every item seen in training.
   assert data.num_items == 6 * 3 + 2
 
 
 def test_loo_split_on_hand_example(tmp_path):
-  # Counts: 50 x3, 40 x2, 10/20/30 x1 (tied, by first appearance), so the
-  # ids are 50->1 40->2 10->3 20->4 30->5.
+  # Training events (all but each user's last two): A 10 20 30, B 50, each
+  # once, so by first appearance 10->1 20->2 30->3 50->4; 40, never in
+  # training, comes last: 40->5.
   rows = [("A", 10, 1), ("A", 20, 2), ("A", 30, 3), ("A", 40, 4),
           ("A", 50, 5), ("B", 50, 1), ("B", 40, 2), ("B", 50, 3)]
   data = ip.build_sequences(inter(rows), make_cfg(tmp_path, max_len=3))
-  np.testing.assert_array_equal(data.test_inputs, [[4, 5, 2], [0, 1, 2]])
-  np.testing.assert_array_equal(data.test_targets, [1, 1])
-  np.testing.assert_array_equal(data.valid_inputs, [[3, 4, 5], [0, 0, 1]])
-  np.testing.assert_array_equal(data.valid_targets, [2, 2])
+  np.testing.assert_array_equal(data.test_inputs, [[2, 3, 5], [0, 4, 5]])
+  np.testing.assert_array_equal(data.test_targets, [4, 4])
+  np.testing.assert_array_equal(data.valid_inputs, [[1, 2, 3], [0, 0, 4]])
+  np.testing.assert_array_equal(data.valid_targets, [5, 5])
   # B's training prefix is one item (no transition), so it has no row.
-  np.testing.assert_array_equal(data.train, [[0, 3, 4, 5]])
-  np.testing.assert_array_equal(data.item_counts, [0, 0, 0, 1, 1, 1])
+  np.testing.assert_array_equal(data.train, [[0, 1, 2, 3]])
+  np.testing.assert_array_equal(data.item_counts, [0, 1, 1, 1, 0, 0])
   assert data.num_items == 6
   assert data.meta == dict(source="synthetic", protocol="loo", num_users=2,
                            num_items=5, num_interactions=8, num_train_rows=1,
@@ -222,8 +239,10 @@ def test_by_default_every_training_transition_is_a_target_once(tmp_path):
 def unique_events(num_users, length):
   """Every event has its own item, so an item id names one (user, position).
 
-  Items are unique and written in user order, so ids follow first appearance:
-  user u's position p gets id u * length + p + 1.
+  Items are unique and written in user order. Ids rank training items
+  first, each group by first appearance: under `paper` a user's items are
+  all training or all held out, so each user's ids stay consecutive and
+  (id - 1) // length is a relabelling of the users.
   """
   return inter([(u, f"{u}:{p}", p) for u in range(num_users)
                 for p in range(length)])
@@ -235,12 +254,16 @@ def test_loo_no_leakage(tmp_path):
                             make_cfg(tmp_path, max_len=4, window=3))
   trained = set(data.train[data.train > 0].tolist())
   users = np.arange(20)
-  np.testing.assert_array_equal(data.test_targets, users * length + length)
+  # Training items (positions 0..length-3 of each user) take ids 1..T; the
+  # held-out ones follow in order of appearance: valid, test, next user.
+  num_trained = 20 * (length - 2)
+  assert trained == set(range(1, num_trained + 1))
   np.testing.assert_array_equal(data.valid_targets,
-                                users * length + length - 1)
-  held_out = set(data.test_targets.tolist()) | set(data.valid_targets.tolist())
-  assert not trained & held_out
-  assert (data.valid_inputs[:, -1] == data.valid_targets - 1).all()
+                                num_trained + 2 * users + 1)
+  np.testing.assert_array_equal(data.test_targets,
+                                num_trained + 2 * users + 2)
+  np.testing.assert_array_equal(data.valid_inputs[:, -1],
+                                (users + 1) * (length - 2))
 
 
 def test_paper_no_leakage(tmp_path):
@@ -285,9 +308,10 @@ def test_windows_cover_every_transition_exactly_once(tmp_path):
                             make_cfg(tmp_path, max_len=6, window=4))
   pairs = [(a, b) for row in data.train.tolist()
            for a, b in zip(row[:-1], row[1:]) if a]
-  # loo trains on all but the last two items of each user.
+  # loo trains on all but the last two items of each user: A's first 23
+  # (ids 1..23) and B's first 5 (ids 24..28).
   expected = [(i, i + 1) for i in range(1, 23)] + [(i, i + 1)
-                                                    for i in range(26, 30)]
+                                                    for i in range(24, 28)]
   assert sorted(pairs) == expected
   assert (np.count_nonzero(data.train, axis=1) <= 5).all()
   assert data.train.shape[1] == 7

@@ -260,7 +260,7 @@ from jaxrec.training import loop, state as state_lib
 from jaxrec.training.mesh import Sharder, make_mesh
 cfg = config.from_dict(json.loads({cfg!r}))
 data = pipeline.load_data(cfg.data)
-cfg = cfg.replace(model=cfg.model.fit_data(data.num_items, data.max_len))
+cfg = cfg.fit_data(data.num_items, data.max_len, data.item_counts)
 params = models.init_params(cfg, jax.random.key(0))
 opt, labels = state_lib.optimizer_for(cfg, params)
 out = {{}}

@@ -44,7 +44,7 @@ from jaxrec.data.sequences import Interactions, SequenceData
 log = logging.getLogger(__name__)
 
 # Bump when processing changes, so old caches are not reused.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: ids ranked by training-split frequency.
 MOVIELENS_URL = "https://files.grouplens.org/datasets/movielens/{name}.zip"
 # SHA-256 of GroupLens zips, by name. Only verified values belong here; a name
 # missing here is checked against the `.sha256` file recorded next to the zip
@@ -135,14 +135,19 @@ def build_sequences(inter: Interactions, cfg: DataConfig,
   _check_options(cfg)
   loo = cfg.protocol == "loo"
   users, items, order = _filtered_events(inter, cfg, min_len=3 if loo else 2)
-  seq = items[order]
+  codes = items[order]
   user_sorted = users[order]
   starts = np.flatnonzero(np.r_[True, user_sorted[1:] != user_sorted[:-1]])
-  ends = np.r_[starts[1:], len(seq)]
+  ends = np.r_[starts[1:], len(codes)]
   split = _split_loo if loo else _split_paper
+  # Ids rank items by their frequency in the training split alone (CpRec's
+  # frequency bands are id ranges): ranking by all events would let the
+  # valid and test targets decide which items get the large embeddings.
+  seq = _popularity_ids(codes, _training_events(codes, *split(
+      codes, starts, ends, cfg)["train"]))
   parts = split(seq, starts, ends, cfg)
   train = _train_rows(seq, *parts.pop("train"), cfg)
-  num_items = int(items.max()) + 1
+  num_items = int(seq.max()) + 1
   counts = np.bincount(train.ravel(), minlength=num_items).astype(np.int64)
   counts[0] = 0
   meta = dict(source=cfg.source, protocol=cfg.protocol,
@@ -557,8 +562,9 @@ def _time_array(values: list[int | float]) -> np.ndarray:
 
 def _filtered_events(inter: Interactions, cfg: DataConfig,
                      min_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """k-core-filtered user codes, item ids (1 = most popular), and the order
-  that sorts them by user, then time, ties in file order."""
+  """k-core-filtered user codes, item codes (0..K-1, in first-appearance
+  order), and the order that sorts them by user, then time, ties in file
+  order."""
   users, items, times = _check_interactions(inter)
   users, items = _factorize(users), _factorize(items)
   min_user = max(cfg.min_user_count, min_len)
@@ -570,7 +576,8 @@ def _filtered_events(inter: Interactions, cfg: DataConfig,
         f"{cfg.min_item_count} (protocol {cfg.protocol!r} also needs "
         f"{min_len} per user); lower them")
   users, items, times = users[keep], items[keep], times[keep]
-  return users, _popularity_ids(items), _chronological_order(users, times)
+  return users, _first_appearance_codes(items), _chronological_order(users,
+                                                                     times)
 
 
 def _factorize(values: np.ndarray) -> np.ndarray:
@@ -632,16 +639,33 @@ def _k_core(users: np.ndarray, items: np.ndarray, min_user: int,
     keep = new
 
 
-def _popularity_ids(items: np.ndarray) -> np.ndarray:
-  """Ids 1..V-1 by descending frequency, ties by first appearance."""
-  counts = np.bincount(items)
-  first = np.full(len(counts), len(items))
-  np.minimum.at(first, items, np.arange(len(items)))
-  present = np.flatnonzero(counts)
-  rank = np.lexsort((first[present], -counts[present]))
-  new_ids = np.zeros(len(counts), np.int64)
-  new_ids[present[rank]] = np.arange(1, len(present) + 1)
-  return new_ids[items]
+def _first_appearance_codes(items: np.ndarray) -> np.ndarray:
+  """Codes 0..K-1 numbering items in order of their first event in the file
+  (the tie-break of `_popularity_ids`)."""
+  _, first, inverse = np.unique(items, return_index=True, return_inverse=True)
+  rank = np.empty(len(first), np.int64)
+  rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+  return rank[inverse.reshape(-1)]
+
+
+def _training_events(codes: np.ndarray, starts: np.ndarray,
+                     ends: np.ndarray) -> np.ndarray:
+  """The item codes of the training events: codes[start:end] of each range."""
+  lengths = np.maximum(ends - starts, 0)
+  offsets = np.arange(lengths.sum()) - np.repeat(
+      np.cumsum(lengths) - lengths, lengths)
+  return codes[np.repeat(starts, lengths) + offsets]
+
+
+def _popularity_ids(codes: np.ndarray, train_codes: np.ndarray) -> np.ndarray:
+  """`codes` as ids 1..V-1 by descending training-split frequency, ties
+  (and items seen only in valid or test) by first appearance."""
+  num_codes = int(codes.max()) + 1
+  counts = np.bincount(train_codes, minlength=num_codes)
+  rank = np.lexsort((np.arange(num_codes), -counts))
+  new_ids = np.empty(num_codes, np.int64)
+  new_ids[rank] = np.arange(1, num_codes + 1)
+  return new_ids[codes]
 
 
 def _split_loo(seq: np.ndarray, starts: np.ndarray, ends: np.ndarray,

@@ -12,7 +12,10 @@ A head is one module with a config dataclass (extending
   anything: callers exclude them), so full-ranking evaluation walks any
   head tile by tile;
 - `item_scores(params, cfg, h, ids) -> [B, N]`: scores of given ids [B, N]
-  (sampled evaluation).
+  (sampled evaluation);
+- `prepare(params, cfg, h) -> context` (optional): what scoring needs per
+  batch, computed once (the tree softmax's band normalisers); evaluation
+  passes the context as `h` to `tile_scores` and `item_scores`.
 
 `params` is the whole model tree (a tied head reads the item embedding);
 `cfg` the whole Config. Adding a head: write `heads/NAME.py` and add its
@@ -34,11 +37,13 @@ class Head:
   loss: Callable[..., Any]
   tile_scores: Callable[..., Any]
   item_scores: Callable[..., Any]
+  prepare: Callable[..., Any] = lambda params, cfg, h: h
 
 
 def _registry() -> dict[str, Head]:
-  from jaxrec.heads import softmax  # pylint: disable=import-outside-toplevel
-  return {h.name: h for h in (softmax.HEAD,)}
+  # pylint: disable-next=import-outside-toplevel
+  from jaxrec.heads import softmax, tree_softmax
+  return {h.name: h for h in (softmax.HEAD, tree_softmax.HEAD)}
 
 
 def names() -> tuple[str, ...]:

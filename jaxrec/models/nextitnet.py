@@ -20,6 +20,23 @@ Block (official StackRec `nextitnet_residual_block_alpha`, post-norm):
 Dilations are config: a cycle of first-conv dilations ([1, 4] gives conv
 dilations 1,2,4,8,1,2,4,8,...), or one per block to pin each (StackRec's
 `carry` growth policy writes such a list).
+
+Layer sharing (CpRec, `model.share`), as index maps over the stored block
+axis (`jaxrec.nn.stack.scan_blocks(source=...)`); a block's dilation always
+follows its run position:
+
+  cross_block     position i runs stored block i mod P (P = share_period)
+  adjacent_block  position i runs stored block i // 2
+  adjacent_layer  the two convs of a block share one kernel (conv2, and
+                  with share_leaves=all ln2, are absent)
+  cross_layer     one stored block for every position, its two convs
+                  shared (ALBERT)
+
+With `share_leaves=all` (the paper's) whole blocks are shared; with `convs`
+only the conv kernels are, and the norms and gates stay per position in
+`block_norms` [L, ...]. `block_source` pins the map explicitly (growth of
+a shared model writes it); `sharing.untie` gathers a shared model into the
+equal unshared one.
 """
 from __future__ import annotations
 
@@ -31,7 +48,8 @@ import jax.numpy as jnp
 
 from jaxrec.config import BackboneConfig, choice, option, require
 from jaxrec.models.backbone import Backbone, Params, SurgeryRules
-from jaxrec.nn.conv import CausalConv, weight_init
+from jaxrec.nn import embedding
+from jaxrec.nn.conv import CausalConv
 from jaxrec.nn.dropout import input_dropout
 from jaxrec.nn.norm import LayerNorm
 from jaxrec.nn.stack import scan_blocks
@@ -55,11 +73,46 @@ class NextItNetConfig(BackboneConfig):
                           "block's residual branch, in training (the "
                           "official code has none; 0.2 chosen on validation, "
                           "RESULTS.md)")
+  share: str = option("none", "CpRec layer sharing: none | cross_layer | "
+                      "cross_block | adjacent_layer | adjacent_block")
+  share_period: int = option(2, "cross_block: stored blocks P (position i "
+                             "runs block i mod P); must divide num_blocks")
+  share_leaves: str = option("all", "what sharing shares: all (whole "
+                             "blocks, the paper) | convs (norms and gates "
+                             "stay per position)")
+  block_source: tuple[int, ...] = option(
+      (), "explicit map run position -> stored block (one per block); "
+      "growing a shared model writes it")
 
   def block_dilations(self) -> tuple[int, ...]:
     """The first-conv dilation of every block, bottom to top."""
     return tuple(self.dilations[i % len(self.dilations)]
                  for i in range(self.num_blocks))
+
+  def source_map(self) -> tuple[int, ...] | None:
+    """Run position -> stored block, or None when every block is its own."""
+    l = self.num_blocks
+    if self.block_source:
+      return tuple(self.block_source)
+    if self.share == "cross_layer":
+      return (0,) * l
+    if self.share == "cross_block":
+      return tuple(i % self.share_period for i in range(l))
+    if self.share == "adjacent_block":
+      return tuple(i // 2 for i in range(l))
+    return None
+
+  def stored_blocks(self) -> int:
+    source = self.source_map()
+    return self.num_blocks if source is None else max(source) + 1
+
+  def shares_layers(self) -> bool:
+    """Whether a block's two convs share one kernel."""
+    return self.share in ("adjacent_layer", "cross_layer")
+
+  def split_norms(self) -> bool:
+    """Whether norms and gates live per position beside shared convs."""
+    return self.share_leaves == "convs" and self.source_map() is not None
 
   def validate(self) -> None:
     super().validate()
@@ -72,6 +125,26 @@ class NextItNetConfig(BackboneConfig):
     choice("model.residual", self.residual, ("alpha", "plain"))
     require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout,
             "in [0, 1)")
+    self.validate_sharing()
+
+  def validate_sharing(self) -> None:
+    l = self.num_blocks
+    choice("model.share", self.share, ("none", "cross_layer", "cross_block",
+                                       "adjacent_layer", "adjacent_block"))
+    choice("model.share_leaves", self.share_leaves, ("all", "convs"))
+    if self.block_source:
+      src = list(self.block_source)
+      require(len(src) == l and set(src) == set(range(max(src) + 1)),
+              "model.block_source", src,
+              f"{l} stored-block indices covering 0..S-1")
+      return  # An explicit map (a grown shared model) replaces the scheme's.
+    if self.share == "cross_block":
+      require(1 <= self.share_period < l and l % self.share_period == 0,
+              "model.share_period", self.share_period,
+              f"a divisor of model.num_blocks={l} below it")
+    if self.share == "adjacent_block":
+      require(l % 2 == 0, "model.num_blocks", l,
+              "an even depth for share='adjacent_block'")
 
 
 class NextItNetBlock(nn.Module):
@@ -83,11 +156,15 @@ class NextItNetBlock(nn.Module):
   def __call__(self, x: jax.Array, gate: jax.Array | None = None, *,
                deterministic: bool = True) -> jax.Array:
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-    c, k = cfg.embed_dim, cfg.kernel_size
-    h = CausalConv(c, k, self.dilation, name="conv1")(x.astype(dtype))
-    h = jax.nn.relu(LayerNorm(cfg.layer_norm_eps, name="ln1")(h))
-    h = CausalConv(c, k, 2 * self.dilation, name="conv2")(h.astype(dtype))
-    h = jax.nn.relu(LayerNorm(cfg.layer_norm_eps, name="ln2")(h))
+    c, k, d = cfg.embed_dim, cfg.kernel_size, self.dilation
+    conv1 = CausalConv(c, k, d, name="conv1")
+    ln1 = LayerNorm(cfg.layer_norm_eps, name="ln1")
+    shared = cfg.shares_layers()
+    conv2 = conv1 if shared else CausalConv(c, k, 2 * d, name="conv2")
+    ln2 = (ln1 if shared and cfg.share_leaves == "all"
+           else LayerNorm(cfg.layer_norm_eps, name="ln2"))
+    h = jax.nn.relu(ln1(conv1(x.astype(dtype))))
+    h = jax.nn.relu(ln2(conv2(h.astype(dtype), 2 * d)))
     h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
     if cfg.residual == "alpha":
       # Each new block starts as the identity (ReZero, dynamical isometry).
@@ -98,13 +175,27 @@ class NextItNetBlock(nn.Module):
 
 
 def init(cfg: NextItNetConfig, rng: jax.Array) -> Params:
-  """Fresh params: the item embedding and L blocks, each its own draw."""
+  """Fresh params: the item embedding and the stored blocks, each its own
+  draw (and per-position norms when sharing splits them off)."""
   k_emb, k_blocks = jax.random.split(rng)
   dummy = jnp.zeros((1, 1, cfg.embed_dim))
-  blocks = jax.vmap(lambda key: NextItNetBlock(cfg, 1).init(key, dummy)
-                    ["params"])(jax.random.split(k_blocks, cfg.num_blocks))
-  return {"item_embedding": {"embedding": weight_init(
-      k_emb, (cfg.num_items, cfg.embed_dim))}, "blocks": blocks}
+
+  def blocks(num):
+    return jax.vmap(lambda key: NextItNetBlock(cfg, 1).init(key, dummy)
+                    ["params"])(jax.random.split(k_blocks, num))
+
+  out = {"item_embedding": embedding.init(cfg, k_emb),
+         "blocks": blocks(cfg.stored_blocks())}
+  if cfg.split_norms():
+    out["blocks"], _ = split_block_leaves(out["blocks"])
+    _, out["block_norms"] = split_block_leaves(blocks(cfg.num_blocks))
+  return out
+
+
+def split_block_leaves(blocks: Params) -> tuple[Params, Params]:
+  """(conv leaves, the rest: norms and gates) of a block tree."""
+  convs = {k: v for k, v in blocks.items() if k.startswith("conv")}
+  return convs, {k: v for k, v in blocks.items() if k not in convs}
 
 
 def apply(params: Params, cfg: NextItNetConfig, ids: jax.Array, *,
@@ -118,7 +209,7 @@ def apply(params: Params, cfg: NextItNetConfig, ids: jax.Array, *,
   dropping = train and cfg.dropout > 0
   if dropping and rng is None:
     raise ValueError("nextitnet: train=True with dropout needs an rng key")
-  x = params["item_embedding"]["embedding"][ids]
+  x = embedding.lookup(params, cfg, ids)
   block_keys = None
   if dropping:
     x, block_keys = input_dropout(x, cfg.dropout, rng, cfg.num_blocks)
@@ -127,14 +218,21 @@ def apply(params: Params, cfg: NextItNetConfig, ids: jax.Array, *,
   x = x * (ids != 0)[..., None]
 
   def block(p, x, dilation, inputs):
-    key, gate = inputs
+    key, gate, norms = inputs
     return NextItNetBlock(cfg, dilation).apply(
-        {"params": p}, x, gate, deterministic=key is None,
+        {"params": p if norms is None else {**p, **norms}}, x, gate,
+        deterministic=key is None,
         rngs=None if key is None else {"dropout": key})
 
+  # A caller's source map runs on top of the config's sharing map.
+  shared = cfg.source_map()
+  if shared is not None:
+    source = shared if source is None else tuple(shared[i] for i in source)
+  norms = params.get("block_norms")
   return scan_blocks(block, params["blocks"], x,
                      statics=cfg.block_dilations(), source=source,
-                     xs=(block_keys, gates), remat=cfg.remat, unroll=unroll)
+                     xs=(block_keys, gates, norms), remat=cfg.remat,
+                     unroll=unroll)
 
 
 def grown_config(cfg: NextItNetConfig, sources: tuple[int, ...],
@@ -143,6 +241,13 @@ def grown_config(cfg: NextItNetConfig, sources: tuple[int, ...],
   dilation (an explicit per-block list), else the cycle goes on by
   position (the official code). Fresh blocks get their positional one."""
   deep = dataclasses.replace(cfg, num_blocks=len(sources))
+  shared = cfg.source_map()
+  if shared is not None:
+    # Composed maps: a copy re-uses its source's stored block (no new
+    # array); each fresh position gets a new stored block on top.
+    fresh = iter(range(cfg.stored_blocks(), cfg.stored_blocks() + len(sources)))
+    deep = dataclasses.replace(deep, block_source=tuple(
+        shared[j] if j != FRESH else next(fresh) for j in sources))
   if carry:
     src, positional = cfg.block_dilations(), deep.block_dilations()
     deep = dataclasses.replace(deep, dilations=tuple(
@@ -153,6 +258,7 @@ def grown_config(cfg: NextItNetConfig, sources: tuple[int, ...],
 
 BACKBONE = Backbone(
     name="nextitnet", config=NextItNetConfig, init=init, apply=apply,
-    surgery=SurgeryRules(stacks=("blocks",), norms=("ln*/scale", "ln*/bias"),
-                         gates=("alpha",)),
+    surgery=SurgeryRules(stacks=("blocks", "block_norms"),
+                         norms=("ln*/scale", "ln*/bias"), gates=("alpha",),
+                         stored_stacks=("blocks",)),
     grown_config=grown_config)

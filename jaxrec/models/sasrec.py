@@ -60,6 +60,7 @@ from jaxrec.config import BackboneConfig, choice, option, require
 from jaxrec.errors import JaxrecError
 from jaxrec.models.backbone import Backbone, Params, SurgeryRules
 from jaxrec.nn.attention import CausalSelfAttention, dense_init
+from jaxrec.nn import embedding
 from jaxrec.nn.conv import weight_init
 from jaxrec.nn.dropout import input_dropout
 from jaxrec.nn.norm import LayerNorm
@@ -178,8 +179,7 @@ def init(cfg: SASRecConfig, rng: jax.Array) -> Params:
   blocks = jax.vmap(lambda key: SASRecBlock(cfg).init(key, dummy, real)
                     ["params"])(jax.random.split(k_blocks, cfg.num_blocks))
   return {
-      "item_embedding": {"embedding": weight_init(k_item,
-                                                  (cfg.num_items, c))},
+      "item_embedding": embedding.init(cfg, k_item),
       "position_embedding": {"embedding": weight_init(
           k_pos, (cfg.num_positions, c))},
       "blocks": blocks,
@@ -205,7 +205,7 @@ def apply(params: Params, cfg: SASRecConfig, ids: jax.Array, *,
                      f"model.num_positions={cfg.num_positions}: raise it to "
                      "at least data.max_len")
   real = ids != 0
-  x = params["item_embedding"]["embedding"][ids] * cfg.embed_dim ** 0.5
+  x = embedding.lookup(params, cfg, ids) * cfg.embed_dim ** 0.5
   # Right-aligned slots: the most recent item always reads row P-1.
   x = x + params["position_embedding"]["embedding"][cfg.num_positions - t:]
   block_keys = None

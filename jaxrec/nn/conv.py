@@ -40,14 +40,18 @@ def causal_conv_reference(x: jax.Array, kernel: jax.Array, bias: jax.Array,
 
 
 class CausalConv(nn.Module):
-  """Params `kernel` [k, Cin, Cout] and `bias` [Cout]; computes in x's dtype."""
+  """Params `kernel` [k, Cin, Cout] and `bias` [Cout]; computes in x's dtype.
+
+  A call may override the dilation: CpRec's adjacent-layer sharing runs one
+  kernel at d and at 2d.
+  """
   features: int
   kernel_size: int
   dilation: int
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, dilation: int | None = None) -> jax.Array:
     kernel = self.param("kernel", weight_init,
                         (self.kernel_size, x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    return causal_conv(x, kernel, bias, self.dilation)
+    return causal_conv(x, kernel, bias, dilation or self.dilation)

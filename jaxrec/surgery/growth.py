@@ -89,6 +89,17 @@ class Plan:
   index_map: tuple[int, ...]
   gate_off: tuple[bool, ...]  # preserve: blocks whose gates are set to 0.
   preset: str
+  # A shared model (CpRec) keeps its stored blocks and appends one fresh
+  # stored block per FRESH position: its stored stacks grow by this map,
+  # and the config's source map is composed (`grown_config`).
+  stored_map: tuple[int, ...] | None = None
+
+  def for_stack(self, name: str, rules: models.SurgeryRules) -> "Plan":
+    """The plan a stack grows by: stored stacks of a shared model keep
+    their rows (no gate to switch off per position there)."""
+    if self.stored_map is None or name not in rules.stored_stacks:
+      return self
+    return Plan(self.stored_map, (False,) * len(self.stored_map), self.preset)
 
 
 # ------------------------------------------------------------- index maps
@@ -155,7 +166,8 @@ def grow_tree(tree: Params, plan: Plan, fresh: Params | None,
   for name, sub in tree.items():
     fresh_sub = None if fresh is None else fresh[name]
     if name in rules.stacks:
-      out[name] = _grow_blocks(sub, plan, fresh_sub, rules)
+      out[name] = _grow_blocks(sub, plan.for_stack(name, rules), fresh_sub,
+                               rules)
     elif plan.preset == "paper" and name == HEAD:
       out[name] = (fresh_sub if fresh_sub is not None
                    else jax.tree.map(jnp.zeros_like, sub))
@@ -206,7 +218,7 @@ def stack(params: Params, cfg: Config, method: str,
   check_options(params, cfg, method, preset, policy, times, top)
   plans, cfgs = [], []
   for _ in range(times):
-    plans.append(make_plan(cfg.model.num_blocks, method, preset, top))
+    plans.append(make_plan(cfg.model, method, preset, top))
     cfg = deep_config(cfg, plans[-1], policy)
     cfgs.append(cfg)
   deep = _grow_params(params, rng, tuple(plans), tuple(cfgs))
@@ -241,10 +253,10 @@ def stack_opt_state(opt_state: Any, cfg: Config, method: str,
     raise JaxrecError("mapping the optimizer state of a run with frozen "
                       f"parts (train.freeze={list(cfg.train.freeze)}) is "
                       "not supported; grow without --map-opt-state")
-  plans, depth = [], cfg.model.num_blocks
+  plans, deep = [], cfg
   for _ in range(times):
-    plans.append(make_plan(depth, method, preset, top))
-    depth = len(plans[-1].index_map)
+    plans.append(make_plan(deep.model, method, preset, top))
+    deep = deep_config(deep, plans[-1], "position")
   structure = jax.tree.structure(shallow)
   deep = _grow_moments(opt_state, tuple(plans), _rules(cfg), structure)
   return place_like(deep, opt_state)
@@ -270,11 +282,15 @@ def _rules(cfg: Config) -> models.SurgeryRules:
   return models.get(cfg.model.name).surgery
 
 
-def make_plan(num_blocks: int, method: str, preset: str,
+def make_plan(model_cfg: Any, method: str, preset: str,
               top: int | None) -> Plan:
-  """The static part of one growth of a `num_blocks` stack."""
-  idx = index_map(method, num_blocks, top)
-  return Plan(idx, gated_off(idx), preset)
+  """The static part of one growth of a backbone config's stack."""
+  idx = index_map(method, model_cfg.num_blocks, top)
+  stored_map = None
+  if getattr(model_cfg, "source_map", lambda: None)() is not None:
+    stored = model_cfg.stored_blocks()
+    stored_map = tuple(range(stored)) + (FRESH,) * idx.count(FRESH)
+  return Plan(idx, gated_off(idx), preset, stored_map)
 
 
 def deep_config(cfg: Config, plan: Plan, policy: str) -> Config:
@@ -329,12 +345,19 @@ def check_options(params: Params, cfg: Config, method: str, preset: str,
     raise JaxrecError(f"top={top!r}: expected 1..{depth} (the shallow model "
                       f"has {depth} blocks)")
   models.require_fit(params, cfg, "params")
+  shared = getattr(cfg.model, "source_map", lambda: None)() is not None
+  if preset == "preserve" and shared and not cfg.model.split_norms():
+    raise JaxrecError(
+        "preset 'preserve' on a model whose blocks share their gates "
+        f"(model.share={cfg.model.share!r}, share_leaves='all'): a copy "
+        "cannot start as the identity while its source runs; untie it first "
+        "(jaxrec.surgery.sharing.untie) or use share_leaves='convs'")
   if preset == "preserve":
     rules = _rules(cfg)
-    gated = all(
-        any(_matches(path_name(p), rules.gates)
-            for p, _ in jax.tree_util.tree_leaves_with_path(params[stack_]))
-        for stack_ in rules.stacks)
+    gated = any(
+        _matches(path_name(p), rules.gates)
+        for stack_ in rules.stacks if stack_ in params
+        for p, _ in jax.tree_util.tree_leaves_with_path(params[stack_]))
     if not rules.gates or not gated:
       raise JaxrecError(
           "preset 'preserve' needs a gated residual (model.residual='alpha') "

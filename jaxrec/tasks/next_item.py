@@ -51,9 +51,9 @@ def rank_fn(cfg: Any) -> Callable[..., jax.Array]:
   mask_history = cfg.train.mask_history
 
   def ranks(params, inputs, targets):
-    h = last_hidden(params, cfg, inputs)
+    ctx = head.prepare(params, cfg, last_hidden(params, cfg, inputs))
     return ranking.target_ranks(
-        lambda start, size: head.tile_scores(params, cfg, h, start, size),
+        lambda start, size: head.tile_scores(params, cfg, ctx, start, size),
         cfg.model.num_items, targets, inputs if mask_history else None,
         tile=cfg.train.loss_chunk)
 
@@ -65,10 +65,10 @@ def sampled_rank_fn(cfg: Any) -> Callable[..., jax.Array]:
   head = heads.get(cfg.head.name)
 
   def ranks(params, inputs, targets, negatives):
-    h = last_hidden(params, cfg, inputs)
-    target = head.item_scores(params, cfg, h, targets[:, None])[:, 0]
+    ctx = head.prepare(params, cfg, last_hidden(params, cfg, inputs))
+    target = head.item_scores(params, cfg, ctx, targets[:, None])[:, 0]
     return ranking.sampled_ranks(
-        target, head.item_scores(params, cfg, h, negatives))
+        target, head.item_scores(params, cfg, ctx, negatives))
 
   return ranks
 

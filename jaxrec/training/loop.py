@@ -152,7 +152,7 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
   if init_from:
     cfg, lineage, init_params, init_opt = _load_init(cfg, init_from, data,
                                                      init_opt_state)
-  cfg = cfg.replace(model=cfg.model.fit_data(data.num_items, data.max_len))
+  cfg = cfg.fit_data(data.num_items, data.max_len, data.item_counts)
   cfg.validate()
   tcfg = cfg.train
   if resume:  # A run of another format cannot go on, whatever its config.

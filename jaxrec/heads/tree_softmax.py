@@ -1,0 +1,378 @@
+"""CpRec's two-level tree softmax over frequency bands (`head.name=tree_softmax`).
+
+Items are cut into n bands by training frequency (`jaxrec.nn.bands`; band 0,
+the head, holds ids 0..c_1-1). The head cluster's softmax is extended with
+one token per tail band; a tail band has its own small softmax:
+
+  head/head_kernel        [k_0 + n - 1, C]  head items, then band tokens
+  head/head_bias          [k_0 + n - 1]
+  head/band_j/projection  [C, d_j]          j = 1..n-1
+  head/band_j/kernel      [k_j, d_j]
+  head/band_j/bias        [k_j]
+
+  log p(i) = hl[i]                                     i in the head
+           = hl[token_j] + log_softmax(h Q_j F_j^T + b_j)[i - c_j]   i in band j
+
+with hl = log_softmax(h @ head_kernel^T + head_bias) (padding id 0 never a
+class). The distribution is normalised exactly; scores are log-probabilities,
+never raw tail logits.
+
+- Training (`loss`): the head softmax over k_0 + n - 1 entries (chunked,
+  `jaxrec.heads.chunked_softmax`) plus, for a tail target, its own band's
+  softmax only. Tokens are sorted by band and cut into chunks of
+  `head.token_chunk`; a chunk computes band j only if it holds a band-j
+  target (`lax.cond`), so the cost per token is between O(k_0) and O(V),
+  and no [tokens, V] matrix exists.
+- Full-ranking evaluation (`prepare` + `tile_scores`): exact normalised
+  log-probabilities of every item; each band's normaliser is a logsumexp
+  over item tiles, computed once per batch.
+- Exact early-exit top-N (`top_n`): let tau be the N-th best head-item
+  log-probability; a band's items all score at most its token's
+  log-probability, so a band whose token is below tau for every row of the
+  batch is never computed. The result equals the full computation.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxrec.config import HeadConfig, option, require
+from jaxrec.errors import JaxrecError
+from jaxrec.heads import Head
+from jaxrec.heads import chunked_softmax
+from jaxrec.heads import softmax_common as common
+from jaxrec.nn import bands
+from jaxrec.nn.conv import weight_init
+
+Params = dict[str, Any]
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeSoftmaxConfig(HeadConfig):
+  """The bands are the model's (`model.num_bands`, `model.band_cutoffs`,
+  `model.band_dims`)."""
+  name: str = option("tree_softmax", "output head, one of "
+                     "jaxrec.heads.names()")
+  token_chunk: int = option(256, "training tokens per chunk of the tail "
+                            "softmaxes (a chunk computes only the bands of "
+                            "its targets)")
+  uses_bands = True  # Class attribute: Config.fit_data resolves the bands.
+
+  def validate(self) -> None:
+    require(self.token_chunk >= 1, "head.token_chunk", self.token_chunk,
+            ">= 1")
+
+  def check_train(self, train: Any) -> None:
+    if train.loss != "full" or train.label_smoothing:
+      raise JaxrecError(
+          f"head.name='tree_softmax': trains its exact loss only; set "
+          f"train.loss='full' (got {train.loss!r}) and train.label_smoothing"
+          f"=0 (got {train.label_smoothing})")
+
+
+class Layout(NamedTuple):
+  """The static band layout of a model config."""
+  cutoffs: tuple[int, ...]  # c_1..c_{n-1}
+  sizes: tuple[int, ...]  # k_0..k_{n-1} (k_0 includes padding id 0)
+  dims: tuple[int, ...]  # d_0..d_{n-1} (d_0 unused: the head reads h)
+
+  @property
+  def num_tail(self) -> int:
+    return len(self.cutoffs)
+
+  def start(self, j: int) -> int:
+    return 0 if j == 0 else self.cutoffs[j - 1]
+
+
+def layout(model_cfg: Any) -> Layout:
+  if model_cfg.num_bands < 2:
+    raise JaxrecError("head.name='tree_softmax': needs model.num_bands >= 2 "
+                      f"(got {model_cfg.num_bands})")
+  bands.check_cutoffs(model_cfg.band_cutoffs, model_cfg.num_bands,
+                      model_cfg.num_items)
+  return Layout(tuple(model_cfg.band_cutoffs),
+                bands.band_sizes(model_cfg.band_cutoffs, model_cfg.num_items),
+                bands.band_dims(model_cfg.embed_dim, model_cfg.num_bands,
+                                model_cfg.band_dims))
+
+
+def init(cfg: TreeSoftmaxConfig, model_cfg: Any, rng: jax.Array) -> Params:
+  del cfg
+  lay = layout(model_cfg)
+  c = model_cfg.embed_dim
+  width = lay.sizes[0] + lay.num_tail
+  keys = jax.random.split(rng, 1 + 2 * lay.num_tail)
+  out = {"head_kernel": weight_init(keys[0], (width, c)),
+         "head_bias": jnp.zeros((width,))}
+  for j in range(1, lay.num_tail + 1):
+    d = lay.dims[j]
+    out[f"band_{j}"] = {
+        # Unit-variance projection: h Q_j keeps h's scale at any d_j.
+        "projection": weight_init(keys[2 * j - 1], (c, d)) * (
+            1.0 / (0.02 * c ** 0.5)),
+        "kernel": weight_init(keys[2 * j], (lay.sizes[j], d)),
+        "bias": jnp.zeros((lay.sizes[j],))}
+  return out
+
+
+# ------------------------------------------------------------------ pieces
+
+
+def head_log_probs(head: Params, h: jax.Array) -> jax.Array:
+  """hl [B, k_0 + n - 1]: log-probabilities of head items and band tokens
+  (padding id 0 at -inf)."""
+  logits = common.logits(h, head["head_kernel"], head["head_bias"], h.dtype)
+  return jax.nn.log_softmax(logits.at[:, 0].set(-jnp.inf), axis=-1)
+
+
+def band_logits(band: Params, h: jax.Array,
+                rows: jax.Array | None = None) -> jax.Array:
+  """Unnormalised logits [B, k_j] of a tail band (or of its `rows`, taken
+  with fill: a row past the band reads zeros)."""
+  q = jnp.einsum("bc,cd->bd", h, band["projection"].astype(h.dtype),
+                 preferred_element_type=F32)
+  kernel, bias = band["kernel"], band["bias"]
+  if rows is not None:
+    kernel = jnp.take(kernel, rows, axis=0, mode="fill", fill_value=0)
+    bias = jnp.take(bias, rows, axis=0, mode="fill", fill_value=0)
+  return jnp.einsum("bd,kd->bk", q, kernel, preferred_element_type=F32) + bias
+
+
+def band_log_probs(band: Params, h: jax.Array,
+                   token_log_prob: jax.Array) -> jax.Array:
+  """log p of every item of a band [B, k_j]: token + within-band softmax."""
+  return token_log_prob[:, None] + jax.nn.log_softmax(band_logits(band, h),
+                                                      axis=-1)
+
+
+def band_logsumexp(band: Params, h: jax.Array, size: int,
+                   tile: int) -> jax.Array:
+  """logsumexp [B] of a band's logits, over item tiles (online)."""
+  tile = min(tile, size)
+  num_tiles = -(-size // tile)
+
+  def step(acc, start):
+    rows = start + jnp.arange(tile)
+    z = jnp.where(rows[None, :] < size, band_logits(band, h, rows), -jnp.inf)
+    return jnp.logaddexp(acc, jax.nn.logsumexp(z, axis=-1)), None
+
+  init_acc = jnp.full((h.shape[0],), -jnp.inf, F32)
+  out, _ = jax.lax.scan(step, init_acc, jnp.arange(num_tiles) * tile)
+  return out
+
+
+# ---------------------------------------------------------------- training
+
+
+def head_targets(targets: jax.Array, lay: Layout) -> jax.Array:
+  """A target's entry in the head softmax: itself, or its band's token."""
+  band = bands.band_of(targets, lay.cutoffs)
+  return jnp.where(band == 0, targets, lay.sizes[0] + band - 1)
+
+
+def tail_nll(head: Params, h: jax.Array, targets: jax.Array, lay: Layout,
+             chunk: int) -> jax.Array:
+  """-log p(target | its band) per token [N] (0 for head targets).
+
+  Tokens are sorted by band so a chunk holds few bands, and a chunk computes
+  band j only if one of its targets is in band j.
+  """
+  n = h.shape[0]
+  band = bands.band_of(targets, lay.cutoffs)
+  order = jnp.argsort(band, stable=True)
+  chunk = min(chunk, n)
+  padded = -(-n // chunk) * chunk
+
+  def sorted_chunks(x):
+    x = jnp.take(x, order, axis=0)
+    x = jnp.pad(x, [(0, padded - n)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape((padded // chunk, chunk) + x.shape[1:])
+
+  def one_band(j, h_c, t_c, b_c):
+    def compute(h_c, t_c, b_c):
+      z = band_logits(head[f"band_{j}"], h_c)
+      local = jnp.clip(t_c - lay.start(j), 0, lay.sizes[j] - 1)
+      true = jnp.take_along_axis(z, local[:, None], axis=1)[:, 0]
+      return jnp.where(b_c == j, jax.nn.logsumexp(z, axis=-1) - true, 0.0)
+    return jax.lax.cond(jnp.any(b_c == j), compute,
+                        lambda *_: jnp.zeros(chunk, F32), h_c, t_c, b_c)
+
+  @jax.checkpoint  # Keeps no [chunk, k_j] logits for the backward pass.
+  def chunk_nll(h_c, t_c, b_c):
+    return sum(one_band(j, h_c, t_c, b_c)
+               for j in range(1, lay.num_tail + 1))
+
+  # Padding rows carry band 0: no band computes for them.
+  nll = jax.lax.map(lambda a: chunk_nll(*a),
+                    (sorted_chunks(h), sorted_chunks(targets),
+                     sorted_chunks(band)))
+  return jnp.zeros(n, F32).at[order].set(nll.reshape(-1)[:n])
+
+
+def loss(params: Params, cfg: Any, h: jax.Array, targets: jax.Array,
+         mask: jax.Array, *, rng: jax.Array | None = None,
+         sampler: Any = None) -> jax.Array:
+  """Masked mean -log p(target): the head softmax plus the target's band."""
+  del rng, sampler
+  cfg.head.check_train(cfg.train)
+  lay = layout(cfg.model)
+  head = params["head"]
+  h, targets, mask = common.flatten(h, targets, mask)
+  head_ce = chunked_softmax.softmax_cross_entropy(
+      h, head["head_kernel"], head["head_bias"], head_targets(targets, lay),
+      mask, chunk_size=cfg.train.loss_chunk)
+  tail = tail_nll(head, h, targets, lay, cfg.head.token_chunk)
+  return head_ce + common.masked_mean(tail, targets, mask)
+
+
+# -------------------------------------------------------------- evaluation
+
+
+class ScoreContext(NamedTuple):
+  """Per batch, computed once: what every item tile needs."""
+  h: jax.Array  # [B, C]
+  head_log_probs: jax.Array  # [B, k_0 + n - 1]
+  band_lse: jax.Array  # [B, n - 1]: each tail band's normaliser.
+
+
+def prepare(params: Params, cfg: Any, h: jax.Array) -> ScoreContext:
+  lay = layout(cfg.model)
+  head = params["head"]
+  lse = [band_logsumexp(head[f"band_{j}"], h, lay.sizes[j],
+                        cfg.train.loss_chunk)
+         for j in range(1, lay.num_tail + 1)]
+  return ScoreContext(h, head_log_probs(head, h), jnp.stack(lse, axis=1))
+
+
+def _log_probs_of(params: Params, cfg: Any, ctx: ScoreContext,
+                  ids: jax.Array,
+                  band_rows: Any) -> jax.Array:
+  """log p of `ids` (shape [size] or [B, N]); `band_rows(band, h, rows)`
+  gives the logits of the rows."""
+  lay = layout(cfg.model)
+  head = params["head"]
+  band = bands.band_of(ids, lay.cutoffs)
+  head_index = jnp.clip(ids, 0, lay.sizes[0] - 1)
+  hl = ctx.head_log_probs
+  if ids.ndim == 1:
+    out = jnp.take(hl, head_index, axis=1)
+  else:
+    out = jnp.take_along_axis(hl, head_index, axis=1)
+  for j in range(1, lay.num_tail + 1):
+    rows = ids - lay.start(j)
+    scores = (band_rows(head[f"band_{j}"], ctx.h, rows)
+              - ctx.band_lse[:, j - 1:j]
+              + hl[:, lay.sizes[0] + j - 1:lay.sizes[0] + j])
+    out = jnp.where(band == j, scores, out)
+  return out
+
+
+def tile_scores(params: Params, cfg: Any, ctx: ScoreContext,
+                start: jax.Array, size: int) -> jax.Array:
+  """Exact log-probabilities [B, size] of ids start..start+size-1."""
+  return _log_probs_of(params, cfg, ctx, start + jnp.arange(size),
+                       band_logits)
+
+
+def item_scores(params: Params, cfg: Any, ctx: ScoreContext,
+                ids: jax.Array) -> jax.Array:
+  """Exact log-probabilities [B, N] of ids [B, N]."""
+
+  def rows_logits(band, h, rows):
+    q = jnp.einsum("bc,cd->bd", h, band["projection"].astype(h.dtype),
+                   preferred_element_type=F32)
+    kernel = jnp.take(band["kernel"], rows, axis=0, mode="fill",
+                      fill_value=0)
+    bias = jnp.take(band["bias"], rows, axis=0, mode="fill", fill_value=0)
+    return jnp.einsum("bd,bnd->bn", q, kernel,
+                      preferred_element_type=F32) + bias
+
+  return _log_probs_of(params, cfg, ctx, ids, rows_logits)
+
+
+# ------------------------------------------------------------ top-N search
+
+
+def full_log_probs(params: Params, cfg: Any, h: jax.Array) -> jax.Array:
+  """log p of every item [B, V] in one piece (top-N's full computation and
+  the test reference; small catalogues only)."""
+  lay = layout(cfg.model)
+  head = params["head"]
+  hl = head_log_probs(head, h)
+  parts = [hl[:, :lay.sizes[0]]]
+  for j in range(1, lay.num_tail + 1):
+    parts.append(band_log_probs(head[f"band_{j}"], h,
+                                hl[:, lay.sizes[0] + j - 1]))
+  return jnp.concatenate(parts, axis=1)
+
+
+def _padded_top_k(scores: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+  """top_k that pads with -inf when there are fewer than n columns."""
+  if scores.shape[1] < n:
+    scores = jnp.pad(scores, ((0, 0), (0, n - scores.shape[1])),
+                     constant_values=-jnp.inf)
+  return jax.lax.top_k(scores, n)
+
+
+def top_n(params: Params, cfg: Any, h: jax.Array, n: int,
+          early_exit: bool = True
+          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The n most probable items: (log-probs [B, n], ids [B, n], scored [n-1]).
+
+  `scored[j-1]` says whether tail band j was computed. With `early_exit`,
+  band j is skipped when its token's log-probability is below the n-th best
+  head item's for every row: none of its items can enter any row's top n,
+  so the result equals `early_exit=False` exactly, ties broken by id.
+  """
+  lay = layout(cfg.model)
+  head = params["head"]
+  hl = head_log_probs(head, h)
+  scores, ids = _padded_top_k(hl[:, :lay.sizes[0]], n)
+  tau = scores[:, n - 1]
+  cand_scores, cand_ids, scored = [scores], [ids], []
+  for j in range(1, lay.num_tail + 1):
+    token = hl[:, lay.sizes[0] + j - 1]
+
+    def compute(band=head[f"band_{j}"], token=token, start=lay.start(j)):
+      s, i = _padded_top_k(band_log_probs(band, h, token), n)
+      return s, i + start
+
+    def skip():
+      return (jnp.full((h.shape[0], n), -jnp.inf, F32),
+              jnp.zeros((h.shape[0], n), jnp.int32))
+
+    needed = jnp.any(token >= tau) if early_exit else jnp.array(True)
+    s, i = jax.lax.cond(needed, compute, skip) if early_exit else compute()
+    cand_scores.append(s)
+    cand_ids.append(i)
+    scored.append(needed)
+  # Candidates are in id order between bands, and top_k prefers the lower
+  # index among ties, so ties break by id as in the full computation.
+  all_scores = jnp.concatenate(cand_scores, axis=1)
+  best, pos = jax.lax.top_k(all_scores, n)
+  best_ids = jnp.take_along_axis(jnp.concatenate(cand_ids, axis=1), pos,
+                                 axis=1)
+  return best, best_ids, jnp.stack(scored)
+
+
+def top_n_ranks(params: Params, cfg: Any, h: jax.Array, targets: jax.Array,
+                n: int, early_exit: bool = True) -> jax.Array:
+  """Full-ranking ranks of targets, exact below n (ties against the
+  target) and n for every rank >= n: enough for every metric @k <= n."""
+  scores, ids, _ = top_n(params, cfg, h, n, early_exit)
+  is_target = ids == targets[:, None]
+  found = jnp.any(is_target, axis=1)
+  t_score = jnp.sum(jnp.where(is_target, scores, 0.0), axis=1)
+  # Every item scoring >= a target inside the top n is itself in the top n
+  # (fewer than n of them), so counting inside the list is exact.
+  ahead = jnp.sum((scores >= t_score[:, None]) & ~is_target, axis=1)
+  return jnp.where(found, jnp.minimum(ahead, n), n)
+
+
+HEAD = Head(name="tree_softmax", config=TreeSoftmaxConfig, init=init,
+            loss=loss, tile_scores=tile_scores, item_scores=item_scores,
+            prepare=prepare)
