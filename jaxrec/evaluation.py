@@ -111,6 +111,11 @@ def describe_checkpoint(run_dir: str, kind: str | None = None) -> str:
   for name, sub in params.items():
     lines.append(f"{name + ' total':<66}{models.count_params(sub):>12,}")
   lines.append(f"{'all':<66}{models.count_params(params):>12,}")
+  ratio = models.compression_ratio(cfg)
+  if ratio != 1.0:
+    lines.append(f"compression: {ratio:.2f}x fewer params than the "
+                 "uncompressed equivalent (full embedding and softmax, no "
+                 "sharing)")
   lines.append("")
   lines.append("lineage (oldest first):")
   chain = meta.get("lineage") or []

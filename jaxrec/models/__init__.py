@@ -25,8 +25,8 @@ from jaxrec.models.backbone import Backbone, Params, SurgeryRules
 
 __all__ = ["Backbone", "Params", "SurgeryRules", "get", "names",
            "init_params", "hidden_states", "check_params", "require_fit",
-           "count_params",
-           "abstract_params"]
+           "count_params", "abstract_params", "uncompressed",
+           "compression_ratio"]
 
 _BACKBONES = {b.name: b for b in (nextitnet.BACKBONE, sasrec.BACKBONE)}
 
@@ -92,3 +92,23 @@ def require_fit(params: Params, cfg: Any, what: str) -> None:
 
 def count_params(tree: Any) -> int:
   return int(sum(np.prod(a.shape) for a in jax.tree.leaves(tree)))
+
+
+def uncompressed(cfg: Any) -> Any:
+  """The config with CpRec's compressions undone: a full embedding, no
+  sharing, a flat softmax head (the reference of a compression ratio)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from jaxrec import heads  # pylint: disable=import-outside-toplevel
+  model = dataclasses.replace(cfg.model, embedding="full")
+  if hasattr(model, "share"):
+    model = dataclasses.replace(model, share="none", block_source=())
+  head = cfg.head
+  if head.uses_bands:
+    head = heads.get("softmax").config()
+  return cfg.replace(model=model, head=head)
+
+
+def compression_ratio(cfg: Any) -> float:
+  """Params of the uncompressed equivalent / params of this model."""
+  return (count_params(abstract_params(uncompressed(cfg)))
+          / count_params(abstract_params(cfg)))
