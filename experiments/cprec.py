@@ -46,9 +46,9 @@ from jaxrec.training import checkpoints, loop, state
 absl_logging.set_verbosity(absl_logging.ERROR)
 
 # 10,000 items with a long tail: embedding and softmax are most of the model.
-CPU = dict(data="synthetic:small,users=8000,items=10000,topics=100",
-           embed_dim=64, num_blocks=8, max_len=20, batch_size=128,
-           steps=1500, eval_every=500, lr=2e-3, timing_batches=5)
+CPU = dict(data="synthetic:small,users=5000,items=10000,topics=100",
+           embed_dim=32, num_blocks=4, max_len=20, batch_size=128,
+           steps=300, eval_every=100, lr=3e-3, timing_batches=5)
 SCALE = dict(data="synthetic:ml20m", embed_dim=256, num_blocks=32,
              max_len=50, batch_size=256, steps=20000, eval_every=2000,
              lr=1e-3, timing_batches=20)

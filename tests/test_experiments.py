@@ -211,3 +211,23 @@ def test_stackrec_tf_writes_results_and_plot(tmp_path, monkeypatch):
   # Pretraining stages advance the clock but are not on the target curve.
   counted = [s["counted"] for s in results["arms"]["cross/paper"]["stages"]]
   assert counted == [False, False, True]
+
+
+@pytest.mark.slow
+def test_cprec_writes_every_arm_targets_and_plot(tmp_path, monkeypatch):
+  tiny = dict(data="synthetic:tiny", embed_dim=8, num_blocks=4, max_len=10,
+              batch_size=16, steps=2, eval_every=2, lr=1e-3,
+              timing_batches=1)
+  run_script(monkeypatch, "cprec", tmp_path, CPU=tiny)
+  with open(tmp_path / "results.json") as f:
+    results = json.load(f)
+  module = importlib.import_module("cprec")
+  assert set(results["arms"]) == set(module.ARMS)
+  for arm in results["arms"].values():
+    assert arm["params"] == sum(arm["params_by_subtree"].values())
+    assert np.isfinite(arm["test"]["ndcg@10"]) and arm["tokens_per_s"] > 0
+    assert arm["topn_ms"]["full_ms"] > 0
+  assert results["arms"]["cprec"]["topn_ms"]["exact"] is True
+  assert set(results["targets"]) >= {"cprec_4x_fewer_params",
+                                     "early_exit_exact"}
+  assert (tmp_path / "accuracy_vs_params.png").exists()
