@@ -367,6 +367,7 @@ def test_cprec_run_trains_evaluates_inspects_and_grows_through_the_cli(
   params, cfg, meta = models_load(grown)
   assert cfg.model.block_source == (0, 0, 1, 1, 0, 0, 1, 1)
   assert meta["lineage"][-1]["op"] == "grow"
+  assert meta["lineage"][-1]["block_source"] == [0, 0, 1, 1, 0, 0, 1, 1]
   models.check_params(params, cfg)
 
 

@@ -2,7 +2,8 @@
 
 The param tree (`init(cfg, rng)`), a plain nested dict:
 
-  item_embedding/embedding   [V, C]       id 0 is padding (its input is zeroed)
+  item_embedding/embedding   [V, C]       id 0 is padding (its input is zeroed;
+                                          CpRec's adaptive bands: nn/embedding.py)
   blocks/conv1/kernel        [L, k, C, C] causal dilated conv, dilation d
   blocks/conv1/bias          [L, C]
   blocks/ln1/{scale,bias}    [L, C]

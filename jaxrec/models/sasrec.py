@@ -2,7 +2,8 @@
 
 The param tree (`init(cfg, rng)`), a plain nested dict:
 
-  item_embedding/embedding      [V, C]   id 0 is padding (its input is zeroed)
+  item_embedding/embedding      [V, C]   id 0 is padding (its input is zeroed;
+                                         CpRec's adaptive bands: nn/embedding.py)
   position_embedding/embedding  [P, C]   slots, right-aligned: the last
                                          input always reads row P-1
   blocks/ln_attn/{scale,bias}   [L, C]

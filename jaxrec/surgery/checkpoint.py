@@ -59,9 +59,12 @@ def apply_to_checkpoint(src_dir: str, out_dir: str, fn: ParamsFn,
   models.require_fit(new_params, new_cfg,
                      f"the params surgery {lineage.get('op')!r} made")
   new_opt = None if opt_fn is None else opt_fn(opt_state, cfg, new_cfg)
-  chain = list(opened.meta.get("lineage") or []) + [{
-      "dir": os.path.abspath(src_dir), "kind": opened.kind,
-      "step": int(opened.step), **lineage}]
+  entry = {"dir": os.path.abspath(src_dir), "kind": opened.kind,
+           "step": int(opened.step), **lineage}
+  shared = getattr(new_cfg.model, "source_map", lambda: None)()
+  if shared is not None:  # A shared (CpRec) model: the map it now runs.
+    entry["block_source"] = list(shared)
+  chain = list(opened.meta.get("lineage") or []) + [entry]
   save_start_checkpoint(out_dir, new_cfg, new_params,
                         opened.meta["data_fingerprint"], chain, new_opt)
   return new_cfg
