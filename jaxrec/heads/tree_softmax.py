@@ -29,15 +29,19 @@ never raw tail logits.
 - Exact early-exit top-N (`top_n`): let tau be the N-th best head-item
   log-probability; a band's items all score at most its token's
   log-probability, so a band whose token is below tau for every row of the
-  batch is never computed. The result equals the full computation.
+  batch is never computed. The result equals the full computation. It
+  fires only where a band's whole mass is below the N-th head item's
+  probability (many small tail bands, confident rows, small batches).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrec.config import HeadConfig, option, require
 from jaxrec.errors import JaxrecError
@@ -320,43 +324,58 @@ def _padded_top_k(scores: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
 
 def top_n(params: Params, cfg: Any, h: jax.Array, n: int,
           early_exit: bool = True
-          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+          ) -> tuple[jax.Array, jax.Array, np.ndarray]:
   """The n most probable items: (log-probs [B, n], ids [B, n], scored [n-1]).
 
   `scored[j-1]` says whether tail band j was computed. With `early_exit`,
   band j is skipped when its token's log-probability is below the n-th best
-  head item's for every row: none of its items can enter any row's top n,
-  so the result equals `early_exit=False` exactly, ties broken by id.
+  head item's for every row of the batch: each of its items scores at most
+  its token, so none can enter any row's top n, and the result equals
+  `early_exit=False` exactly, ties broken by id.
+
+  The exit is decided on the host between two jitted programs (one sync per
+  batch): a skipped band is not in the second program at all. A `lax.cond`
+  per band would keep one program but measured 3x slower than computing
+  every band on a 2-core CPU, so it was not kept. Not traceable: call it
+  outside `jax.jit`.
   """
+  hl, scores, ids, needed = _head_top_n(params, cfg, h, n)
+  lay = layout(cfg.model)
+  scored = (np.asarray(needed) if early_exit
+            else np.ones(lay.num_tail, bool))
+  bands_kept = tuple(j + 1 for j in range(lay.num_tail) if scored[j])
+  best, best_ids = _merge_bands(params, cfg, h, hl, scores, ids, n,
+                                bands_kept)
+  return best, best_ids, scored
+
+
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _head_top_n(params: Params, cfg: Any, h: jax.Array, n: int):
+  """hl, the head items' top n, and which tail bands some row needs."""
+  lay = layout(cfg.model)
+  hl = head_log_probs(params["head"], h)
+  scores, ids = _padded_top_k(hl[:, :lay.sizes[0]], n)
+  tokens = hl[:, lay.sizes[0]:]
+  return hl, scores, ids, jnp.any(tokens >= scores[:, n - 1:n], axis=0)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 6, 7))
+def _merge_bands(params: Params, cfg: Any, h: jax.Array, hl: jax.Array,
+                 scores: jax.Array, ids: jax.Array, n: int,
+                 bands_kept: tuple[int, ...]):
   lay = layout(cfg.model)
   head = params["head"]
-  hl = head_log_probs(head, h)
-  scores, ids = _padded_top_k(hl[:, :lay.sizes[0]], n)
-  tau = scores[:, n - 1]
-  cand_scores, cand_ids, scored = [scores], [ids], []
-  for j in range(1, lay.num_tail + 1):
+  cand_scores, cand_ids = [scores], [ids]
+  for j in bands_kept:
     token = hl[:, lay.sizes[0] + j - 1]
-
-    def compute(band=head[f"band_{j}"], token=token, start=lay.start(j)):
-      s, i = _padded_top_k(band_log_probs(band, h, token), n)
-      return s, i + start
-
-    def skip():
-      return (jnp.full((h.shape[0], n), -jnp.inf, F32),
-              jnp.zeros((h.shape[0], n), jnp.int32))
-
-    needed = jnp.any(token >= tau) if early_exit else jnp.array(True)
-    s, i = jax.lax.cond(needed, compute, skip) if early_exit else compute()
+    s, i = _padded_top_k(band_log_probs(head[f"band_{j}"], h, token), n)
     cand_scores.append(s)
-    cand_ids.append(i)
-    scored.append(needed)
+    cand_ids.append(i + lay.start(j))
   # Candidates are in id order between bands, and top_k prefers the lower
   # index among ties, so ties break by id as in the full computation.
-  all_scores = jnp.concatenate(cand_scores, axis=1)
-  best, pos = jax.lax.top_k(all_scores, n)
-  best_ids = jnp.take_along_axis(jnp.concatenate(cand_ids, axis=1), pos,
-                                 axis=1)
-  return best, best_ids, jnp.stack(scored)
+  best, pos = jax.lax.top_k(jnp.concatenate(cand_scores, axis=1), n)
+  return best, jnp.take_along_axis(jnp.concatenate(cand_ids, axis=1), pos,
+                                   axis=1)
 
 
 def top_n_ranks(params: Params, cfg: Any, h: jax.Array, targets: jax.Array,
