@@ -14,6 +14,8 @@ or written.
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 from typing import Iterator
 
 
@@ -44,6 +46,10 @@ def describe(error: BaseException) -> str:
     where = f" ({error.filename})" if error.filename else ""
     return f"{error.strerror}{where}"
   detail = first_line(error)
+  # TensorStore reports an OS failure as a ValueError naming its errno.
+  code = re.search(r"os_error_code='?(\d+)", detail)
+  if code:
+    return os.strerror(int(code.group(1)))
   # TensorStore appends a multi-kilobyte spec to the first line.
   detail = detail.split(" See full TensorStore details")[0]
   if len(detail) > 300:

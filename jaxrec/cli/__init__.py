@@ -8,6 +8,7 @@ boundary, once pending saves are settled).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -49,13 +50,21 @@ def main(argv: Sequence[str] | None = None) -> int:
   # An in-process caller (tests, a notebook) gets its own handlers back;
   # the command's process ends after main, noise of dying threads included.
   saved = (signal.getsignal(signal.SIGINT), sys.unraisablehook,
-           threading.excepthook)
+           threading.excepthook, sys.excepthook)
   try:
-    return _main(argv)
+    status = _main(argv)
   finally:
     if argv is not None:
       signal.signal(signal.SIGINT, saved[0])
       sys.unraisablehook, threading.excepthook = saved[1], saved[2]
+      sys.excepthook = saved[3]
+  if argv is None and status != 0:
+    # The failure is reported; end before TensorStore's threads, still
+    # finishing reads the error abandoned, print into a closed event loop.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # pylint: disable=protected-access
+  return status
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -73,6 +82,8 @@ def _main(argv: Sequence[str] | None) -> int:
     print("jaxrec: interrupted", file=sys.stderr)
     return interrupts.EXIT_CODE
   except OSError as e:  # What no guard named: still the file and the cause.
+    if os.environ.get("JAXREC_DEBUG"):
+      raise
     return _fail(describe(e))
   except MemoryError:
     return _fail("out of memory (a smaller --batch-size, --max-len or model "
@@ -99,6 +110,14 @@ def _quiet_library_noise() -> None:
   absl_logging.set_verbosity(absl_logging.FATAL)
   sys.unraisablehook = lambda unraisable: None
   threading.excepthook = lambda args: None
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  default_hook = sys.excepthook
+
+  def main_thread_only(*exc_info):  # Others are TensorStore's callbacks.
+    if threading.current_thread() is threading.main_thread():
+      default_hook(*exc_info)
+
+  sys.excepthook = main_thread_only
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def wait(mngr: ocp.CheckpointManager, step: int | None,
       raise OSError("the save did not complete")
   except Exception as e:  # pylint: disable=broad-exception-caught
     kept = ("no checkpoint is complete" if last_complete is None else
-            f"the last complete one is step {last_complete}")
+            f"the last complete checkpoint is step {last_complete}")
     origin = step_dir(mngr, step) if step is not None else mngr.directory
     raise JaxrecError(f"{origin}: cannot save the checkpoint: {describe(e)}; "
                       f"{kept}") from None
@@ -338,7 +338,7 @@ class RunCheckpoints:
     self.settle()
     if best_step == step:
       save(self.best, step, {"params": state["params"]}, meta)
-      wait(self.best, step, None)
+      wait(self.best, step, self.complete)
     save(self.latest, step, state, meta)
     self.pending = step
     self._prune_best({best_step, self.recorded_best})

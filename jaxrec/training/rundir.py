@@ -118,9 +118,10 @@ class MetricsLog:
   """DIR/metrics.jsonl, plus TensorBoard events under DIR/tb if asked."""
 
   def __init__(self, out_dir: str, tensorboard: bool, start_step: int = 0):
-    path = os.path.join(out_dir, "metrics.jsonl")
-    drop_records_after(path, start_step)
-    self.file = open(path, "a", encoding="utf-8")
+    self.path = os.path.join(out_dir, "metrics.jsonl")
+    with reported_as(self.path, "write the training log"):
+      drop_records_after(self.path, start_step)
+      self.file = open(self.path, "a", encoding="utf-8")
     self.tb = None
     if tensorboard:
       try:
@@ -132,8 +133,9 @@ class MetricsLog:
       self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
 
   def write(self, record: dict[str, Any]) -> None:
-    self.file.write(json.dumps(record) + "\n")
-    self.file.flush()
+    with reported_as(self.path, "write the training log"):
+      self.file.write(json.dumps(record) + "\n")
+      self.file.flush()
     if self.tb is not None:
       for key, value in record.items():
         if isinstance(value, dict):
