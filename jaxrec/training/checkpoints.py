@@ -6,6 +6,8 @@ Layout of a run directory:
   DIR/checkpoints/latest/N/    state (params, opt_state, step) + meta: for
                                --resume; the newest `keep` are kept
   DIR/checkpoints/best/N/      params + meta of the best validation so far
+                               (the step the newest `latest` records)
+  DIR/checkpoints/damaged/     steps a resume found unreadable, set aside
 
 Each checkpoint's `meta` item is JSON: the format (`jaxrec/2`), the
 backbone and head names, the full config, the data fingerprint, the training
@@ -16,7 +18,10 @@ converted when their params are loaded; a run in that format cannot be
 resumed (its optimizer state has another layout), which says so in one
 line. Orbax writes every step into a
 temporary directory and renames it when complete, so a kill during a save
-leaves the previous checkpoint as the latest one.
+leaves the previous checkpoint as the latest one; `RunCheckpoints` orders
+a run's saves so the record of the best step and the files always agree.
+Every read is verified, and an unreadable step is one `CheckpointDamaged`
+line naming DIR/checkpoints/KIND/STEP.
 """
 from __future__ import annotations
 
