@@ -373,6 +373,16 @@ def test_eval_of_a_damaged_best_checkpoint_is_one_line_naming_it(
   assert tree_files(run) == before
 
 
+def test_eval_reads_the_best_when_the_newest_record_is_damaged(trained,
+                                                               tmp_path):
+  run = copy_run(trained, tmp_path)
+  garbage_metadata(os.path.join(run, "checkpoints", "latest", "6"))
+  proc = jaxrec("eval", "--ckpt", run, "--split", "test")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  metrics = read_json(os.path.join(run, "metrics.json"))
+  assert json.loads(proc.stdout)["test"] == metrics["test"]
+
+
 @pytest.mark.parametrize("verb", ["inspect", "grow"])
 def test_inspect_and_grow_of_a_damaged_checkpoint_are_one_line(
     trained, tmp_path, verb):

@@ -194,10 +194,10 @@ def read_step_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 
 def recorded_best_step(run_dir: str,
                        best: ocp.CheckpointManager | None = None) -> int:
-  """The best step the run records: the newest readable `latest`
-  checkpoint's progress, else metrics.json. Guards against testing the
-  newest file in best/, which after a kill can be a step the run's record
-  never reached. Missing from best/: one line naming both."""
+  """The best step the run records: the newest `latest` checkpoint's
+  progress, else (none, or unreadable) metrics.json. Guards against testing
+  the newest file in best/, which after a kill can be a step the run's
+  record never reached. Missing from best/: one line naming both."""
   best = best or open_existing(run_dir, "best")
   step, source = _best_step_of_latest(run_dir)
   if step is None:
@@ -215,14 +215,16 @@ def _best_step_of_latest(run_dir: str) -> tuple[int | None, str]:
   if not os.path.isdir(path):
     return None, ""
   mngr = manager(run_dir, "latest", read_only=True)
-  for step in sorted(mngr.all_steps(), reverse=True):
-    try:
-      meta = read_step_meta(mngr, step)
-    except CheckpointDamaged:
-      continue
-    best = (meta.get("progress") or {}).get("best_step", -1)
-    if isinstance(best, int) and best >= 0:
-      return best, step_dir(mngr, step)
+  step = mngr.latest_step()
+  if step is None:
+    return None, ""
+  try:  # Only the newest record counts: an older one names a pruned best.
+    meta = read_step_meta(mngr, step)
+  except CheckpointDamaged:
+    return None, ""
+  best = (meta.get("progress") or {}).get("best_step", -1)
+  if isinstance(best, int) and best >= 0:
+    return best, step_dir(mngr, step)
   return None, ""
 
 
