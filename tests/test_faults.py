@@ -350,8 +350,8 @@ def test_resume_falls_back_from_a_damaged_newest_checkpoint_exactly(
   proc = jaxrec("train", "--out", run, "--resume", *TINY)
   assert proc.returncode == 0, proc.stderr[-3000:]
   warnings = [l for l in proc.stderr.splitlines() if l.startswith("jaxrec:")]
-  assert any("checkpoints/latest/6" in l and "older checkpoint" in l
-             for l in warnings), proc.stderr[-3000:]
+  assert any("checkpoints/latest/6" in l and "older checkpoint at step 3"
+             in l for l in warnings), proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
   # Step 6 was redone from step 3: the same params and log as before.
   jax.tree.map(np.testing.assert_array_equal, latest_params(run),
@@ -359,6 +359,18 @@ def test_resume_falls_back_from_a_damaged_newest_checkpoint_exactly(
   assert records(run) == records(trained)
   assert os.listdir(os.path.join(run, "checkpoints", "damaged")) == [
       "latest-6"]
+
+
+def test_resume_with_every_checkpoint_damaged_is_one_line_moving_nothing(
+    trained, tmp_path):
+  run = copy_run(trained, tmp_path)
+  for step in ("3", "6"):
+    truncate_largest_array(os.path.join(run, "checkpoints", "latest", step))
+  before = tree_files(run)
+  line = one_line(jaxrec("train", "--out", run, "--resume", *TINY))
+  assert "no intact checkpoint to resume from (2 damaged" in line
+  assert "checkpoints/latest/6: cannot read the checkpoint" in line
+  assert tree_files(run) == before
 
 
 @pytest.mark.parametrize("damage", DAMAGE, ids=lambda f: f.__name__)

@@ -377,23 +377,28 @@ class RunCheckpoints:
   def resume(self, target: Any, check: Any) -> tuple[Any, dict[str, Any]]:
     """(state, meta) of the newest intact `latest` step; `check(meta,
     origin)` refuses a checkpoint of another config before any array is
-    read. A damaged step is moved to DIR/checkpoints/damaged and the one
-    before it is tried, saying so."""
+    read. Damaged newer steps are moved to DIR/checkpoints/damaged, saying
+    so, once an older one restored; with none intact nothing is moved."""
+    damaged: list[str] = []
     for step in sorted(self.latest.all_steps(), reverse=True):
-      origin = step_dir(self.latest, step)
       try:
         meta = read_step_meta(self.latest, step)
-        check(meta, origin)
+        check(meta, step_dir(self.latest, step))
         state, meta = restore(self.latest, step, target)
       except CheckpointDamaged as e:
-        print(f"jaxrec: warning: {e}; set aside, trying an older "
-              "checkpoint", file=sys.stderr)
-        self._set_aside(self.latest, step)
+        damaged.append(str(e))
         continue
+      for newer in damaged:
+        print(f"jaxrec: warning: {newer}; set aside, resuming from the "
+              f"older checkpoint at step {step}", file=sys.stderr)
+      for newer in self.latest.all_steps():
+        if newer > step:
+          self._set_aside(self.latest, newer)
       self._after_resume(step, meta)
       return state, meta
     raise JaxrecError(f"{self.latest.directory}: no intact checkpoint to "
-                      "resume from")
+                      f"resume from ({len(damaged)} damaged; the newest: "
+                      f"{damaged[0] if damaged else 'none'})")
 
   def _after_resume(self, step: int, meta: dict[str, Any]) -> None:
     """Removes what the killed run wrote past `step` and what exceeds
