@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from typing import Any
@@ -291,6 +292,7 @@ class Config:
 
   def validate(self) -> "Config":
     for name in SECTIONS:
+      require_finite(getattr(self, name), name)
       getattr(self, name).validate()
     self.head.check_train(self.train)
     shared = getattr(self.model, "source_map", lambda: None)() is not None
@@ -461,8 +463,16 @@ def load_file(path: str) -> dict[str, Any]:
   """Reads a YAML or JSON config file into nested dicts."""
   if not os.path.isfile(path):
     raise JaxrecError(f"{path}: config file not found")
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  try:
+    with open(path, "rb") as f:
+      text = f.read().decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = e.object[:e.start].count(b"\n") + 1
+    raise JaxrecError(f"{path}:{line}: not UTF-8 text (byte "
+                      f"{e.object[e.start]:#04x})") from None
+  except OSError as e:
+    raise JaxrecError(f"{path}: cannot read the config file: "
+                      f"{e.strerror}") from None
   if path.endswith(".json"):
     try:
       return json.loads(text)
@@ -476,6 +486,16 @@ def load_file(path: str) -> dict[str, Any]:
     line = f":{mark.line + 1}" if mark is not None else ""
     problem = getattr(e, "problem", None) or str(e).splitlines()[0]
     raise JaxrecError(f"{path}{line}: invalid YAML: {problem}") from None
+
+
+def require_finite(section: Any, name: str) -> None:
+  """Refuses inf and NaN in every float option: `x > 0` accepts inf and a
+  run then fails late, as 'NaN at step 0'."""
+  for field in dataclasses.fields(section):
+    value = getattr(section, field.name)
+    if isinstance(value, float) and not math.isfinite(value):
+      raise JaxrecError(f"{name}.{field.name}={value!r}: expected a finite "
+                        "number")
 
 
 def require(ok: bool, option_name: str, value: Any, expected: str) -> None:

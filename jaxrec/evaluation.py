@@ -31,6 +31,9 @@ def evaluate_checkpoint(run_dir: str, source: str | None = None,
                         sampled: int = 0) -> dict[str, Any]:
   """Metrics of a run's checkpoint on its own data (or another source)."""
   from jaxrec.data import pipeline  # pylint: disable=import-outside-toplevel
+  if sampled < 0:
+    raise JaxrecError(f"--sampled={sampled}: expected 0 (full ranking) or a "
+                      "number of negatives >= 1")
   sharder = Sharder(make_mesh())
   params, cfg, meta = load_params(run_dir, sharding=sharder.replicated)
   data_cfg = cfg.data
@@ -45,6 +48,11 @@ def evaluate_checkpoint(run_dir: str, source: str | None = None,
   if data.num_items != cfg.model.num_items:
     raise JaxrecError(f"{run_dir}: model has {cfg.model.num_items} item ids "
                       f"but {data_cfg.source} has {data.num_items}")
+  if sampled >= data.num_items - 1:
+    # Negatives are drawn from the other items; as many as the catalogue
+    # holds gives duplicates and metrics that mean nothing.
+    raise JaxrecError(f"--sampled={sampled}: expected fewer negatives than "
+                      f"the catalogue's {data.num_items - 1} items")
   splits = ("valid", "test") if split == "both" else (split,)
   rank_fn = jit_rank_fn(cfg, sharder)  # One compile for both splits.
   out: dict[str, Any] = {

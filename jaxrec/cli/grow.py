@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from jaxrec import models
+from jaxrec.errors import JaxrecError
 from jaxrec.surgery import growth
 from jaxrec.training import checkpoints
 
@@ -52,6 +54,7 @@ def run(args: argparse.Namespace) -> None:
   """Grows, then prints a one-line summary."""
   _, meta = checkpoints.read_meta(args.src, args.source)
   src = checkpoints.config_from_meta(meta, args.src)
+  check_fits_memory(src, args.times, args.top, args.map_opt_state)
   cfg = growth.grow_checkpoint(
       args.src, args.out, args.method, args.preset, times=args.times,
       dilations=args.dilations, top=args.top, seed=args.seed,
@@ -65,3 +68,22 @@ def run(args: argparse.Namespace) -> None:
 
 def _count(cfg: Any) -> int:
   return models.count_params(models.abstract_params(cfg))
+
+
+def check_fits_memory(src: Any, times: int, top: int | None,
+                      with_opt_state: bool) -> None:
+  """Refuses a growth whose result cannot fit in this machine's memory
+  (`--times 40` doubles 40 times: it used to eat all memory, then die)."""
+  if not isinstance(times, int) or times < 1:
+    return  # growth.check_options names it.
+  depth = src.model.num_blocks
+  deep = depth * 2 ** times if top is None else depth + top * times
+  # The blocks dominate: scaling every param by the depth is an upper bound.
+  count = _count(src) * deep // depth
+  copies = 3 if with_opt_state else 1  # Params, and Adam's two moments.
+  need = 4 * count * copies
+  have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  if need > have:
+    raise JaxrecError(f"--times={times}: the grown model would have {deep:,} "
+                      f"blocks, about {need / 2**30:,.1f} GiB, more than this "
+                      f"machine's {have / 2**30:,.1f} GiB of memory")

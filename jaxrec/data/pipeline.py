@@ -502,15 +502,27 @@ def _slow_table(opener: Opener, display: str, fmt: TextFormat,
         raise JaxrecError(f"{display}:{lineno}: expected {num_fields} fields "
                           f"separated by {fmt.delimiter!r}, got {len(fields)}")
       u, i, t = (fields[c].strip() for c in cols)
-      if fmt.integer_ids:
-        for kind, token in zip(kinds, (u, i)):
-          if not _is_int(token):
-            raise JaxrecError(f"{display}:{lineno}: {kind} {_show(token)} is "
-                              "not an integer")
+      for kind, token in zip(kinds, (u, i)):
+        if fmt.integer_ids and not _is_int(token):
+          raise JaxrecError(f"{display}:{lineno}: {kind} {_show(token)} is "
+                            "not an integer")
+        _require_utf8(display, lineno, kind, token)
       users.append(u)
       items.append(i)
       times.append(_timestamp(display, lineno, t))
   return _id_array(users), _id_array(items), _time_array(times)
+
+
+def _require_utf8(display: str, lineno: int, kind: str, token: bytes) -> None:
+  """Refuses an id that is not UTF-8: decoding it with replacement merged
+  distinct ids (b'a\\xff' and b'a\\xfe' both became 'a\\ufffd')."""
+  if token.isascii():
+    return
+  try:
+    token.decode("utf-8")
+  except UnicodeDecodeError:
+    raise JaxrecError(f"{display}:{lineno}: {kind} {token!r} is not UTF-8 "
+                      "text") from None
 
 
 def _timestamp(display: str, lineno: int, token: bytes) -> int | float:
@@ -733,9 +745,21 @@ def _windows(starts: np.ndarray, ends: np.ndarray,
 def _left_padded(seq: np.ndarray, starts: np.ndarray, ends: np.ndarray,
                  width: int) -> np.ndarray:
   """The last `width` items of each seq[start:end], left-padded with 0."""
+  _require_memory(len(starts), width)
   index = ends[:, None] - width + np.arange(width)
   real = index >= starts[:, None]
   return np.where(real, seq[np.maximum(index, 0)], 0).astype(np.int32)
+
+
+def _require_memory(rows: int, width: int) -> None:
+  """Refuses a data.max_len whose padded rows cannot fit in memory (it was
+  a MemoryError traceback, or a machine swapping to a halt)."""
+  need = rows * width * 17  # int64 index, bool mask, int64 result per cell.
+  have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  if need > have:
+    raise JaxrecError(f"data.max_len too large: {rows:,} padded rows of "
+                      f"{width:,} ids need about {need / 2**30:,.1f} GiB, "
+                      f"more than this machine's {have / 2**30:,.1f} GiB")
 
 
 def _consistent(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> bool:

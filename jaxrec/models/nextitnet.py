@@ -126,6 +126,8 @@ class NextItNetConfig(BackboneConfig):
     choice("model.residual", self.residual, ("alpha", "plain"))
     require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout,
             "in [0, 1)")
+    require(self.layer_norm_eps > 0, "model.layer_norm_eps",
+            self.layer_norm_eps, "> 0")
     self.validate_sharing()
 
   def validate_sharing(self) -> None:

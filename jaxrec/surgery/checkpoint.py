@@ -16,7 +16,7 @@ from typing import Any, Callable
 from jaxrec import models
 from jaxrec.config import Config
 from jaxrec.errors import JaxrecError
-from jaxrec.training import checkpoints, rundir
+from jaxrec.training import checkpoints, lock, rundir
 from jaxrec.training import state as state_lib
 
 # (params, cfg) -> (new params, new cfg)
@@ -36,6 +36,14 @@ def apply_to_checkpoint(src_dir: str, out_dir: str, fn: ParamsFn,
   `train --init-opt-state`; otherwise the new run's optimizer state is
   fresh. `lineage` (the op and its options) is appended to the source's.
   """
+  with lock.hold(out_dir, str(lineage.get("op", "surgery"))):
+    return _apply_locked(src_dir, out_dir, fn, lineage, kind, opt_fn)
+
+
+def _apply_locked(src_dir: str, out_dir: str, fn: ParamsFn,
+                  lineage: dict[str, Any], kind: str | None,
+                  opt_fn: OptStateFn | None) -> Config:
+  """`apply_to_checkpoint`, holding out_dir's writer lock."""
   rundir.refuse_existing_checkpoints(out_dir)  # Before any work.
   if kind not in (None, "best", "latest"):
     raise JaxrecError(f"--source={kind!r}: expected 'best' or 'latest'")
@@ -91,6 +99,6 @@ def save_start_checkpoint(out_dir: str, cfg: Config, params: models.Params,
   os.makedirs(out_dir, exist_ok=True)
   mngr = checkpoints.manager(out_dir, "latest", keep=1)
   checkpoints.save(mngr, 0, state, meta)
-  mngr.wait_until_finished()
+  checkpoints.wait(mngr, 0, None)
   mngr.close()
   checkpoints.write_json(os.path.join(out_dir, "config.json"), cfg.to_dict())

@@ -32,9 +32,9 @@ from tqdm import tqdm
 from jaxrec import models
 from jaxrec.config import Config
 from jaxrec.data import sequences
-from jaxrec.errors import JaxrecError
+from jaxrec.errors import CheckpointDamaged, Interrupted, JaxrecError
 from jaxrec.tasks import next_item, ranking
-from jaxrec.training import checkpoints, optim, rundir
+from jaxrec.training import checkpoints, interrupts, lock, optim, rundir
 from jaxrec.training.mesh import Sharder, make_mesh
 from jaxrec.training.state import (State, abstract_state, init_state,
                                    optimizer_for, restore_params)
@@ -145,6 +145,19 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
   `step_callback(step)` runs after each step (tests use it to kill a run at
   a chosen moment).
   """
+  with lock.hold(out_dir, "train"):
+    return _train_locked(cfg, out_dir, data, resume, init_from,
+                         init_opt_state, devices, progress_bar,
+                         step_callback, task)
+
+
+def _train_locked(cfg: Config, out_dir: str,
+                  data: sequences.SequenceData | None, resume: bool,
+                  init_from: str | None, init_opt_state: bool,
+                  devices: list[jax.Device] | None, progress_bar: bool,
+                  step_callback: Callable[[int], None] | None,
+                  task: Task) -> dict[str, Any]:
+  """`train`, holding the run directory's writer lock."""
   if data is None:
     from jaxrec.data import pipeline  # pylint: disable=import-outside-toplevel
     data = pipeline.load_data(cfg.data)
@@ -152,11 +165,10 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
   if init_from:
     cfg, lineage, init_params, init_opt = _load_init(cfg, init_from, data,
                                                      init_opt_state)
+  _check_num_items(cfg, data)
   cfg = cfg.fit_data(data.num_items, data.max_len, data.item_counts)
   cfg.validate()
   tcfg = cfg.train
-  if resume:  # A run of another format cannot go on, whatever its config.
-    _check_resumable_format(out_dir)
   rundir.prepare(cfg, out_dir, resume)
 
   sharder = Sharder(make_mesh(devices))
@@ -181,13 +193,16 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
   if init_from and init_opt_state:
     state["opt_state"] = init_opt  # E.g. Adam moments mapped by `grow`.
   state = sharder.replicate(state)
-  latest = checkpoints.manager(out_dir, "latest", keep=tcfg.keep_checkpoints)
-  best = checkpoints.manager(out_dir, "best", keep=1)
+  ckpts = checkpoints.RunCheckpoints(out_dir, tcfg.keep_checkpoints)
   prog = Progress()
-  if resume and latest.latest_step() is not None:
-    state, meta = _restore_latest(latest, state, data)
+  if resume and ckpts.latest.all_steps():
+    state, meta = _resume(ckpts, state, cfg, data)
     prog = Progress(**meta["progress"])
     lineage = meta["lineage"]
+  elif resume:  # Killed before its first checkpoint: it starts again.
+    rundir.check_config_file(cfg, out_dir)
+  if resume:  # Only now: a failed resume leaves config.json as it was.
+    rundir.write_config(cfg, out_dir)
   start = int(state["step"])
 
   log = rundir.MetricsLog(out_dir, tcfg.tensorboard, start)
@@ -201,59 +216,71 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
   done = start
   # A resumed run that had already stopped early stays stopped.
   end = start if prog.stopped(tcfg.patience) else total_steps
-  try:
-    for step in range(start, end):
-      batch = task.batch(data, step, batch_size, tcfg.seed)
-      state, out = step_fn(state, sharder.put_batch(batch))
-      done = step + 1
-      log_now = done % log_every == 0 or done == total_steps
-      eval_now = done % eval_every == 0 or done == total_steps
-      if log_now or eval_now:  # Never validate or save non-finite params.
-        loss = _check_finite(state, out, out_dir)
-      if log_now:
-        rate = (done - s_last) * tokens_per_step / (time.time() - t_last)
-        t_last, s_last = time.time(), done
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
-        log.write({"step": done, "loss": loss, "tokens_per_s": rate})
-      bar.update(1)
-      if eval_now:
-        valid = evaluate_params(state["params"], cfg, sharder,
-                                data.valid_inputs, data.valid_targets,
-                                rank_fn)
-        prog.train_time_s = time.time() - clock
-        improved = prog.record(valid, tcfg.select_metric, done)
-        log.write({"step": done, "valid": valid,
-                   "train_time_s": prog.train_time_s})
-        bar.write(f"step {done}: valid {tcfg.select_metric}="
-                  f"{valid[tcfg.select_metric]:.4f}"
-                  + (" (best)" if improved else ""))
-        meta = checkpoints.make_meta(cfg, data.fingerprint, done, lineage,
-                                     progress=dataclasses.asdict(prog))
-        if improved:
-          checkpoints.save(best, done, {"params": state["params"]}, meta)
-        checkpoints.save(latest, done, state, meta)
-        if prog.stopped(tcfg.patience):
-          bar.write(f"early stop at step {done}: no {tcfg.select_metric} "
-                    f"gain in {tcfg.patience} validations")
+  with interrupts.deferred():
+    try:
+      for step in range(start, end):
+        if interrupts.requested():
           break
-      if step_callback is not None:
-        step_callback(done)
-  finally:
-    bar.close()
-    log.close()
-    latest.wait_until_finished()
-    best.wait_until_finished()
+        batch = task.batch(data, step, batch_size, tcfg.seed)
+        state, out = step_fn(state, sharder.put_batch(batch))
+        done = step + 1
+        log_now = done % log_every == 0 or done == total_steps
+        eval_now = done % eval_every == 0 or done == total_steps
+        if log_now or eval_now:  # Never validate or save non-finite params.
+          loss = _check_finite(state, out, ckpts)
+        if log_now:
+          rate = (done - s_last) * tokens_per_step / (time.time() - t_last)
+          t_last, s_last = time.time(), done
+          bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
+          log.write({"step": done, "loss": loss, "tokens_per_s": rate})
+        bar.update(1)
+        if eval_now:
+          valid = evaluate_params(state["params"], cfg, sharder,
+                                  data.valid_inputs, data.valid_targets,
+                                  rank_fn)
+          prog.train_time_s = time.time() - clock
+          improved = prog.record(valid, tcfg.select_metric, done)
+          log.write({"step": done, "valid": valid,
+                     "train_time_s": prog.train_time_s})
+          bar.write(f"step {done}: valid {tcfg.select_metric}="
+                    f"{valid[tcfg.select_metric]:.4f}"
+                    + (" (best)" if improved else ""))
+          meta = checkpoints.make_meta(cfg, data.fingerprint, done, lineage,
+                                       progress=dataclasses.asdict(prog))
+          ckpts.save_validation(done, state, meta, prog.best_step)
+          if prog.stopped(tcfg.patience):
+            bar.write(f"early stop at step {done}: no {tcfg.select_metric} "
+                      f"gain in {tcfg.patience} validations")
+            break
+        if step_callback is not None:
+          step_callback(done)
+      ckpts.settle()
+    except BaseException:
+      ckpts.abandon()
+      raise
+    finally:
+      bar.close()
+      log.close()
+    if interrupts.requested():
+      raise Interrupted(_interrupted_message(done, ckpts))
 
-  return _finish(cfg, out_dir, data, sharder, rank_fn, best, prog, done,
+  return _finish(cfg, out_dir, data, sharder, rank_fn, ckpts, prog, done,
                  per_epoch)
 
 
 def _finish(cfg: Config, out_dir: str, data: sequences.SequenceData,
-            sharder: Sharder, rank_fn: Callable, best, prog: Progress,
+            sharder: Sharder, rank_fn: Callable,
+            ckpts: checkpoints.RunCheckpoints, prog: Progress,
             steps: int, per_epoch: int) -> dict[str, Any]:
-  """Tests the best checkpoint (read back from disk) and writes metrics.json."""
+  """Tests the recorded best checkpoint (read back from disk; never merely
+  the newest file in best/) and writes metrics.json."""
+  if prog.best_step not in ckpts.best.all_steps():
+    raise JaxrecError(f"{checkpoints.step_dir(ckpts.best, prog.best_step)}: "
+                      f"missing, but the run records step {prog.best_step} "
+                      "as its best")
   restored, _ = checkpoints.restore(
-      best, target=abstract_state(cfg, "best", sharder.replicated))
+      ckpts.best, prog.best_step,
+      target=abstract_state(cfg, "best", sharder.replicated))
   test = evaluate_params(restored["params"], cfg, sharder, data.test_inputs,
                          data.test_targets, rank_fn)
   pop = ranking.popularity_metrics(data.item_counts, data.test_inputs,
@@ -271,26 +298,41 @@ def _finish(cfg: Config, out_dir: str, data: sequences.SequenceData,
   return result
 
 
-def _check_resumable_format(out_dir: str) -> None:
-  path = os.path.join(out_dir, "checkpoints", "latest")
-  if os.path.isdir(path):
-    opened = checkpoints.open_checkpoint(out_dir, "latest")
-    checkpoints.check_format(opened.meta, f"{path}/{opened.step}",
-                             legacy_ok=False)
+def _check_num_items(cfg: Config, data: sequences.SequenceData) -> None:
+  """Refuses a --num-items the data contradicts (it was silently replaced)."""
+  given = cfg.model.num_items
+  if given and given != data.num_items:
+    raise JaxrecError(f"model.num_items={given}: the data has "
+                      f"{data.num_items} item ids (padding included); leave "
+                      "it 0 to take it from the data")
 
 
-def _restore_latest(latest, state: State,
-                    data: sequences.SequenceData) -> tuple[State, dict]:
-  # Its format was checked before the run directory was touched
-  # (`_check_resumable_format`).
+def _resume(ckpts: checkpoints.RunCheckpoints, state: State, cfg: Config,
+            data: sequences.SequenceData) -> tuple[State, dict]:
+  """The newest intact `latest` checkpoint, refused unless it is this run:
+  same format, the same config (the one stored in the checkpoint, not only
+  config.json, which may be missing), the same data."""
+  def check(meta, origin):
+    checkpoints.check_format(meta, origin, legacy_ok=False)
+    if not isinstance(meta.get("config"), dict):
+      raise CheckpointDamaged(f"{origin}: its metadata holds no config")
+    rundir.check_same_config(meta["config"], cfg, origin)
+    rundir.check_config_file(cfg, ckpts.run_dir)
+    if meta.get("data_fingerprint") != data.fingerprint:
+      raise JaxrecError(f"{origin}: checkpoint was trained on other data "
+                        "(fingerprint differs); use another --out")
+
   abstract = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
       state)
-  restored, meta = checkpoints.restore(latest, target=abstract)
-  if meta["data_fingerprint"] != data.fingerprint:
-    raise JaxrecError(f"{latest.directory}: checkpoint was trained on other "
-                      "data (fingerprint differs); use another --out")
-  return restored, meta
+  return ckpts.resume(abstract, check)
+
+
+def _interrupted_message(step: int, ckpts: checkpoints.RunCheckpoints) -> str:
+  kept = (f"--resume continues from step {ckpts.complete}"
+          if ckpts.complete is not None else
+          "no checkpoint was written yet; --resume starts it again")
+  return f"interrupted at step {step}; {kept}"
 
 
 def _load_init(cfg: Config, init_from: str, data: sequences.SequenceData,
@@ -326,9 +368,12 @@ def _load_init(cfg: Config, init_from: str, data: sequences.SequenceData,
   return cfg, lineage, restored["params"], opt_state
 
 
-def _check_finite(state: State, out: dict, out_dir: str) -> float:
+def _check_finite(state: State, out: dict,
+                  ckpts: checkpoints.RunCheckpoints) -> float:
   bad = int(state["first_bad_step"])
   if bad >= 0:
-    raise JaxrecError(f"loss is NaN/inf at step {bad}; stopped, the last "
-                      f"good checkpoint is kept in {out_dir}/checkpoints")
+    last = ckpts.pending if ckpts.pending is not None else ckpts.complete
+    kept = (f"the last good checkpoint is {ckpts.latest.directory}/{last}"
+            if last is not None else "no checkpoint was written")
+    raise JaxrecError(f"loss is NaN/inf at step {bad}; stopped, {kept}")
   return float(out["loss"])

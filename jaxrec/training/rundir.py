@@ -14,27 +14,65 @@ from typing import Any
 
 from jaxrec import config as config_lib
 from jaxrec.config import Config
-from jaxrec.errors import JaxrecError
+from jaxrec.errors import JaxrecError, reported_as
 from jaxrec.training import checkpoints
 
 
 def prepare(cfg: Config, out_dir: str, resume: bool) -> None:
-  """Refuses to mix runs: a resume needs the same config, a fresh run an
-  empty directory. Guards against silently continuing someone else's run."""
-  os.makedirs(out_dir, exist_ok=True)
+  """Refuses to mix runs: a fresh run needs a directory holding none (and
+  writes DIR/config.json); a resume needs a run to resume
+  (`check_config_file` and the checkpoint then compare configs). A resume
+  writes nothing here: its
+  config.json is written only once its checkpoint restored
+  (`write_config`), so a failed resume cannot change what the run was."""
   path = os.path.join(out_dir, "config.json")
-  has_ckpt = os.path.isdir(os.path.join(out_dir, "checkpoints", "latest"))
-  if os.path.exists(path) and (resume or has_ckpt):
-    with open(path, encoding="utf-8") as f:
-      saved = config_lib.upgrade(json.load(f), path)
-    if not resume:
+  has_ckpt = bool(_entries(os.path.join(out_dir, "checkpoints", "latest")))
+  if not resume:
+    if os.path.exists(path) or has_ckpt:
       raise JaxrecError(f"{out_dir}: already holds a run; pass --resume to "
                         "continue it or choose another --out")
-    diff = config_diff(saved, cfg.to_dict())
-    if diff:
-      raise JaxrecError(f"{path}: --resume with a different config "
-                        f"({', '.join(diff)}); use another --out")
-  checkpoints.write_json(path, cfg.to_dict())
+    write_config(cfg, out_dir)
+    return
+  if not os.path.exists(path) and not has_ckpt:
+    raise JaxrecError(f"{out_dir}: no run to resume here (no config.json, "
+                      "no checkpoint); drop --resume to start one")
+
+
+def check_config_file(cfg: Config, out_dir: str) -> None:
+  """A resume's config must match DIR/config.json, if there is one."""
+  path = os.path.join(out_dir, "config.json")
+  if os.path.exists(path):
+    check_same_config(read_config(path), cfg, path)
+
+
+def write_config(cfg: Config, out_dir: str) -> None:
+  with reported_as(os.path.join(out_dir, "config.json"), "write"):
+    checkpoints.write_json(os.path.join(out_dir, "config.json"),
+                           cfg.to_dict())
+
+
+def read_config(path: str) -> dict[str, Any]:
+  """A run's config.json as a dict; damage is one line naming it."""
+  with reported_as(path, "read the run's config"):
+    with open(path, encoding="utf-8") as f:
+      raw = json.load(f)
+  if not isinstance(raw, dict):
+    raise JaxrecError(f"{path}: not a config (expected a JSON mapping)")
+  return raw
+
+
+def check_same_config(saved: dict[str, Any], cfg: Config, origin: str) -> None:
+  """Refuses a resume whose options differ from the run's (`origin`: its
+  config.json or its checkpoint)."""
+  saved = config_lib.upgrade(dict(saved), origin)
+  diff = config_diff(saved, cfg.to_dict())
+  if diff:
+    raise JaxrecError(f"{origin}: --resume with a different config "
+                      f"({', '.join(diff)}); use another --out")
+
+
+def _entries(path: str) -> list[str]:
+  return os.listdir(path) if os.path.isdir(path) else []
 
 
 def config_diff(saved: dict, new: dict) -> list[str]:
@@ -80,9 +118,10 @@ class MetricsLog:
   """DIR/metrics.jsonl, plus TensorBoard events under DIR/tb if asked."""
 
   def __init__(self, out_dir: str, tensorboard: bool, start_step: int = 0):
-    path = os.path.join(out_dir, "metrics.jsonl")
-    drop_records_after(path, start_step)
-    self.file = open(path, "a", encoding="utf-8")
+    self.path = os.path.join(out_dir, "metrics.jsonl")
+    with reported_as(self.path, "write the training log"):
+      drop_records_after(self.path, start_step)
+      self.file = open(self.path, "a", encoding="utf-8")
     self.tb = None
     if tensorboard:
       try:
@@ -94,8 +133,9 @@ class MetricsLog:
       self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
 
   def write(self, record: dict[str, Any]) -> None:
-    self.file.write(json.dumps(record) + "\n")
-    self.file.flush()
+    with reported_as(self.path, "write the training log"):
+      self.file.write(json.dumps(record) + "\n")
+      self.file.flush()
     if self.tb is not None:
       for key, value in record.items():
         if isinstance(value, dict):
