@@ -24,9 +24,11 @@ OUT/accuracy_vs_params.png and prints a Markdown table for RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
+import tempfile
 import time
 from typing import Any
 
@@ -179,6 +181,30 @@ def run_arm(arm: str, cfg: config_lib.Config, data, out_dir: str,
   }
 
 
+def retime(out_dir: str, results: dict[str, Any], data,
+           s: dict[str, Any], steps: int = 150) -> None:
+  """Re-measures every arm's speed on the trained runs: top-20 latency on
+  its best checkpoint, and steady training throughput from a fresh
+  `steps`-step run (the mean of its last two 50-step windows: the first
+  holds compilation). For timings on a quiet machine after an accuracy run
+  that shared it."""
+  for arm, r in results["arms"].items():
+    params, cfg, _ = state.load_params(os.path.join(out_dir, "runs", arm),
+                                       "best")
+    r["topn_ms"] = topn_latency(params, cfg, data, 512, s["timing_batches"])
+    short = cfg.replace(train=dataclasses.replace(
+        cfg.train, steps=steps, eval_every=steps, patience=0))
+    with tempfile.TemporaryDirectory() as tmp:
+      loop.train(short, tmp, data, progress_bar=False)
+      with open(os.path.join(tmp, "metrics.jsonl"), encoding="utf-8") as f:
+        rates = [json.loads(line).get("tokens_per_s") for line in f]
+    r["tokens_per_s"] = float(np.mean([x for x in rates if x][-2:]))
+    print(f"[cprec] retimed {arm}: {r['tokens_per_s']:,.0f} tokens/s",
+          flush=True)
+  results["retimed"] = {"date": time.strftime("%Y-%m-%d %H:%M"),
+                        "throughput_steps": steps}
+
+
 def plot(results: dict[str, Any], path: str) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -215,7 +241,8 @@ def table(results: dict[str, Any]) -> str:
            "tokens/s | top-20 ms per query, full / early exit: batch 512 ; "
            "batch 1 |",
            "|---" * (8 + len(SHOWN)) + "|"]
-  for arm, r in arms.items():
+  for arm in sorted(arms, key=lambda a: list(ARMS).index(a)):
+    r = arms[arm]
     topn = " ; ".join(topn_cell(t) for t in (r["topn_ms"],
                                               r["topn_ms"]["batch_1"]))
     lines.append(
@@ -255,24 +282,39 @@ def main() -> None:
   parser.add_argument("--steps", type=int, help="override the steps")
   parser.add_argument("--data", help="override the data source")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--retime", action="store_true",
+                      help="re-measure speed (top-20 latency, training "
+                      "tokens/s) of the runs already in OUT, keeping their "
+                      "accuracy: for a quiet machine")
   parser.add_argument("--arms", default=",".join(ARMS),
                       help="comma-separated subset (cprec and nextitnet are "
                       "needed for small_nextitnet and the targets)")
   args = parser.parse_args()
-  s = dict(SCALE if args.scale else CPU)
-  if args.steps:
-    s["steps"] = args.steps
-    s["eval_every"] = max(1, min(s["eval_every"], args.steps))
-  if args.data:
-    s["data"] = args.data
+  results_path = os.path.join(args.out, "results.json")
+  if args.retime:  # The recorded settings, whatever the flags say.
+    with open(results_path, encoding="utf-8") as f:
+      results = json.load(f)
+    s = results["settings"]
+  else:
+    s = dict(SCALE if args.scale else CPU)
+    if args.steps:
+      s["steps"] = args.steps
+      s["eval_every"] = max(1, min(s["eval_every"], args.steps))
+    if args.data:
+      s["data"] = args.data
   os.makedirs(args.out, exist_ok=True)
   base = base_config(s, args.seed)
   data = pipeline.load_data(arm_config(base, "nextitnet").data)
   chosen = [a.strip() for a in args.arms.split(",") if a.strip()]
-  results = {"settings": s, "seed": args.seed, "date": time.strftime(
-      "%Y-%m-%d"), "device": jax.devices()[0].device_kind,
-             "platform": platform.platform(), "jax": jax.__version__,
-             "data": data.meta, "arms": {}}
+  if args.retime:
+    retime(args.out, results, data, s)
+    chosen = []
+  else:
+    results = {"settings": s, "seed": args.seed,
+               "date": time.strftime("%Y-%m-%d"),
+               "device": jax.devices()[0].device_kind,
+               "platform": platform.platform(), "jax": jax.__version__,
+               "data": data.meta, "arms": {}}
   for arm in chosen:
     width = None
     if arm == "small_nextitnet":
@@ -283,10 +325,10 @@ def main() -> None:
           flush=True)
     results["arms"][arm] = run_arm(arm, cfg, data,
                                    os.path.join(args.out, "runs", arm), s)
-    checkpoints.write_json(os.path.join(args.out, "results.json"), results)
+    checkpoints.write_json(results_path, results)
   if {"nextitnet", "cprec", "small_nextitnet"} <= set(results["arms"]):
     results["targets"] = targets(results)
-  checkpoints.write_json(os.path.join(args.out, "results.json"), results)
+  checkpoints.write_json(results_path, results)
   plot(results, os.path.join(args.out, "accuracy_vs_params.png"))
   print(table(results))
   if "targets" in results:
