@@ -1,0 +1,8 @@
+"""SkipRec: a per-user policy that skips residual blocks.
+
+policy.py    the policy subtree, straight-through Gumbel and argmax gates
+rl.py        the self-critical REINFORCE loss (model.skip=rl)
+attach.py    adding a policy to a trained backbone (function and checkpoint)
+The joint training loss is the task `jaxrec.tasks.skiprec`; really skipping
+blocks at inference is `jaxrec.nn.skipping`.
+"""
