@@ -188,3 +188,112 @@ def test_bad_skip_options_fail_in_one_line_naming_the_option(bad, msg):
   with pytest.raises(JaxrecError, match=msg) as e:
     make_cfg(**bad)
   assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------ real skipping
+
+
+@pytest.mark.parametrize("mode", ["cond", "compact"])
+@pytest.mark.parametrize("batch", [1, B])
+def test_real_skipping_equals_the_masked_pass(mode, batch):
+  cfg = make_cfg(dilations=(1, 2))
+  params = init(cfg)
+  x = ids(batch=batch)
+  gates = jax.random.bernoulli(jax.random.key(5), 0.5, (L, batch))
+  gates = gates.at[1].set(False).at[3].set(True).astype(jnp.float32)
+  run = jax.jit(lambda p, g, m: models.hidden_states(p, cfg, x, gates=g,
+                                                     skipping=m),
+                static_argnums=2)
+  np.testing.assert_allclose(run(params, gates, mode),
+                             run(params, gates, "masked"), atol=1e-5)
+
+
+def test_compaction_computes_only_the_keeping_rows():
+  calls = []
+
+  def block(p, x, static, inputs):
+    calls.append(x.shape[0])  # Traced once per bucket branch.
+    return x + p * inputs[:, None]
+
+  from jaxrec.nn import skipping
+  run = skipping.compacted(block, lambda g: g, lambda _, g: g, buckets=(2, 8))
+  x = jnp.arange(8.0)[:, None] * jnp.ones((8, 3))
+  gate = jnp.zeros(8).at[5].set(1.0)
+  out = run(1.0, x, None, gate)
+  np.testing.assert_allclose(out, x.at[5].add(1.0))
+  assert sorted(calls) == [2, 8]
+  jaxpr = str(jax.make_jaxpr(lambda x, g: run(1.0, x, None, g))(x, gate))
+  assert "cond" in jaxpr  # A switch: only the chosen bucket runs.
+
+
+# ------------------------------------------------------------------ growth
+
+
+def test_policy_head_rows_follow_the_stackrec_index_map():
+  cfg = make_cfg(num_blocks=4)
+  params = init(cfg)
+  for method in ("adjacent", "cross"):
+    deep, deep_cfg = growth.stack(params, cfg, method, "preserve",
+                                  rng=jax.random.key(0))
+    idx = np.asarray(growth.index_map(method, 4))
+    assert deep_cfg.model.skip == "gumbel" and deep_cfg.model.num_blocks == 8
+    for leaf in ("kernel", "bias"):
+      np.testing.assert_array_equal(deep["policy"]["head"][leaf],
+                                    params["policy"]["head"][leaf][idx])
+    np.testing.assert_array_equal(deep["policy"]["embedding"],
+                                  params["policy"]["embedding"])
+    models.check_params(deep, deep_cfg)
+
+
+def test_grown_policy_gives_fresh_blocks_fresh_rows():
+  cfg = make_cfg(num_blocks=4)
+  params = init(cfg)
+  deep, deep_cfg = growth.stack(params, cfg, "random_top", "full",
+                                rng=jax.random.key(0))
+  fresh = models.init_params(deep_cfg, jax.random.key(0))["policy"]["head"]
+  np.testing.assert_array_equal(deep["policy"]["head"]["kernel"][:4],
+                                params["policy"]["head"]["kernel"])
+  np.testing.assert_array_equal(deep["policy"]["head"]["kernel"][4:],
+                                fresh["kernel"][4:])
+
+
+# ------------------------------------------------- starting from a backbone
+
+
+def test_add_policy_keeps_the_backbone_and_copies_its_embedding():
+  plain = config_lib.from_dict({"model": {"embed_dim": C, "num_blocks": L}})
+  plain = plain.fit_data(V, T, None).validate()
+  params = models.init_params(plain, jax.random.key(0))
+  new, cfg = attach.add_policy(params, plain, jax.random.key(1),
+                               skip="gumbel", skip_lambda=0.1)
+  models.check_params(new, cfg)
+  assert cfg.model.skip_lambda == 0.1
+  np.testing.assert_array_equal(new["policy"]["embedding"],
+                                params["item_embedding"]["embedding"])
+  for name in ("item_embedding", "blocks", "head"):
+    assert new[name] is params[name]
+
+
+def test_skiprec_trains_from_a_run_evaluates_and_inspects_through_the_cli(
+    tmp_path, capsys):
+  base, run = str(tmp_path / "base"), str(tmp_path / "skip")
+  common = ["--data", "synthetic:tiny", "--cache-dir", str(tmp_path / "c"),
+            "--batch-size", "16", "--max-len", "10", "--quiet"]
+  assert cli.main(["train", "--out", base, "--num-blocks", "4",
+                   "--embed-dim", "16", "--steps", "4", "--eval-every", "4",
+                   *common]) == 0
+  assert cli.main(["train", "--out", run, "--init-from", base,
+                   "--skip", "gumbel", "--skip-lambda", "0.5", "--steps", "4",
+                   "--eval-every", "2", *common]) == 0
+  with open(os.path.join(run, "metrics.json"), encoding="utf-8") as f:
+    metrics = json.load(f)
+  assert 0.0 <= metrics["block_usage"]["test"] <= 1.0
+  capsys.readouterr()
+  assert cli.main(["eval", "--ckpt", run]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["block_usage"]["test"] == pytest.approx(
+      metrics["block_usage"]["test"])
+  assert cli.main(["inspect", run]) == 0
+  text = capsys.readouterr().out
+  assert "policy/head/kernel" in text and "policy total" in text
+  assert "op=add_policy" in text

@@ -153,6 +153,8 @@ def embedding_from_backbone(policy: Params, params: Params,
         "SkipRec init_embedding: needs model.embedding='full' and "
         f"model.skip_policy_dim 0 or {model_cfg.embed_dim} (got "
         f"{model_cfg.embedding!r}, {model_cfg.skip_policy_dim})")
-  return {**policy,
-          "embedding": params["item_embedding"]["embedding"].astype(
-              policy["embedding"].dtype)}
+  # A copy, not the same buffer: a train step donating both leaves would
+  # donate one buffer twice.
+  table = params["item_embedding"]["embedding"]
+  return {**policy, "embedding": jnp.array(
+      table, dtype=policy["embedding"].dtype, copy=True)}
