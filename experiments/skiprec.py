@@ -17,7 +17,9 @@ Arms (all on the same data; full-ranking metrics over all items):
                 Gumbel, usage penalty lambda X) from `full`
   random_skip/l=X  `full` with each block kept at random with the usage of
                 skiprec/l=X (no training)
-  truncated/l=X  `full`'s bottom k blocks, k = round(usage x L) (no training)
+  truncated/l=X  `full`'s bottom k blocks, k = round(usage x L), fine-tuned
+                for as many steps as skiprec/l=X trains (truncated_untuned/l=X:
+                the same blocks without fine-tuning)
 
 Each arm records valid/test metrics, block_usage, infer_ms_per_user at
 batch 1 and 256 (compile excluded, synchronised, median of repeats; skipping
@@ -47,11 +49,15 @@ from jaxrec.data import pipeline, synthetic
 from jaxrec.data.sequences import Interactions
 from jaxrec.skip import policy
 from jaxrec.tasks import ranking
+from jaxrec.surgery.checkpoint import save_start_checkpoint
 from jaxrec.training import loop, state
 
 absl_logging.set_verbosity(absl_logging.ERROR)
 
 LONG_LAG = 30
+# Conv dilations 1,2 / 2,4 / 4,8 / 8,16 repeated: the bottom block sees 6
+# items back (enough for lag 1), the bottom three 42 (lag LONG_LAG).
+DILATIONS = (1, 2, 4, 8)
 CPU = dict(users=1000, items=200, embed_dim=32, num_blocks=16, max_len=40,
            batch_size=64, full_steps=1200, skip_steps=600, eval_every=200,
            lr=3e-3, lambdas=[0.0, 0.5, 2.0], repeats=5, batch1_users=32)
@@ -101,7 +107,7 @@ def two_populations(users: int, items: int, seed: int
 def base_config(s: dict[str, Any], seed: int) -> config_lib.Config:
   return config_lib.from_dict({
       "model": {"embed_dim": s["embed_dim"], "num_blocks": s["num_blocks"],
-                "dilations": [1], "dropout": 0.1},
+                "dilations": list(DILATIONS), "dropout": 0.1},
       "data": {"source": "synthetic", "max_len": s["max_len"],
                "min_user_count": 1, "min_item_count": 1},
       "train": {"batch_size": s["batch_size"], "steps": s["full_steps"],
@@ -181,7 +187,8 @@ def infer_ms(params, cfg, kind: str, mode: str, inputs: np.ndarray,
 
 
 def metrics(params, cfg, kind: str, data, usage: float, seed: int
-            ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+            ) -> tuple[dict[str, Any], dict[str, np.ndarray],
+                       dict[str, np.ndarray]]:
   """valid/test full-ranking metrics and per-user usage under an arm's gates."""
   gates_of = gate_fn(kind, cfg, usage, seed)
   head = heads.get(cfg.head.name)
@@ -197,7 +204,7 @@ def metrics(params, cfg, kind: str, data, usage: float, seed: int
     used = (jnp.ones(inputs.shape[0]) if gates is None else gates.mean(0))
     return ranks, used
 
-  out, usage_by_split = {}, {}
+  out, usage_by_split, ranks_by_split = {}, {}, {}
   for split in ("valid", "test"):
     inputs = getattr(data, f"{split}_inputs")
     targets = getattr(data, f"{split}_targets")
@@ -212,9 +219,10 @@ def metrics(params, cfg, kind: str, data, usage: float, seed: int
       r, u = ranks_and_usage(params, x, y)
       all_ranks.append(np.asarray(r)[:step - pad])
       all_used.append(np.asarray(u)[:step - pad])
-    out[split] = ranking.metrics_from_ranks(np.concatenate(all_ranks))
+    ranks_by_split[split] = np.concatenate(all_ranks)
+    out[split] = ranking.metrics_from_ranks(ranks_by_split[split])
     usage_by_split[split] = np.concatenate(all_used)
-  return out, usage_by_split
+  return out, usage_by_split, ranks_by_split
 
 
 def truncate(params, cfg, depth: int):
@@ -229,7 +237,7 @@ def truncate(params, cfg, depth: int):
 
 def arm_entry(params, cfg, kind, data, s, is_long, usage=1.0, seed=0,
               train_time=0.0) -> dict[str, Any]:
-  result, used = metrics(params, cfg, kind, data, usage, seed)
+  result, used, ranks = metrics(params, cfg, kind, data, usage, seed)
   entry = {**result, "block_usage": float(np.mean(used["test"])),
            "train_time_s": train_time}
   if kind == "full":
@@ -248,6 +256,9 @@ def arm_entry(params, cfg, kind, data, s, is_long, usage=1.0, seed=0,
   entry["usage_by_group"] = {
       "short": float(np.mean(used["test"][~is_long])),
       "long": float(np.mean(used["test"][is_long]))}
+  entry["test_ndcg10_by_group"] = {
+      "short": ranking.metrics_from_ranks(ranks["test"][~is_long])["ndcg@10"],
+      "long": ranking.metrics_from_ranks(ranks["test"][is_long])["ndcg@10"]}
   entry["usage_hist"] = {
       g: np.histogram(used["test"][mask], bins=10, range=(0, 1))[0].tolist()
       for g, mask in (("short", ~is_long), ("long", is_long))}
@@ -288,8 +299,22 @@ def run(out_dir: str, s: dict[str, Any], seed: int) -> dict[str, Any]:
                                            seed=seed)
     depth = max(1, int(round(u * full_cfg.model.num_blocks)))
     tp, tcfg = truncate(params, full_cfg, depth)
-    arms[f"truncated/{tag}"] = arm_entry(tp, tcfg, "full", data, s, is_long)
-    arms[f"truncated/{tag}"]["block_usage"] = depth / cfg.model.num_blocks
+    arms[f"truncated_untuned/{tag}"] = arm_entry(tp, tcfg, "full", data, s,
+                                                 is_long)
+    start = os.path.join(out_dir, f"truncated_{tag}_start")
+    save_start_checkpoint(start, tcfg, tp, data.fingerprint, [])
+    ft_dir = os.path.join(out_dir, f"truncated_{tag}")
+    res = loop.train(tcfg.replace(train=dataclasses.replace(
+        tcfg.train, steps=s["skip_steps"])), ft_dir, data=data,
+                     init_from=start, progress_bar=False)
+    ftp, ftcfg, _ = state.load_params(ft_dir)
+    arms[f"truncated/{tag}"] = arm_entry(
+        ftp, ftcfg, "full", data, s, is_long,
+        train_time=arms["full"]["train_time_s"] + res["train_time_s"])
+    for name in (f"truncated_untuned/{tag}", f"truncated/{tag}"):
+      arms[name]["block_usage"] = depth / cfg.model.num_blocks
+      arms[name]["usage_by_group"] = {g: depth / cfg.model.num_blocks
+                                      for g in ("short", "long")}
     print(f"skiprec {tag}: usage {u:.3f} (short "
           f"{entry['usage_by_group']['short']:.3f}, long "
           f"{entry['usage_by_group']['long']:.3f}), test ndcg@10 "
@@ -322,14 +347,15 @@ def targets(arms: dict[str, Any]) -> dict[str, Any]:
 
 def table(arms: dict[str, Any]) -> str:
   rows = ["| arm | usage | usage short/long | " + " | ".join(
-      f"test {m}" for m in SHOWN) + " | ms/user b1 | ms/user b256 | "
-          "train s |",
-          "|" + " --- |" * (8 + len(SHOWN) - 2)]
+      f"test {m}" for m in SHOWN) + " | ndcg@10 short/long | ms/user b1 | "
+          "ms/user b256 | train s |",
+          "|" + " --- |" * (9 + len(SHOWN) - 2)]
   for name, a in arms.items():
-    g = a["usage_by_group"]
+    g, n = a["usage_by_group"], a["test_ndcg10_by_group"]
     rows.append(
         f"| {name} | {a['block_usage']:.3f} | {g['short']:.2f}/{g['long']:.2f}"
         f" | " + " | ".join(f"{a['test'][m]:.4f}" for m in SHOWN)
+        + f" | {n['short']:.3f}/{n['long']:.3f}"
         + f" | {a['infer_ms_per_user']['1']:.3f} | "
         f"{a['infer_ms_per_user']['256']:.4f} | {a['train_time_s']:.0f} |")
   return "\n".join(rows)
@@ -341,7 +367,8 @@ def plot(arms: dict[str, Any], out_dir: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for kind, marker in (("full", "*"), ("skiprec", "o"),
-                       ("random_skip", "x"), ("truncated", "s")):
+                       ("random_skip", "x"), ("truncated", "s"),
+                       ("truncated_untuned", "v")):
     pts = [a for k, a in arms.items() if k.split("/")[0] == kind]
     ys = [a["test"]["ndcg@10"] for a in pts]
     axes[0].scatter([a["block_usage"] for a in pts], ys, marker=marker,

@@ -302,16 +302,18 @@ def test_skiprec_trains_from_a_run_evaluates_and_inspects_through_the_cli(
 def test_attach_checkpoint_saves_a_start_that_train_init_from_reads(
     tmp_path):
   base, start = str(tmp_path / "base"), str(tmp_path / "start")
-  assert cli.main(["train", "--out", base, "--num-blocks", "2",
-                   "--embed-dim", "8", "--steps", "2", "--eval-every", "2",
-                   "--data", "synthetic:tiny", "--batch-size", "8",
-                   "--max-len", "6", "--cache-dir", str(tmp_path / "c"),
-                   "--quiet"]) == 0
+  plain = config_lib.from_dict({"model": {"embed_dim": 8, "num_blocks": 2}})
+  plain = plain.fit_data(V, T, None).validate()
+  from jaxrec.surgery.checkpoint import save_start_checkpoint
+  save_start_checkpoint(base, plain, models.init_params(plain,
+                                                        jax.random.key(0)),
+                        "fingerprint", [])
   cfg = attach.attach_checkpoint(base, start, skip="gumbel", skip_lambda=0.2)
   from jaxrec.training import state as state_lib
   params, loaded, meta = state_lib.load_params(start)
   assert loaded.model.skip == "gumbel" and loaded.model.skip_lambda == 0.2
   assert loaded == cfg and meta["lineage"][-1]["op"] == "add_policy"
+  assert meta["data_fingerprint"] == "fingerprint"
   models.check_params(params, loaded)
 
 
@@ -328,22 +330,22 @@ def test_skiprec_experiment_writes_results_plots_and_targets(
   module = importlib.import_module("skiprec")
   monkeypatch.setattr(module, "SETTINGS", dict(
       module.CPU, users=40, num_blocks=4, embed_dim=8, max_len=12,
-      full_steps=2, skip_steps=2, eval_every=2, lambdas=[0.0, 1.0],
+      full_steps=2, skip_steps=2, eval_every=2, lambdas=[1.0],
       repeats=1, batch1_users=2))
   monkeypatch.setattr(sys, "argv", ["skiprec.py", "--out", str(tmp_path)])
   module.main()
   with open(tmp_path / "results.json", encoding="utf-8") as f:
     results = json.load(f)
   arms = results["arms"]
-  assert set(arms) == {"full", "skiprec/l=0", "skiprec/l=1",
-                       "random_skip/l=0", "random_skip/l=1",
-                       "truncated/l=0", "truncated/l=1"}
+  assert set(arms) == {"full", "skiprec/l=1", "random_skip/l=1",
+                       "truncated/l=1", "truncated_untuned/l=1"}
   for arm in arms.values():
     assert set(arm["infer_ms_per_user"]) == {"1", "256"}
     assert 0 < arm["block_usage"] <= 1
     for split in ("valid", "test"):
       assert 0 <= arm[split]["ndcg@10"] <= 1
     assert set(arm["usage_by_group"]) == {"short", "long"}
+    assert set(arm["test_ndcg10_by_group"]) == {"short", "long"}
   assert "met" in results["targets"]
   assert (tmp_path / "ndcg_vs_usage.png").stat().st_size > 0
   assert (tmp_path / "usage_by_group.png").stat().st_size > 0
