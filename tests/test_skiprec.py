@@ -16,6 +16,7 @@ from jaxrec.errors import JaxrecError
 from jaxrec.skip import attach, policy
 from jaxrec.surgery import growth
 from jaxrec.tasks import skiprec
+from jaxrec.training import state as state_lib
 
 V, C, L, T, B = 31, 16, 6, 12, 9
 
@@ -280,11 +281,13 @@ def test_skiprec_trains_from_a_run_evaluates_and_inspects_through_the_cli(
   common = ["--data", "synthetic:tiny", "--cache-dir", str(tmp_path / "c"),
             "--batch-size", "16", "--max-len", "10", "--quiet"]
   assert cli.main(["train", "--out", base, "--num-blocks", "4",
-                   "--embed-dim", "16", "--steps", "4", "--eval-every", "4",
+                   "--embed-dim", "8", "--steps", "2", "--eval-every", "2",
                    *common]) == 0
   assert cli.main(["train", "--out", run, "--init-from", base,
-                   "--skip", "gumbel", "--skip-lambda", "0.5", "--steps", "4",
+                   "--skip", "gumbel", "--skip-lambda", "0.5", "--steps", "2",
                    "--eval-every", "2", *common]) == 0
+  _, cfg, _ = state_lib.load_params(run)
+  assert cfg.model.skip == "gumbel" and cfg.model.skip_lambda == 0.5
   with open(os.path.join(run, "metrics.json"), encoding="utf-8") as f:
     metrics = json.load(f)
   assert 0.0 <= metrics["block_usage"]["test"] <= 1.0
@@ -309,7 +312,6 @@ def test_attach_checkpoint_saves_a_start_that_train_init_from_reads(
                                                         jax.random.key(0)),
                         "fingerprint", [])
   cfg = attach.attach_checkpoint(base, start, skip="gumbel", skip_lambda=0.2)
-  from jaxrec.training import state as state_lib
   params, loaded, meta = state_lib.load_params(start)
   assert loaded.model.skip == "gumbel" and loaded.model.skip_lambda == 0.2
   assert loaded == cfg and meta["lineage"][-1]["op"] == "add_policy"
