@@ -275,6 +275,7 @@ def test_add_policy_keeps_the_backbone_and_copies_its_embedding():
     assert new[name] is params[name]
 
 
+@pytest.mark.slow  # Two training runs: about 20 s on 2 cores.
 def test_skiprec_trains_from_a_run_evaluates_and_inspects_through_the_cli(
     tmp_path, capsys):
   base, run = str(tmp_path / "base"), str(tmp_path / "skip")
