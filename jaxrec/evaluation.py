@@ -69,6 +69,11 @@ def evaluate_checkpoint(run_dir: str, source: str | None = None,
                                         rank_fn)
     out[f"popularity_{name}"] = ranking.popularity_metrics(
         data.item_counts, inputs, targets, mask_history)
+    if getattr(cfg.model, "skip", "none") != "none":
+      from jaxrec.skip import policy  # pylint: disable=import-outside-toplevel
+      # SkipRec: blocks computed / (blocks x users) under the argmax gates.
+      out.setdefault("block_usage", {})[name] = float(np.mean(
+          policy.block_usage(params, cfg, inputs, cfg.train.eval_batch_size)))
   return out
 
 

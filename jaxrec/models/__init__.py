@@ -52,6 +52,10 @@ def init_params(cfg: Any, rng: jax.Array) -> Params:
   k_backbone, k_head = jax.random.split(rng)
   params = get(cfg.model.name).init(cfg.model, k_backbone)
   params["head"] = heads.get(cfg.head.name).init(cfg.head, cfg.model, k_head)
+  if getattr(cfg.model, "skip", "none") != "none":
+    from jaxrec.skip import policy  # pylint: disable=import-outside-toplevel
+    # A key of its own, so adding a policy leaves the other leaves as they were.
+    params["policy"] = policy.init(cfg.model, jax.random.fold_in(rng, 10))
   return params
 
 
@@ -60,7 +64,13 @@ def hidden_states(params: Params, cfg: Any, ids: jax.Array,
   """The backbone's apply: ids [B, T] -> hidden states [B, T, C] (float32).
 
   Keyword arguments (train, rng, source, gates, unroll) go to the backbone.
+  A model with a SkipRec policy (`model.skip`) and no `gates` given runs
+  with the policy's deterministic inference gates.
   """
+  if getattr(cfg.model, "skip", "none") != "none" and kwargs.get(
+      "gates") is None:
+    from jaxrec.skip import policy  # pylint: disable=import-outside-toplevel
+    kwargs["gates"] = policy.inference_gates(params, cfg, ids)
   return get(cfg.model.name).apply(params, cfg.model, ids, **kwargs)
 
 

@@ -48,8 +48,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxrec.config import BackboneConfig, choice, option, require
+from jaxrec.errors import JaxrecError
 from jaxrec.models.backbone import Backbone, Params, SurgeryRules
 from jaxrec.nn import embedding
+from jaxrec.nn import skipping as skipping_lib
 from jaxrec.nn.conv import CausalConv
 from jaxrec.nn.dropout import input_dropout
 from jaxrec.nn.norm import LayerNorm
@@ -84,6 +86,29 @@ class NextItNetConfig(BackboneConfig):
   block_source: tuple[int, ...] = option(
       (), "explicit map run position -> stored block (one per block); "
       "growing a shared model writes it")
+  # SkipRec (jaxrec/skip): a per-user policy gating each block.
+  skip: str = option("none", "SkipRec block skipping: none | gumbel "
+                     "(straight-through Gumbel policy, trained jointly) | "
+                     "rl (self-critical REINFORCE policy)")
+  skip_lambda: float = option(0.0, "SkipRec usage penalty: loss += lambda * "
+                              "mean(gate) (0: the official Gumbel variant)")
+  skip_tau: float = option(10.0, "SkipRec Gumbel-softmax temperature (the "
+                           "soft backward pass; the hard sample ignores it)")
+  skip_policy_dim: int = option(0, "SkipRec policy width (0: embed_dim)")
+  skip_train_split: str = option(
+      "half", "SkipRec training: half (the policy reads the first half of "
+      "each training row, the loss scores the second half, so no gate "
+      "depends on a target it is trained on) | all (official: the policy "
+      "reads the whole row, early positions' gates see later items)")
+  skip_confine: bool = option(False, "SkipRec: the official code's sigmoid "
+                              "before the softmax, which confines keep "
+                              "probabilities to [0.269, 0.731]")
+  skip_init_embedding: bool = option(
+      True, "SkipRec: a policy added to a trained backbone starts from its "
+      "item embedding (the official --use_pre; needs a full embedding and "
+      "skip_policy_dim 0)")
+  skip_rl_penalty: float = option(0.1, "SkipRec rl: reward = hit@5 - "
+                                  "penalty * share of blocks used")
 
   def block_dilations(self) -> tuple[int, ...]:
     """The first-conv dilation of every block, bottom to top."""
@@ -129,6 +154,20 @@ class NextItNetConfig(BackboneConfig):
     require(self.layer_norm_eps > 0, "model.layer_norm_eps",
             self.layer_norm_eps, "> 0")
     self.validate_sharing()
+    self.validate_skip()
+
+  def validate_skip(self) -> None:
+    choice("model.skip", self.skip, ("none", "gumbel", "rl"))
+    choice("model.skip_train_split", self.skip_train_split, ("half", "all"))
+    require(self.skip_lambda >= 0, "model.skip_lambda", self.skip_lambda,
+            ">= 0")
+    require(self.skip_tau > 0, "model.skip_tau", self.skip_tau, "> 0")
+    require(self.skip_policy_dim >= 0, "model.skip_policy_dim",
+            self.skip_policy_dim, ">= 0 (0: embed_dim)")
+    if self.skip != "none" and self.source_map() is not None:
+      raise JaxrecError(f"model.skip={self.skip!r}: SkipRec does not support "
+                        f"shared blocks (model.share={self.share!r}); untie "
+                        "the model first (jaxrec.surgery.sharing.untie)")
 
   def validate_sharing(self) -> None:
     l = self.num_blocks
@@ -204,10 +243,14 @@ def split_block_leaves(blocks: Params) -> tuple[Params, Params]:
 def apply(params: Params, cfg: NextItNetConfig, ids: jax.Array, *,
           train: bool = False, rng: jax.Array | None = None,
           source: tuple[int, ...] | None = None,
-          gates: jax.Array | None = None, unroll: bool = False) -> jax.Array:
+          gates: jax.Array | None = None, unroll: bool = False,
+          skipping: str = "masked") -> jax.Array:
   """Item ids [B, T] -> hidden states [B, T, C] (float32).
 
   With `train` and `model.dropout` > 0, dropout draws from `rng`.
+  `skipping` (with `gates`): masked computes every block; cond and
+  compact really skip the work of gated-off blocks (`jaxrec.nn.skipping`)
+  with the same outputs.
   """
   dropping = train and cfg.dropout > 0
   if dropping and rng is None:
@@ -232,6 +275,9 @@ def apply(params: Params, cfg: NextItNetConfig, ids: jax.Array, *,
   if shared is not None:
     source = shared if source is None else tuple(shared[i] for i in source)
   norms = params.get("block_norms")
+  if gates is not None and skipping != "masked":
+    block = skipping_lib.wrap(block, skipping, lambda inputs: inputs[1],
+                              lambda inputs, g: (inputs[0], g, inputs[2]))
   return scan_blocks(block, params["blocks"], x,
                      statics=cfg.block_dilations(), source=source,
                      xs=(block_keys, gates, norms), remat=cfg.remat,

@@ -78,6 +78,7 @@ from jaxrec.training.optim import path_name
 Params = dict[str, Any]
 FRESH = -1  # Index-map entry of a deep block that gets fresh params.
 HEAD = "head"  # The output head's subtree, which `paper` re-initialises.
+POLICY = "policy"  # SkipRec's policy: per-block head rows follow the map.
 METHODS = ("adjacent", "cross", "random_top", "embed_only")
 PRESETS = ("paper", "preserve", "full")
 DILATION_POLICIES = ("position", "carry")
@@ -168,12 +169,25 @@ def grow_tree(tree: Params, plan: Plan, fresh: Params | None,
     if name in rules.stacks:
       out[name] = _grow_blocks(sub, plan.for_stack(name, rules), fresh_sub,
                                rules)
+    elif name == POLICY:  # SkipRec: one head row per block follows it.
+      out[name] = grow_policy(sub, plan.index_map,
+                              None if fresh_sub is None else fresh_sub)
     elif plan.preset == "paper" and name == HEAD:
       out[name] = (fresh_sub if fresh_sub is not None
                    else jax.tree.map(jnp.zeros_like, sub))
     else:
       out[name] = sub
   return out
+
+
+def grow_policy(policy: Params, idx: tuple[int, ...],
+                fresh: Params | None) -> Params:
+  """A SkipRec policy after growth: its per-block head rows are gathered by
+  the backbone's index map (a fresh block gets a fresh row, zeros for a
+  moment); its embedding and own blocks are kept."""
+  head = gather_blocks(policy["head"], idx,
+                       None if fresh is None else fresh["head"])
+  return {**policy, "head": head}
 
 
 def _grow_blocks(blocks: Params, plan: Plan, fresh: Params | None,

@@ -7,3 +7,16 @@ step, so a resume replays exactly), and `rank_fn(cfg)` /
 recommendation task every backbone trains on; a classification task comes
 with PeterRec.
 """
+
+from typing import Any
+
+
+def for_config(cfg: Any) -> Any:
+  """The task a config trains on: `skiprec` when the model has a SkipRec
+  policy (`model.skip`), else `next_item`."""
+  # pylint: disable=import-outside-toplevel
+  if getattr(cfg.model, "skip", "none") != "none":
+    from jaxrec.tasks import skiprec
+    return skiprec
+  from jaxrec.tasks import next_item
+  return next_item

@@ -29,10 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxrec import models
+from jaxrec import models, tasks
 from jaxrec.config import Config
 from jaxrec.data import sequences
 from jaxrec.errors import CheckpointDamaged, Interrupted, JaxrecError
+from jaxrec.skip import attach
 from jaxrec.tasks import next_item, ranking
 from jaxrec.training import checkpoints, interrupts, lock, optim, rundir
 from jaxrec.training.mesh import Sharder, make_mesh
@@ -135,7 +136,7 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
           init_opt_state: bool = False,
           devices: list[jax.Device] | None = None, progress_bar: bool = True,
           step_callback: Callable[[int], None] | None = None,
-          task: Task = next_item) -> dict[str, Any]:
+          task: Task | None = None) -> dict[str, Any]:
   """Trains, validates, checkpoints; writes and returns DIR/metrics.json.
 
   `init_from` starts from another run's (or a surgery's) checkpoint's
@@ -143,7 +144,8 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
   optimizer state (from its latest checkpoint, e.g. `jaxrec grow
   --map-opt-state`), else the optimizer starts fresh as in the paper.
   `step_callback(step)` runs after each step (tests use it to kill a run at
-  a chosen moment).
+  a chosen moment). `task` defaults to the config's (`tasks.for_config`:
+  SkipRec models train as `tasks.skiprec`).
   """
   with lock.hold(out_dir, "train"):
     return _train_locked(cfg, out_dir, data, resume, init_from,
@@ -162,12 +164,17 @@ def _train_locked(cfg: Config, out_dir: str,
     from jaxrec.data import pipeline  # pylint: disable=import-outside-toplevel
     data = pipeline.load_data(cfg.data)
   lineage: list[dict[str, Any]] = []
+  requested_model = cfg.model
   if init_from:
     cfg, lineage, init_params, init_opt = _load_init(cfg, init_from, data,
                                                      init_opt_state)
+    # SkipRec options given for this run add a policy to a plain backbone.
+    cfg, init_params, lineage = attach.policy_if_asked(
+        requested_model, cfg, init_params, lineage, init_opt_state)
   _check_num_items(cfg, data)
   cfg = cfg.fit_data(data.num_items, data.max_len, data.item_counts)
   cfg.validate()
+  task = task or tasks.for_config(cfg)
   tcfg = cfg.train
   rundir.prepare(cfg, out_dir, resume)
 
@@ -265,13 +272,14 @@ def _train_locked(cfg: Config, out_dir: str,
       raise Interrupted(_interrupted_message(done, ckpts))
 
   return _finish(cfg, out_dir, data, sharder, rank_fn, ckpts, prog, done,
-                 per_epoch)
+                 per_epoch, task)
 
 
 def _finish(cfg: Config, out_dir: str, data: sequences.SequenceData,
             sharder: Sharder, rank_fn: Callable,
             ckpts: checkpoints.RunCheckpoints, prog: Progress,
-            steps: int, per_epoch: int) -> dict[str, Any]:
+            steps: int, per_epoch: int,
+            task: Task = next_item) -> dict[str, Any]:
   """Tests the recorded best checkpoint (read back from disk; never merely
   the newest file in best/) and writes metrics.json."""
   if prog.best_step not in ckpts.best.all_steps():
@@ -294,6 +302,8 @@ def _finish(cfg: Config, out_dir: str, data: sequences.SequenceData,
       "backbone": cfg.model.name, "head": cfg.head.name,
       "data": data.meta,
   }
+  if hasattr(task, "report"):  # E.g. SkipRec's block usage.
+    result.update(task.report(restored["params"], cfg, data))
   checkpoints.write_json(os.path.join(out_dir, "metrics.json"), result)
   return result
 

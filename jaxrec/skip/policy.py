@@ -1,0 +1,162 @@
+"""SkipRec's policy network (Chen et al., AAAI 2021) and its gates.
+
+The policy is its own subtree `policy` of the model's params:
+
+  policy/embedding          [V, P]       its own item embedding (id 0 zeroed)
+  policy/blocks/...         [2, ...]     two alpha-residual NextItNet blocks
+                                         (dilations 1 and 4), width P
+  policy/head/kernel        [L, P, 2]    one row per backbone block: logits
+  policy/head/bias          [L, 2]       (skip, keep) of block l
+
+`logits` pools the blocks' output by a masked mean over the positions it may
+read (by default every non-padding one) and maps it to [B, L, 2] logits z.
+Gates [L, B] (1 keeps block l, 0 skips it) go to the backbone as
+per-position inputs of `scan_blocks`, where block l computes
+`x + gate_l * alpha_l * h_l(x)`.
+
+- Training (`gumbel_gates`): straight-through Gumbel-softmax. The forward
+  pass is the hard one-hot `onehot(argmax(z + g))` (so a skipped block is
+  exactly skipped), the backward pass the gradient of
+  `softmax((z + g) / tau)`. The hard sample does not depend on tau.
+- Inference (`argmax_gates`): deterministic argmax of z, no noise (the
+  official code samples at test time, which makes evaluation stochastic).
+- `skip_confine` reproduces the official `softmax(sigmoid(z))`, which keeps
+  every keep probability inside [0.269, 0.731]; off by default.
+
+The per-block head rows carry a leading block axis, so StackRec growth moves
+them with the backbone's index map (`grow_policy`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrec.errors import JaxrecError
+from jaxrec.nn.conv import weight_init
+from jaxrec.nn.stack import scan_blocks
+
+Params = dict[str, Any]
+SKIP, KEEP = 0, 1  # Action indices of the last logit axis.
+POLICY_DILATIONS = (1, 4)  # Two residual blocks, as the official policy.
+# Keep logit minus skip logit at init: a policy starting on a trained
+# backbone keeps a block with probability sigmoid(1) = 0.73 in training and
+# always at inference (argmax), while the policy can still move in a few
+# hundred steps.
+KEEP_BIAS = 1.0
+
+
+def enabled(cfg: Any) -> bool:
+  """Whether a Config's model carries a SkipRec policy."""
+  return getattr(cfg.model, "skip", "none") != "none"
+
+
+def policy_config(model_cfg: Any) -> Any:
+  """The NextItNet config of the policy's two blocks (width P, no dropout,
+  no sharing, alpha residual)."""
+  width = model_cfg.skip_policy_dim or model_cfg.embed_dim
+  return dataclasses.replace(
+      model_cfg, embed_dim=width, num_blocks=len(POLICY_DILATIONS),
+      dilations=POLICY_DILATIONS, dropout=0.0, residual="alpha",
+      share="none", block_source=(), skip="none", dtype="float32",
+      remat="none", embedding="full")
+
+
+def init(model_cfg: Any, rng: jax.Array) -> Params:
+  """A fresh policy subtree for a backbone config."""
+  from jaxrec.models import nextitnet  # pylint: disable=import-outside-toplevel
+  pcfg = policy_config(model_cfg)
+  k_emb, k_blocks, k_head = jax.random.split(rng, 3)
+  blocks = nextitnet.init(pcfg, k_blocks)["blocks"]
+  num_blocks = model_cfg.num_blocks
+  return {
+      "embedding": weight_init(k_emb, (model_cfg.num_items, pcfg.embed_dim)),
+      "blocks": blocks,
+      "head": {
+          "kernel": weight_init(k_head, (num_blocks, pcfg.embed_dim, 2)),
+          "bias": jnp.zeros((num_blocks, 2)).at[:, KEEP].set(KEEP_BIAS)}}
+
+
+def logits(policy: Params, model_cfg: Any, ids: jax.Array,
+           read: jax.Array | None = None) -> jax.Array:
+  """Keep/skip logits [B, L, 2] of sequences ids [B, T].
+
+  `read` [B, T] (bool) says which positions the mean pools (default: the
+  non-padding ones). The blocks are causal, so pooling positions < c reads
+  only items < c: the training split relies on this to keep each gate off
+  the targets it is trained on.
+  """
+  from jaxrec.models import nextitnet  # pylint: disable=import-outside-toplevel
+  pcfg = policy_config(model_cfg)
+  present = ids != 0
+  x = policy["embedding"][ids] * present[..., None]
+
+  def block(p, x, dilation, _):
+    return nextitnet.NextItNetBlock(pcfg, dilation).apply({"params": p}, x)
+
+  x = scan_blocks(block, policy["blocks"], x, statics=POLICY_DILATIONS)
+  mask = (present if read is None else read & present)[..., None]
+  pooled = (x * mask).sum(1) / jnp.maximum(mask.sum(1), 1)
+  head = policy["head"]
+  z = jnp.einsum("bp,lpk->blk", pooled, head["kernel"]) + head["bias"]
+  if model_cfg.skip_confine:
+    z = jax.nn.sigmoid(z)  # The official trap, only on request.
+  return z
+
+
+def gumbel_gates(z: jax.Array, rng: jax.Array, tau: float) -> jax.Array:
+  """Straight-through Gumbel-softmax gates [L, B] of logits z [B, L, 2]:
+  exactly 0 or 1 forward, the soft sample's gradient backward."""
+  noisy = z + jax.random.gumbel(rng, z.shape, z.dtype)
+  soft = jax.nn.softmax(noisy / tau, axis=-1)
+  hard = jax.nn.one_hot(jnp.argmax(noisy, axis=-1), 2, dtype=z.dtype)
+  # soft - stop_gradient(soft) is exactly 0 forward: the gate is exactly
+  # 0 or 1 (hard + soft - sg(soft) would round to 0.99999994).
+  action = hard + (soft - jax.lax.stop_gradient(soft))
+  return action[..., KEEP].T
+
+
+def argmax_gates(z: jax.Array) -> jax.Array:
+  """Deterministic inference gates [L, B]: keep where z_keep > z_skip."""
+  return (jnp.argmax(z, axis=-1) == KEEP).astype(jnp.float32).T
+
+
+def inference_gates(params: Params, cfg: Any, ids: jax.Array) -> jax.Array:
+  """The gates a trained model runs with on ids [B, T]: [L, B] of 0/1."""
+  return argmax_gates(logits(params["policy"], cfg.model, ids))
+
+
+def block_usage(params: Params, cfg: Any, inputs: np.ndarray,
+                batch_size: int = 512) -> np.ndarray:
+  """Per-user share of blocks kept [N] under the inference gates."""
+  gates_of = jax.jit(lambda p, ids: inference_gates(p, cfg, ids).mean(0))
+  out = []
+  for start in range(0, inputs.shape[0], batch_size):
+    chunk = inputs[start:start + batch_size]
+    pad = batch_size - chunk.shape[0]
+    if pad:  # One compiled shape for every batch.
+      chunk = np.concatenate([chunk, np.zeros((pad, chunk.shape[1]),
+                                              chunk.dtype)])
+    out.append(np.asarray(gates_of(params, chunk))[:batch_size - pad])
+  return np.concatenate(out)
+
+
+def embedding_from_backbone(policy: Params, params: Params,
+                            model_cfg: Any) -> Params:
+  """The policy with the backbone's item embedding copied in (the official
+  `--use_pre`). Refuses what cannot be copied: an adaptive embedding has no
+  [V, C] table, and a policy of another width would silently truncate."""
+  width = model_cfg.skip_policy_dim or model_cfg.embed_dim
+  if model_cfg.embedding != "full" or width != model_cfg.embed_dim:
+    raise JaxrecError(
+        "SkipRec init_embedding: needs model.embedding='full' and "
+        f"model.skip_policy_dim 0 or {model_cfg.embed_dim} (got "
+        f"{model_cfg.embedding!r}, {model_cfg.skip_policy_dim})")
+  # A copy, not the same buffer: a train step donating both leaves would
+  # donate one buffer twice.
+  table = params["item_embedding"]["embedding"]
+  return {**policy, "embedding": jnp.array(
+      table, dtype=policy["embedding"].dtype, copy=True)}

@@ -1,0 +1,354 @@
+"""SkipRec: the policy subtree, straight-through Gumbel gates, the joint
+loss, real skipping, growth of the policy rows, and the run/CLI paths."""
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrec import cli
+from jaxrec import config as config_lib
+from jaxrec import models
+from jaxrec.errors import JaxrecError
+from jaxrec.skip import attach, policy
+from jaxrec.surgery import growth
+from jaxrec.tasks import skiprec
+from jaxrec.training import state as state_lib
+
+V, C, L, T, B = 31, 16, 6, 12, 9
+
+
+def make_cfg(**model):
+  model.setdefault("embed_dim", C)
+  model.setdefault("num_blocks", L)
+  model.setdefault("skip", "gumbel")
+  model.setdefault("dropout", 0.0)
+  cfg = config_lib.from_dict({"model": model})
+  return cfg.fit_data(V, T, None).validate()
+
+
+def init(cfg, seed=0):
+  """Fresh params with non-zero alphas, so every block changes x."""
+  params = models.init_params(cfg, jax.random.key(seed))
+  params["blocks"]["alpha"] = params["blocks"]["alpha"] + 0.5
+  return params
+
+
+def ids(seed=1, batch=B):
+  x = jax.random.randint(jax.random.key(seed), (batch, T), 1, V)
+  lengths = jnp.arange(batch) % (T - 2) + 2  # Left padding of every length.
+  return jnp.where(jnp.arange(T)[None] >= T - lengths[:, None], x, 0)
+
+
+def batch_of(seed=1):
+  x = ids(seed)
+  nxt = jax.random.randint(jax.random.key(seed + 7), (B, 1), 1, V)
+  row = jnp.concatenate([x, nxt], axis=1)
+  return {"inputs": row[:, :-1], "targets": row[:, 1:]}
+
+
+# --------------------------------------------------------- policy and gates
+
+
+def test_policy_is_its_own_subtree_with_a_head_row_per_block():
+  params = init(make_cfg(skip_policy_dim=8))
+  pol = params["policy"]
+  assert pol["embedding"].shape == (V, 8)
+  assert pol["blocks"]["conv1"]["kernel"].shape[0] == 2
+  assert pol["head"]["kernel"].shape == (L, 8, 2)
+  assert pol["head"]["bias"].shape == (L, 2)
+  z = policy.logits(pol, make_cfg(skip_policy_dim=8).model, ids())
+  assert z.shape == (B, L, 2)
+
+
+def test_training_gates_are_hard_one_hot_forward():
+  z = jax.random.normal(jax.random.key(0), (B, L, 2))
+  gates = policy.gumbel_gates(z, jax.random.key(1), tau=10.0)
+  assert gates.shape == (L, B)
+  assert set(np.unique(np.asarray(gates))) <= {0.0, 1.0}
+
+
+def test_training_gates_follow_softmax_gradient_of_the_temperature():
+  z = jax.random.normal(jax.random.key(0), (B, L, 2))
+  key = jax.random.key(1)
+
+  def soft_keep(z, tau):
+    noisy = z + jax.random.gumbel(key, z.shape)
+    return jax.nn.softmax(noisy / tau, axis=-1)[..., policy.KEEP].T.sum()
+
+  for tau in (1.0, 10.0):
+    got = jax.grad(lambda z: policy.gumbel_gates(z, key, tau).sum())(z)
+    np.testing.assert_allclose(got, jax.grad(soft_keep)(z, tau), atol=1e-6)
+
+
+def test_gumbel_samples_keep_with_the_softmax_probability():
+  z = jnp.zeros((4000, 1, 2)).at[..., policy.KEEP].set(1.0)
+  gates = policy.gumbel_gates(z, jax.random.key(3), tau=10.0)
+  assert abs(float(gates.mean()) - float(jax.nn.sigmoid(1.0))) < 0.03
+
+
+def test_inference_gates_are_the_argmax_without_noise():
+  cfg = make_cfg()
+  params = init(cfg)
+  params["policy"]["head"]["bias"] = jnp.zeros((L, 2)).at[::2, 1].set(5.0)
+  g1 = policy.inference_gates(params, cfg, ids())
+  g2 = policy.inference_gates(params, cfg, ids())
+  np.testing.assert_array_equal(g1, g2)
+  z = policy.logits(params["policy"], cfg.model, ids())
+  np.testing.assert_array_equal(
+      g1, (z[..., 1] > z[..., 0]).astype(np.float32).T)
+  assert set(np.asarray(g1[::2]).ravel()) == {1.0}
+
+
+def test_confine_flag_reproduces_the_official_sigmoid_trap():
+  cfg = make_cfg(skip_confine=True)
+  params = init(cfg)
+  params["policy"]["head"]["bias"] = jnp.full((L, 2), 50.0).at[:, 0].set(-50)
+  z = policy.logits(params["policy"], cfg.model, ids())
+  keep = jax.nn.softmax(z, -1)[..., 1]
+  assert float(keep.max()) <= 0.7311 and float(keep.min()) >= 0.268
+
+
+# ------------------------------------------------- gated backbone and loss
+
+
+def test_a_skipped_block_is_the_identity_and_kept_blocks_unchanged():
+  cfg = make_cfg()
+  params = init(cfg)
+  x = ids()
+  gates = jnp.ones((L, B)).at[2].set(0.0)
+  got = models.hidden_states(params, cfg, x, gates=gates)
+  no_block_2 = dict(params, blocks=dict(
+      params["blocks"], alpha=params["blocks"]["alpha"].at[2].set(0.0)))
+  want = models.hidden_states(no_block_2, cfg, x, gates=jnp.ones((L, B)))
+  np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_gradient_reaches_the_policy_through_the_gates():
+  cfg = make_cfg()
+  params = init(cfg)
+  grads = jax.grad(lambda p: skiprec.loss(p, cfg, batch_of(),
+                                          jax.random.key(0)))(params)
+  head = grads["policy"]["head"]
+  assert float(jnp.abs(head["kernel"]).sum()) > 0
+  assert float(jnp.abs(head["bias"]).sum()) > 0
+  assert float(jnp.abs(grads["policy"]["embedding"]).sum()) > 0
+  assert float(jnp.abs(grads["blocks"]["conv1"]["kernel"]).sum()) > 0
+
+
+def test_usage_penalty_adds_lambda_times_mean_gate():
+  cfg0, cfg1 = make_cfg(), make_cfg(skip_lambda=0.7)
+  params = init(cfg0)
+  key = jax.random.key(4)
+  diff = (skiprec.loss(params, cfg1, batch_of(), key)
+          - skiprec.loss(params, cfg0, batch_of(), key))
+  inputs = batch_of()["inputs"]
+  read, _ = skiprec.split_masks(cfg0, inputs)
+  z = policy.logits(params["policy"], cfg0.model, inputs, read)
+  k_gate = jax.random.split(key, 3)[2]
+  usage = policy.gumbel_gates(z, k_gate, cfg0.model.skip_tau).mean()
+  np.testing.assert_allclose(diff, 0.7 * usage, rtol=1e-5)
+
+
+def test_policy_never_reads_the_targets_it_is_trained_on():
+  cfg = make_cfg()
+  params = init(cfg)
+  inputs = ids()
+  read, scored = skiprec.split_masks(cfg, inputs)
+  z = policy.logits(params["policy"], cfg.model, inputs, read)
+  # Change every input at or after the first scored position (those are
+  # the scored targets, shifted by one): the logits must not move.
+  first = jnp.argmax(scored, axis=1)[:, None]
+  later = jnp.arange(T)[None] > first
+  changed = jnp.where(later & (inputs != 0), (inputs % (V - 1)) + 1, inputs)
+  z2 = policy.logits(params["policy"], cfg.model, changed,
+                     skiprec.split_masks(cfg, changed)[0])
+  np.testing.assert_allclose(z, z2, atol=1e-6)
+  assert bool((scored & (inputs != 0)).any(1).all())
+
+
+def test_rl_variant_trains_backbone_and_policy():
+  cfg = make_cfg(skip="rl", skip_rl_penalty=0.5)
+  params = init(cfg)
+  grads = jax.grad(lambda p: skiprec.loss(p, cfg, batch_of(),
+                                          jax.random.key(2)))(params)
+  assert float(jnp.abs(grads["blocks"]["conv1"]["kernel"]).sum()) > 0
+  assert np.isfinite(float(jnp.abs(grads["policy"]["head"]["kernel"]).sum()))
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ({"skip": "always"}, "model.skip="),
+    ({"skip_tau": 0.0}, "model.skip_tau="),
+    ({"skip_lambda": -1.0}, "model.skip_lambda="),
+    ({"share": "cross_block"}, "model.skip='gumbel'"),
+])
+def test_bad_skip_options_fail_in_one_line_naming_the_option(bad, msg):
+  with pytest.raises(JaxrecError, match=msg) as e:
+    make_cfg(**bad)
+  assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------ real skipping
+
+
+@pytest.mark.parametrize("mode", ["cond", "compact"])
+@pytest.mark.parametrize("batch", [1, B])
+def test_real_skipping_equals_the_masked_pass(mode, batch):
+  cfg = make_cfg(dilations=(1, 2))
+  params = init(cfg)
+  x = ids(batch=batch)
+  gates = jax.random.bernoulli(jax.random.key(5), 0.5, (L, batch))
+  gates = gates.at[1].set(False).at[3].set(True).astype(jnp.float32)
+  run = jax.jit(lambda p, g, m: models.hidden_states(p, cfg, x, gates=g,
+                                                     skipping=m),
+                static_argnums=2)
+  np.testing.assert_allclose(run(params, gates, mode),
+                             run(params, gates, "masked"), atol=1e-5)
+
+
+def test_compaction_computes_only_the_keeping_rows():
+  calls = []
+
+  def block(p, x, static, inputs):
+    calls.append(x.shape[0])  # Traced once per bucket branch.
+    return x + p * inputs[:, None]
+
+  from jaxrec.nn import skipping
+  run = skipping.compacted(block, lambda g: g, lambda _, g: g, buckets=(2, 8))
+  x = jnp.arange(8.0)[:, None] * jnp.ones((8, 3))
+  gate = jnp.zeros(8).at[5].set(1.0)
+  out = run(1.0, x, None, gate)
+  np.testing.assert_allclose(out, x.at[5].add(1.0))
+  assert sorted(calls) == [2, 8]
+  jaxpr = str(jax.make_jaxpr(lambda x, g: run(1.0, x, None, g))(x, gate))
+  assert "cond" in jaxpr  # A switch: only the chosen bucket runs.
+
+
+# ------------------------------------------------------------------ growth
+
+
+def test_policy_head_rows_follow_the_stackrec_index_map():
+  cfg = make_cfg(num_blocks=4)
+  params = init(cfg)
+  for method in ("adjacent", "cross"):
+    deep, deep_cfg = growth.stack(params, cfg, method, "preserve",
+                                  rng=jax.random.key(0))
+    idx = np.asarray(growth.index_map(method, 4))
+    assert deep_cfg.model.skip == "gumbel" and deep_cfg.model.num_blocks == 8
+    for leaf in ("kernel", "bias"):
+      np.testing.assert_array_equal(deep["policy"]["head"][leaf],
+                                    params["policy"]["head"][leaf][idx])
+    np.testing.assert_array_equal(deep["policy"]["embedding"],
+                                  params["policy"]["embedding"])
+    models.check_params(deep, deep_cfg)
+
+
+def test_grown_policy_gives_fresh_blocks_fresh_rows():
+  cfg = make_cfg(num_blocks=4)
+  params = init(cfg)
+  deep, deep_cfg = growth.stack(params, cfg, "random_top", "full",
+                                rng=jax.random.key(0))
+  fresh = models.init_params(deep_cfg, jax.random.key(0))["policy"]["head"]
+  np.testing.assert_array_equal(deep["policy"]["head"]["kernel"][:4],
+                                params["policy"]["head"]["kernel"])
+  np.testing.assert_array_equal(deep["policy"]["head"]["kernel"][4:],
+                                fresh["kernel"][4:])
+
+
+# ------------------------------------------------- starting from a backbone
+
+
+def test_add_policy_keeps_the_backbone_and_copies_its_embedding():
+  plain = config_lib.from_dict({"model": {"embed_dim": C, "num_blocks": L}})
+  plain = plain.fit_data(V, T, None).validate()
+  params = models.init_params(plain, jax.random.key(0))
+  new, cfg = attach.add_policy(params, plain, jax.random.key(1),
+                               skip="gumbel", skip_lambda=0.1)
+  models.check_params(new, cfg)
+  assert cfg.model.skip_lambda == 0.1
+  np.testing.assert_array_equal(new["policy"]["embedding"],
+                                params["item_embedding"]["embedding"])
+  for name in ("item_embedding", "blocks", "head"):
+    assert new[name] is params[name]
+
+
+@pytest.mark.slow  # Two training runs: about 20 s on 2 cores.
+def test_skiprec_trains_from_a_run_evaluates_and_inspects_through_the_cli(
+    tmp_path, capsys):
+  base, run = str(tmp_path / "base"), str(tmp_path / "skip")
+  common = ["--data", "synthetic:tiny", "--cache-dir", str(tmp_path / "c"),
+            "--batch-size", "16", "--max-len", "10", "--quiet"]
+  assert cli.main(["train", "--out", base, "--num-blocks", "4",
+                   "--embed-dim", "8", "--steps", "2", "--eval-every", "2",
+                   *common]) == 0
+  assert cli.main(["train", "--out", run, "--init-from", base,
+                   "--skip", "gumbel", "--skip-lambda", "0.5", "--steps", "2",
+                   "--eval-every", "2", *common]) == 0
+  _, cfg, _ = state_lib.load_params(run)
+  assert cfg.model.skip == "gumbel" and cfg.model.skip_lambda == 0.5
+  with open(os.path.join(run, "metrics.json"), encoding="utf-8") as f:
+    metrics = json.load(f)
+  assert 0.0 <= metrics["block_usage"]["test"] <= 1.0
+  capsys.readouterr()
+  assert cli.main(["eval", "--ckpt", run]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["block_usage"]["test"] == pytest.approx(
+      metrics["block_usage"]["test"])
+  assert cli.main(["inspect", run]) == 0
+  text = capsys.readouterr().out
+  assert "policy/head/kernel" in text and "policy total" in text
+  assert "op=add_policy" in text
+
+
+def test_attach_checkpoint_saves_a_start_that_train_init_from_reads(
+    tmp_path):
+  base, start = str(tmp_path / "base"), str(tmp_path / "start")
+  plain = config_lib.from_dict({"model": {"embed_dim": 8, "num_blocks": 2}})
+  plain = plain.fit_data(V, T, None).validate()
+  from jaxrec.surgery.checkpoint import save_start_checkpoint
+  save_start_checkpoint(base, plain, models.init_params(plain,
+                                                        jax.random.key(0)),
+                        "fingerprint", [])
+  cfg = attach.attach_checkpoint(base, start, skip="gumbel", skip_lambda=0.2)
+  params, loaded, meta = state_lib.load_params(start)
+  assert loaded.model.skip == "gumbel" and loaded.model.skip_lambda == 0.2
+  assert loaded == cfg and meta["lineage"][-1]["op"] == "add_policy"
+  assert meta["data_fingerprint"] == "fingerprint"
+  models.check_params(params, loaded)
+
+
+# ------------------------------------------------------------- experiment
+
+
+@pytest.mark.slow
+def test_skiprec_experiment_writes_results_plots_and_targets(
+    tmp_path, monkeypatch):
+  import importlib
+  import sys
+  monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..",
+                                           "experiments"))
+  module = importlib.import_module("skiprec")
+  monkeypatch.setattr(module, "SETTINGS", dict(
+      module.CPU, users=40, num_blocks=4, embed_dim=8, max_len=12,
+      full_steps=2, skip_steps=2, eval_every=2, lambdas=[1.0],
+      repeats=1, batch1_users=2))
+  monkeypatch.setattr(sys, "argv", ["skiprec.py", "--out", str(tmp_path)])
+  module.main()
+  with open(tmp_path / "results.json", encoding="utf-8") as f:
+    results = json.load(f)
+  arms = results["arms"]
+  assert set(arms) == {"full", "skiprec/l=1", "random_skip/l=1",
+                       "truncated/l=1", "truncated_untuned/l=1"}
+  for arm in arms.values():
+    assert set(arm["infer_ms_per_user"]) == {"1", "256"}
+    assert 0 < arm["block_usage"] <= 1
+    for split in ("valid", "test"):
+      assert 0 <= arm[split]["ndcg@10"] <= 1
+    assert set(arm["usage_by_group"]) == {"short", "long"}
+    assert set(arm["test_ndcg10_by_group"]) == {"short", "long"}
+  assert "met" in results["targets"]
+  assert (tmp_path / "ndcg_vs_usage.png").stat().st_size > 0
+  assert (tmp_path / "usage_by_group.png").stat().st_size > 0
