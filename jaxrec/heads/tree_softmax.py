@@ -339,10 +339,15 @@ def top_n(params: Params, cfg: Any, h: jax.Array, n: int,
   every band on a 2-core CPU, so it was not kept. Not traceable: call it
   outside `jax.jit`.
   """
-  hl, scores, ids, needed = _head_top_n(params, cfg, h, n)
+  hl, scores, ids = _head_top_n(params, cfg, h, n)
   lay = layout(cfg.model)
-  scored = (np.asarray(needed) if early_exit
-            else np.ones(lay.num_tail, bool))
+  if early_exit:
+    # On the host, from [B, n-1] tokens and [B] thresholds: reading top_k's
+    # values on device made XLA's CPU TopK fall back to a full sort (40x).
+    tokens = np.asarray(hl[:, lay.sizes[0]:])
+    scored = np.any(tokens >= np.asarray(scores[:, n - 1:n]), axis=0)
+  else:
+    scored = np.ones(lay.num_tail, bool)
   bands_kept = tuple(j + 1 for j in range(lay.num_tail) if scored[j])
   best, best_ids = _merge_bands(params, cfg, h, hl, scores, ids, n,
                                 bands_kept)
@@ -351,12 +356,11 @@ def top_n(params: Params, cfg: Any, h: jax.Array, n: int,
 
 @functools.partial(jax.jit, static_argnums=(1, 3))
 def _head_top_n(params: Params, cfg: Any, h: jax.Array, n: int):
-  """hl, the head items' top n, and which tail bands some row needs."""
+  """hl and the head items' top n."""
   lay = layout(cfg.model)
   hl = head_log_probs(params["head"], h)
   scores, ids = _padded_top_k(hl[:, :lay.sizes[0]], n)
-  tokens = hl[:, lay.sizes[0]:]
-  return hl, scores, ids, jnp.any(tokens >= scores[:, n - 1:n], axis=0)
+  return hl, scores, ids
 
 
 @functools.partial(jax.jit, static_argnums=(1, 6, 7))
