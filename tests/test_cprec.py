@@ -178,7 +178,7 @@ def test_item_scores_equal_the_brute_force_log_probabilities():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 64])
+@pytest.mark.parametrize("chunk", [3, 64])
 def test_loss_and_its_gradient_equal_the_brute_force_nll(chunk):
   cfg = make_cfg(head="tree_softmax")
   cfg = cfg.replace(head=dataclasses.replace(cfg.head, token_chunk=chunk))

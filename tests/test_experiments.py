@@ -218,11 +218,13 @@ def test_cprec_writes_every_arm_targets_and_plot(tmp_path, monkeypatch):
   tiny = dict(data="synthetic:tiny", embed_dim=8, num_blocks=4, max_len=10,
               batch_size=16, steps=2, eval_every=2, lr=1e-3,
               timing_batches=1)
-  run_script(monkeypatch, "cprec", tmp_path, CPU=tiny)
+  # The three arms the targets need (every arm runs the same code path).
+  arms = ("nextitnet", "cprec", "small_nextitnet")
+  run_script(monkeypatch, "cprec", tmp_path, "--arms", ",".join(arms),
+             CPU=tiny)
   with open(tmp_path / "results.json") as f:
     results = json.load(f)
-  module = importlib.import_module("cprec")
-  assert set(results["arms"]) == set(module.ARMS)
+  assert set(results["arms"]) == set(arms)
   for arm in results["arms"].values():
     assert arm["params"] == sum(arm["params_by_subtree"].values())
     assert np.isfinite(arm["test"]["ndcg@10"]) and arm["tokens_per_s"] > 0
