@@ -73,6 +73,19 @@ class BackboneConfig:
   band_dims: tuple[int, ...] = option(
       (), "embedding width d_j of each band (default C / 4^j, at least 1)")
 
+  def source_map(self) -> tuple[int, ...] | None:
+    """Run position -> stored block when blocks are shared (CpRec), else
+    None; a backbone with layer sharing overrides it."""
+    return None
+
+  def stored_blocks(self) -> int:
+    source = self.source_map()
+    return self.num_blocks if source is None else max(source) + 1
+
+  def shares_layers(self) -> bool:
+    """Whether a block's layers share one kernel (CpRec adjacent-layer)."""
+    return False
+
   def fit_data(self, num_items: int, max_len: int) -> "BackboneConfig":
     """This config with the sizes the data fixes (a backbone with position
     embeddings also takes max_len)."""
@@ -295,8 +308,7 @@ class Config:
       require_finite(getattr(self, name), name)
       getattr(self, name).validate()
     self.head.check_train(self.train)
-    shared = getattr(self.model, "source_map", lambda: None)() is not None
-    if self.train.train_top_blocks and shared:
+    if self.train.train_top_blocks and self.model.source_map() is not None:
       raise JaxrecError(
           f"train.train_top_blocks={self.train.train_top_blocks}: the model "
           f"shares blocks (model.share={self.model.share!r}), so no stored "

@@ -15,6 +15,7 @@ from jaxrec import config as config_lib
 from jaxrec import models
 from jaxrec.config import Config
 from jaxrec.errors import JaxrecError
+from jaxrec.skip import policy
 from jaxrec.tasks import next_item, ranking
 from jaxrec.training import checkpoints
 from jaxrec.training.loop import evaluate_params, jit_rank_fn
@@ -69,8 +70,7 @@ def evaluate_checkpoint(run_dir: str, source: str | None = None,
                                         rank_fn)
     out[f"popularity_{name}"] = ranking.popularity_metrics(
         data.item_counts, inputs, targets, mask_history)
-    if getattr(cfg.model, "skip", "none") != "none":
-      from jaxrec.skip import policy  # pylint: disable=import-outside-toplevel
+    if policy.enabled(cfg):
       # SkipRec: blocks computed / (blocks x users) under the argmax gates.
       out.setdefault("block_usage", {})[name] = float(np.mean(
           policy.block_usage(params, cfg, inputs, cfg.train.eval_batch_size)))

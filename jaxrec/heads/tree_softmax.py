@@ -135,15 +135,17 @@ def head_log_probs(head: Params, h: jax.Array) -> jax.Array:
 
 def band_logits(band: Params, h: jax.Array,
                 rows: jax.Array | None = None) -> jax.Array:
-  """Unnormalised logits [B, k_j] of a tail band (or of its `rows`, taken
-  with fill: a row past the band reads zeros)."""
+  """Unnormalised logits of a tail band: [B, k_j], or of its `rows` ([S]
+  shared by the batch -> [B, S], or [B, N] per row -> [B, N]), taken with
+  fill: a row outside the band reads zeros."""
   q = jnp.einsum("bc,cd->bd", h, band["projection"].astype(h.dtype),
                  preferred_element_type=F32)
   kernel, bias = band["kernel"], band["bias"]
   if rows is not None:
     kernel = jnp.take(kernel, rows, axis=0, mode="fill", fill_value=0)
     bias = jnp.take(bias, rows, axis=0, mode="fill", fill_value=0)
-  return jnp.einsum("bd,kd->bk", q, kernel, preferred_element_type=F32) + bias
+  spec = "bd,bnd->bn" if kernel.ndim == 3 else "bd,kd->bk"
+  return jnp.einsum(spec, q, kernel, preferred_element_type=F32) + bias
 
 
 def band_log_probs(band: Params, h: jax.Array,
@@ -253,10 +255,8 @@ def prepare(params: Params, cfg: Any, h: jax.Array) -> ScoreContext:
 
 
 def _log_probs_of(params: Params, cfg: Any, ctx: ScoreContext,
-                  ids: jax.Array,
-                  band_rows: Any) -> jax.Array:
-  """log p of `ids` (shape [size] or [B, N]); `band_rows(band, h, rows)`
-  gives the logits of the rows."""
+                  ids: jax.Array) -> jax.Array:
+  """log p of `ids`: [size] shared by the batch, or [B, N] per row."""
   lay = layout(cfg.model)
   head = params["head"]
   band = bands.band_of(ids, lay.cutoffs)
@@ -268,7 +268,7 @@ def _log_probs_of(params: Params, cfg: Any, ctx: ScoreContext,
     out = jnp.take_along_axis(hl, head_index, axis=1)
   for j in range(1, lay.num_tail + 1):
     rows = ids - lay.start(j)
-    scores = (band_rows(head[f"band_{j}"], ctx.h, rows)
+    scores = (band_logits(head[f"band_{j}"], ctx.h, rows)
               - ctx.band_lse[:, j - 1:j]
               + hl[:, lay.sizes[0] + j - 1:lay.sizes[0] + j])
     out = jnp.where(band == j, scores, out)
@@ -278,24 +278,13 @@ def _log_probs_of(params: Params, cfg: Any, ctx: ScoreContext,
 def tile_scores(params: Params, cfg: Any, ctx: ScoreContext,
                 start: jax.Array, size: int) -> jax.Array:
   """Exact log-probabilities [B, size] of ids start..start+size-1."""
-  return _log_probs_of(params, cfg, ctx, start + jnp.arange(size),
-                       band_logits)
+  return _log_probs_of(params, cfg, ctx, start + jnp.arange(size))
 
 
 def item_scores(params: Params, cfg: Any, ctx: ScoreContext,
                 ids: jax.Array) -> jax.Array:
   """Exact log-probabilities [B, N] of ids [B, N]."""
-
-  def rows_logits(band, h, rows):
-    q = jnp.einsum("bc,cd->bd", h, band["projection"].astype(h.dtype),
-                   preferred_element_type=F32)
-    kernel = jnp.take(band["kernel"], rows, axis=0, mode="fill",
-                      fill_value=0)
-    bias = jnp.take(band["bias"], rows, axis=0, mode="fill", fill_value=0)
-    return jnp.einsum("bd,bnd->bn", q, kernel,
-                      preferred_element_type=F32) + bias
-
-  return _log_probs_of(params, cfg, ctx, ids, rows_logits)
+  return _log_probs_of(params, cfg, ctx, ids)
 
 
 # ------------------------------------------------------------ top-N search

@@ -22,6 +22,7 @@ import numpy as np
 from jaxrec.errors import JaxrecError, first_line
 from jaxrec.models import nextitnet, sasrec
 from jaxrec.models.backbone import Backbone, Params, SurgeryRules
+from jaxrec.skip import policy
 
 __all__ = ["Backbone", "Params", "SurgeryRules", "get", "names",
            "init_params", "hidden_states", "check_params", "require_fit",
@@ -52,8 +53,7 @@ def init_params(cfg: Any, rng: jax.Array) -> Params:
   k_backbone, k_head = jax.random.split(rng)
   params = get(cfg.model.name).init(cfg.model, k_backbone)
   params["head"] = heads.get(cfg.head.name).init(cfg.head, cfg.model, k_head)
-  if getattr(cfg.model, "skip", "none") != "none":
-    from jaxrec.skip import policy  # pylint: disable=import-outside-toplevel
+  if policy.enabled(cfg):
     # A key of its own, so adding a policy leaves the other leaves as they were.
     params["policy"] = policy.init(cfg.model, jax.random.fold_in(rng, 10))
   return params
@@ -67,9 +67,7 @@ def hidden_states(params: Params, cfg: Any, ids: jax.Array,
   A model with a SkipRec policy (`model.skip`) and no `gates` given runs
   with the policy's deterministic inference gates.
   """
-  if getattr(cfg.model, "skip", "none") != "none" and kwargs.get(
-      "gates") is None:
-    from jaxrec.skip import policy  # pylint: disable=import-outside-toplevel
+  if policy.enabled(cfg) and kwargs.get("gates") is None:
     kwargs["gates"] = policy.inference_gates(params, cfg, ids)
   return get(cfg.model.name).apply(params, cfg.model, ids, **kwargs)
 

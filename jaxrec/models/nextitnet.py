@@ -128,10 +128,6 @@ class NextItNetConfig(BackboneConfig):
       return tuple(i // 2 for i in range(l))
     return None
 
-  def stored_blocks(self) -> int:
-    source = self.source_map()
-    return self.num_blocks if source is None else max(source) + 1
-
   def shares_layers(self) -> bool:
     """Whether a block's two convs share one kernel."""
     return self.share in ("adjacent_layer", "cross_layer")

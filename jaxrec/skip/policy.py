@@ -37,7 +37,6 @@ import numpy as np
 
 from jaxrec.errors import JaxrecError
 from jaxrec.nn.conv import weight_init
-from jaxrec.nn.stack import scan_blocks
 
 Params = dict[str, Any]
 SKIP, KEEP = 0, 1  # Action indices of the last logit axis.
@@ -90,14 +89,11 @@ def logits(policy: Params, model_cfg: Any, ids: jax.Array,
   the targets it is trained on.
   """
   from jaxrec.models import nextitnet  # pylint: disable=import-outside-toplevel
-  pcfg = policy_config(model_cfg)
+  # The policy's two blocks are a small NextItNet over its own embedding.
+  x = nextitnet.apply({"item_embedding": {"embedding": policy["embedding"]},
+                       "blocks": policy["blocks"]},
+                      policy_config(model_cfg), ids)
   present = ids != 0
-  x = policy["embedding"][ids] * present[..., None]
-
-  def block(p, x, dilation, _):
-    return nextitnet.NextItNetBlock(pcfg, dilation).apply({"params": p}, x)
-
-  x = scan_blocks(block, policy["blocks"], x, statics=POLICY_DILATIONS)
   mask = (present if read is None else read & present)[..., None]
   pooled = (x * mask).sum(1) / jnp.maximum(mask.sum(1), 1)
   head = policy["head"]

@@ -69,7 +69,7 @@ def _apply_locked(src_dir: str, out_dir: str, fn: ParamsFn,
   new_opt = None if opt_fn is None else opt_fn(opt_state, cfg, new_cfg)
   entry = {"dir": os.path.abspath(src_dir), "kind": opened.kind,
            "step": int(opened.step), **lineage}
-  shared = getattr(new_cfg.model, "source_map", lambda: None)()
+  shared = new_cfg.model.source_map()
   if shared is not None:  # A shared (CpRec) model: the map it now runs.
     entry["block_source"] = list(shared)
   chain = list(opened.meta.get("lineage") or []) + [entry]

@@ -301,7 +301,7 @@ def make_plan(model_cfg: Any, method: str, preset: str,
   """The static part of one growth of a backbone config's stack."""
   idx = index_map(method, model_cfg.num_blocks, top)
   stored_map = None
-  if getattr(model_cfg, "source_map", lambda: None)() is not None:
+  if model_cfg.source_map() is not None:
     stored = model_cfg.stored_blocks()
     stored_map = tuple(range(stored)) + (FRESH,) * idx.count(FRESH)
   return Plan(idx, gated_off(idx), preset, stored_map)
@@ -359,7 +359,7 @@ def check_options(params: Params, cfg: Config, method: str, preset: str,
     raise JaxrecError(f"top={top!r}: expected 1..{depth} (the shallow model "
                       f"has {depth} blocks)")
   models.require_fit(params, cfg, "params")
-  shared = getattr(cfg.model, "source_map", lambda: None)() is not None
+  shared = cfg.model.source_map() is not None
   if preset == "preserve" and shared and not cfg.model.split_norms():
     raise JaxrecError(
         "preset 'preserve' on a model whose blocks share their gates "

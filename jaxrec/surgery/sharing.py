@@ -23,9 +23,7 @@ Params = dict[str, Any]
 
 def is_shared(model_cfg: Any) -> bool:
   """Whether a backbone config shares blocks or a block's layers."""
-  source = getattr(model_cfg, "source_map", lambda: None)()
-  return source is not None or getattr(model_cfg, "shares_layers",
-                                       lambda: False)()
+  return model_cfg.source_map() is not None or model_cfg.shares_layers()
 
 
 def untie(params: Params, cfg: Config) -> tuple[Params, Config]:

@@ -15,7 +15,8 @@ def for_config(cfg: Any) -> Any:
   """The task a config trains on: `skiprec` when the model has a SkipRec
   policy (`model.skip`), else `next_item`."""
   # pylint: disable=import-outside-toplevel
-  if getattr(cfg.model, "skip", "none") != "none":
+  from jaxrec.skip import policy
+  if policy.enabled(cfg):
     from jaxrec.tasks import skiprec
     return skiprec
   from jaxrec.tasks import next_item

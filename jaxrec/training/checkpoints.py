@@ -135,9 +135,7 @@ def _readable_as_saved(mngr: ocp.CheckpointManager, step: int) -> bool:
 def _verify(origin: str, state: Any, meta: Any, step: int) -> None:
   """Guards against a restore that 'succeeds' with the wrong content: an
   unfilled leaf, metadata of another step, a step counter that disagrees."""
-  if not isinstance(meta, dict) or "format" not in meta:
-    raise CheckpointDamaged(f"{origin}: its metadata is not a jaxrec "
-                            "checkpoint's")
+  require_jaxrec_meta(meta, origin)
   abstract = [x for x in jax.tree.leaves(state)
               if isinstance(x, jax.ShapeDtypeStruct)]
   if abstract:  # A partial restore must not leave a leaf unfilled.
@@ -186,9 +184,7 @@ def read_step_meta(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     raise JaxrecError(f"{origin}: missing")
   with reported_as(origin, "read the checkpoint metadata", CheckpointDamaged):
     meta = mngr.restore(step, args=meta_args()).meta
-  if not isinstance(meta, dict) or "format" not in meta:
-    raise CheckpointDamaged(f"{origin}: its metadata is not a jaxrec "
-                            "checkpoint's")
+  require_jaxrec_meta(meta, origin)
   return meta
 
 
@@ -280,12 +276,26 @@ def is_legacy(meta: dict[str, Any]) -> bool:
   return meta.get("format") in LEGACY_FORMATS
 
 
-def config_from_meta(meta: dict[str, Any], origin: str) -> config_lib.Config:
-  """The Config a checkpoint was written with (legacy ones upgraded)."""
-  check_format(meta, origin)
+def require_jaxrec_meta(meta: Any, origin: str) -> None:
+  """Metadata that reads back but is not a jaxrec checkpoint's is damage."""
+  if not isinstance(meta, dict) or "format" not in meta:
+    raise CheckpointDamaged(f"{origin}: its metadata is not a jaxrec "
+                            "checkpoint's")
+
+
+def stored_config(meta: dict[str, Any], origin: str,
+                  legacy_ok: bool = True) -> dict[str, Any]:
+  """The config dict a checkpoint's metadata holds, its format checked."""
+  check_format(meta, origin, legacy_ok=legacy_ok)
   if not isinstance(meta.get("config"), dict):
     raise CheckpointDamaged(f"{origin}: its metadata holds no config")
-  return config_lib.from_dict(meta["config"], origin=f"{origin}: config")
+  return meta["config"]
+
+
+def config_from_meta(meta: dict[str, Any], origin: str) -> config_lib.Config:
+  """The Config a checkpoint was written with (legacy ones upgraded)."""
+  return config_lib.from_dict(stored_config(meta, origin),
+                              origin=f"{origin}: config")
 
 
 def convert_legacy_params(params: dict[str, Any]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from jaxrec import models, tasks
 from jaxrec.config import Config
 from jaxrec.data import sequences
-from jaxrec.errors import CheckpointDamaged, Interrupted, JaxrecError
+from jaxrec.errors import Interrupted, JaxrecError
 from jaxrec.skip import attach
 from jaxrec.tasks import next_item, ranking
 from jaxrec.training import checkpoints, interrupts, lock, optim, rundir
@@ -323,10 +323,8 @@ def _resume(ckpts: checkpoints.RunCheckpoints, state: State, cfg: Config,
   same format, the same config (the one stored in the checkpoint, not only
   config.json, which may be missing), the same data."""
   def check(meta, origin):
-    checkpoints.check_format(meta, origin, legacy_ok=False)
-    if not isinstance(meta.get("config"), dict):
-      raise CheckpointDamaged(f"{origin}: its metadata holds no config")
-    rundir.check_same_config(meta["config"], cfg, origin)
+    rundir.check_same_config(
+        checkpoints.stored_config(meta, origin, legacy_ok=False), cfg, origin)
     rundir.check_config_file(cfg, ckpts.run_dir)
     if meta.get("data_fingerprint") != data.fingerprint:
       raise JaxrecError(f"{origin}: checkpoint was trained on other data "
