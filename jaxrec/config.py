@@ -30,8 +30,10 @@ from typing import Any
 from jaxrec.errors import JaxrecError
 
 CONFIG_VERSION = 2
+TASKS = ("auto", "cold_start", "profile")
+SPECIAL_TOKENS = ("mask", "cls")  # Input ids V, V+1 (`token_id`).
 METRIC_NAMES = tuple(f"{m}@{k}" for k in (5, 10, 20)
-                     for m in ("mrr", "hr", "ndcg"))
+                     for m in ("mrr", "hr", "ndcg")) + ("accuracy",)
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:  # pylint: disable=redefined-builtin
@@ -72,6 +74,10 @@ class BackboneConfig:
       "into the run's config")
   band_dims: tuple[int, ...] = option(
       (), "embedding width d_j of each band (default C / 4^j, at least 1)")
+  special_tokens: tuple[str, ...] = option(
+      (), "learned input vectors beside the items: mask (id V, masked "
+      "pretraining) and cls (id V+1, PeterRec's user representation); "
+      "params tokens/NAME [C]")
 
   def source_map(self) -> tuple[int, ...] | None:
     """Run position -> stored block when blocks are shared (CpRec), else
@@ -85,6 +91,15 @@ class BackboneConfig:
   def shares_layers(self) -> bool:
     """Whether a block's layers share one kernel (CpRec adjacent-layer)."""
     return False
+
+  def is_causal(self) -> bool:
+    """Whether position t sees only positions <= t (next-item training);
+    a bidirectional backbone overrides it and trains masked."""
+    return True
+
+  def token_id(self, name: str) -> int:
+    """The input id of a special token: mask V, cls V+1 (never an item)."""
+    return self.num_items + SPECIAL_TOKENS.index(name)
 
   def fit_data(self, num_items: int, max_len: int) -> "BackboneConfig":
     """This config with the sizes the data fixes (a backbone with position
@@ -101,6 +116,8 @@ class BackboneConfig:
     choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
     choice("model.remat", self.remat, ("none", "full", "dots"))
     choice("model.embedding", self.embedding, ("full", "adaptive"))
+    for token in self.special_tokens:
+      choice("model.special_tokens", token, SPECIAL_TOKENS)
     self.validate_bands()
 
   def validate_bands(self) -> None:
@@ -129,6 +146,11 @@ class HeadConfig:
   def check_train(self, train: "TrainConfig") -> None:
     """Refuses training options this head cannot honour."""
     del train
+
+  def num_outputs(self, model: BackboneConfig) -> int:
+    """Rows the head scores (id 0 included, never ranked): the model's
+    items unless the head has its own vocabulary (a transfer task's)."""
+    return model.num_items
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +231,10 @@ class TrainConfig:
                             "softmax")
   sampler: str = option("log_uniform", "uniform | log_uniform | unigram "
                         "(sampled softmax)")
+  task: str = option("auto", "what the run optimises: auto (next_item; "
+                     "masked_item for a bidirectional model; skiprec for "
+                     "a model with a policy) | cold_start | profile "
+                     "(PeterRec transfer, set by jaxrec finetune)")
   freeze: tuple[str, ...] = option((), "param paths to freeze, as regular "
                                    "expressions over 'a/b/c' leaf paths, e.g. "
                                    "'item_embedding/.*'; frozen leaves get no "
@@ -264,6 +290,7 @@ class TrainConfig:
     choice("train.schedule", self.schedule,
            ("constant", "cosine", "warmup_cosine"))
     choice("train.loss", self.loss, ("full", "sampled"))
+    choice("train.task", self.task, TASKS)
     choice("train.sampler", self.sampler,
            ("uniform", "log_uniform", "unigram"))
     choice("train.select_metric", self.select_metric, METRIC_NAMES)

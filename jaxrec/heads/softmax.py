@@ -13,7 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxrec.config import HeadConfig, option
+from jaxrec.config import HeadConfig, option, require
+from jaxrec.errors import JaxrecError
 from jaxrec.heads import Head
 from jaxrec.heads import chunked_softmax, sampled_softmax
 from jaxrec.nn.conv import weight_init
@@ -26,13 +27,28 @@ class SoftmaxConfig(HeadConfig):
   name: str = option("softmax", "output head, one of jaxrec.heads.names()")
   tie_embeddings: bool = option(False, "use the item embedding as the "
                                 "output softmax matrix")
+  num_classes: int = option(0, "rows of the head incl. an unused 0 (0: the "
+                            "model's items); a transfer task's target items "
+                            "or classes (set by jaxrec finetune)")
+
+  def num_outputs(self, model: Any) -> int:
+    return self.num_classes or model.num_items
+
+  def validate(self) -> None:
+    require(self.num_classes == 0 or self.num_classes >= 2,
+            "head.num_classes", self.num_classes, "0 (the model's items) or "
+            ">= 2 (an unused 0 and one class)")
+    if self.num_classes and self.tie_embeddings:
+      raise JaxrecError("head.tie_embeddings=True: a head with its own "
+                        f"vocabulary (head.num_classes={self.num_classes}) "
+                        "cannot share the item embedding")
 
 
 def init(cfg: SoftmaxConfig, model_cfg: Any, rng: jax.Array) -> Params:
-  out = {"bias": jnp.zeros((model_cfg.num_items,))}
+  rows = cfg.num_outputs(model_cfg)
+  out = {"bias": jnp.zeros((rows,))}
   if not cfg.tie_embeddings:
-    out["kernel"] = weight_init(rng, (model_cfg.num_items,
-                                      model_cfg.embed_dim))
+    out["kernel"] = weight_init(rng, (rows, model_cfg.embed_dim))
   return out
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from jaxrec.errors import JaxrecError, first_line
 from jaxrec.models import nextitnet, sasrec
 from jaxrec.models.backbone import Backbone, Params, SurgeryRules
+from jaxrec.nn import embedding
 from jaxrec.skip import policy
 
 __all__ = ["Backbone", "Params", "SurgeryRules", "get", "names",
@@ -53,6 +54,9 @@ def init_params(cfg: Any, rng: jax.Array) -> Params:
   k_backbone, k_head = jax.random.split(rng)
   params = get(cfg.model.name).init(cfg.model, k_backbone)
   params["head"] = heads.get(cfg.head.name).init(cfg.head, cfg.model, k_head)
+  if cfg.model.special_tokens:
+    params["tokens"] = embedding.init_tokens(cfg.model,
+                                             jax.random.fold_in(rng, 11))
   if policy.enabled(cfg):
     # A key of its own, so adding a policy leaves the other leaves as they were.
     params["policy"] = policy.init(cfg.model, jax.random.fold_in(rng, 10))

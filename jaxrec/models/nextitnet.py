@@ -10,6 +10,8 @@ The param tree (`init(cfg, rng)`), a plain nested dict:
   blocks/conv2/{kernel,bias} [L, k, C, C], [L, C]   dilation 2d
   blocks/ln2/{scale,bias}    [L, C]
   blocks/alpha               [L]          only for residual="alpha"
+  blocks/patch*/{down,up}/{kernel,bias}   PeterRec patches (model.patch)
+  tokens/{mask,cls}          [C]          special tokens (model.special_tokens)
 
 Block (official StackRec `nextitnet_residual_block_alpha`, post-norm):
 
@@ -17,6 +19,21 @@ Block (official StackRec `nextitnet_residual_block_alpha`, post-norm):
     -> dropout -> x + gate * alpha * h
                                 (alpha learned, init 0; gate per sequence,
                                  1 unless a skipping policy passes gates)
+
+`causal=False` makes both convs centred (GRec's encoder: a position sees
+(k-1)d/2 items on each side), trained as masked item prediction
+(`jaxrec.tasks.masked_item`).
+
+PeterRec patches (`model.patch`, `jaxrec.nn.patch`) are block leaves, so
+they scan, grow and shard with the blocks:
+
+  serial          conv1 -> P1 -> LN1 ... conv2 -> P2 -> LN2 (P = z + branch)
+  serial_top      only conv2 -> P2 -> LN2
+  parallel        conv1(x) + branch1(x), conv2(h) + branch2(h)
+  block_parallel  x + alpha * h(x) + branch(x): beside the whole block
+                  (the paper's fully parallel placement, reported poor)
+
+Every branch starts at zero, so a patched model equals its source.
 
 Dilations are config: a cycle of first-conv dilations ([1, 4] gives conv
 dilations 1,2,4,8,1,2,4,8,...), or one per block to pin each (StackRec's
@@ -55,9 +72,11 @@ from jaxrec.nn import skipping as skipping_lib
 from jaxrec.nn.conv import CausalConv
 from jaxrec.nn.dropout import input_dropout
 from jaxrec.nn.norm import LayerNorm
+from jaxrec.nn.patch import Patch
 from jaxrec.nn.stack import scan_blocks
 
 FRESH = -1
+PLACEMENTS = ("none", "serial", "serial_top", "parallel", "block_parallel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +105,14 @@ class NextItNetConfig(BackboneConfig):
   block_source: tuple[int, ...] = option(
       (), "explicit map run position -> stored block (one per block); "
       "growing a shared model writes it")
+  causal: bool = option(True, "causal convs (next-item training); false: "
+                        "centred convs seeing both sides, trained as masked "
+                        "item prediction (GRec's encoder, PeterRec's masked "
+                        "pretraining)")
+  # PeterRec (jaxrec/transfer): patches inside frozen pretrained blocks.
+  patch: str = option("none", "PeterRec model patches: none | serial | "
+                      "serial_top | parallel | block_parallel")
+  patch_dim: int = option(0, "PeterRec patch bottleneck width H (0: C/4)")
   # SkipRec (jaxrec/skip): a per-user policy gating each block.
   skip: str = option("none", "SkipRec block skipping: none | gumbel "
                      "(straight-through Gumbel policy, trained jointly) | "
@@ -110,6 +137,12 @@ class NextItNetConfig(BackboneConfig):
   skip_rl_penalty: float = option(0.1, "SkipRec rl: reward = hit@5 - "
                                   "penalty * share of blocks used")
 
+  def __post_init__(self):
+    # A bidirectional model trains masked: it needs the MASK token.
+    if not self.causal and "mask" not in self.special_tokens:
+      object.__setattr__(self, "special_tokens",
+                         ("mask", *self.special_tokens))
+
   def block_dilations(self) -> tuple[int, ...]:
     """The first-conv dilation of every block, bottom to top."""
     return tuple(self.dilations[i % len(self.dilations)]
@@ -132,6 +165,12 @@ class NextItNetConfig(BackboneConfig):
     """Whether a block's two convs share one kernel."""
     return self.share in ("adjacent_layer", "cross_layer")
 
+  def is_causal(self) -> bool:
+    return self.causal
+
+  def patch_width(self) -> int:
+    return self.patch_dim or max(1, self.embed_dim // 4)
+
   def split_norms(self) -> bool:
     """Whether norms and gates live per position beside shared convs."""
     return self.share_leaves == "convs" and self.source_map() is not None
@@ -151,6 +190,24 @@ class NextItNetConfig(BackboneConfig):
             self.layer_norm_eps, "> 0")
     self.validate_sharing()
     self.validate_skip()
+    self.validate_transfer()
+
+  def validate_transfer(self) -> None:
+    choice("model.patch", self.patch, PLACEMENTS)
+    require(self.patch_dim >= 0, "model.patch_dim", self.patch_dim,
+            ">= 0 (0: embed_dim / 4)")
+    if self.patch != "none" and self.source_map() is not None:
+      raise JaxrecError(f"model.patch={self.patch!r}: patches live in the "
+                        "blocks, and this model shares blocks (model.share="
+                        f"{self.share!r}); untie it first "
+                        "(jaxrec.surgery.sharing.untie)")
+    if not self.causal:
+      require(self.kernel_size % 2 == 1, "model.kernel_size",
+              self.kernel_size, "an odd width for causal=False (a centred "
+              "window)")
+      if self.skip != "none":
+        raise JaxrecError(f"model.skip={self.skip!r}: SkipRec needs a "
+                          "causal model (model.causal=True)")
 
   def validate_skip(self) -> None:
     choice("model.skip", self.skip, ("none", "gumbel", "rl"))
@@ -195,21 +252,37 @@ class NextItNetBlock(nn.Module):
                deterministic: bool = True) -> jax.Array:
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     c, k, d = cfg.embed_dim, cfg.kernel_size, self.dilation
-    conv1 = CausalConv(c, k, d, name="conv1")
+    conv1 = CausalConv(c, k, d, cfg.causal, name="conv1")
     ln1 = LayerNorm(cfg.layer_norm_eps, name="ln1")
     shared = cfg.shares_layers()
-    conv2 = conv1 if shared else CausalConv(c, k, 2 * d, name="conv2")
+    conv2 = conv1 if shared else CausalConv(c, k, 2 * d, cfg.causal,
+                                            name="conv2")
     ln2 = (ln1 if shared and cfg.share_leaves == "all"
            else LayerNorm(cfg.layer_norm_eps, name="ln2"))
-    h = jax.nn.relu(ln1(conv1(x.astype(dtype))))
-    h = jax.nn.relu(ln2(conv2(h.astype(dtype), 2 * d)))
+    z = x.astype(dtype)
+    h = jax.nn.relu(ln1(self.patched(conv1, z, None, 1)))
+    h = h.astype(dtype)
+    h = jax.nn.relu(ln2(self.patched(conv2, h, 2 * d, 2)))
     h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
     if cfg.residual == "alpha":
       # Each new block starts as the identity (ReZero, dynamical isometry).
       h = self.param("alpha", nn.initializers.zeros, ()) * h
     if gate is not None:
       h = gate[:, None, None] * h
+    if cfg.patch == "block_parallel":
+      h = h + Patch(cfg.patch_width(), residual=False, name="patch")(z)
     return x + h
+
+  def patched(self, conv: nn.Module, z: jax.Array, dilation: int | None,
+              layer: int) -> jax.Array:
+    """conv(z) with the block's PeterRec patch of that layer, if any."""
+    placement, width = self.cfg.patch, self.cfg.patch_width()
+    out = conv(z, dilation)
+    if placement == "serial" or (placement == "serial_top" and layer == 2):
+      return Patch(width, name=f"patch{layer}")(out)
+    if placement == "parallel":
+      return out + Patch(width, residual=False, name=f"patch{layer}")(z)
+    return out
 
 
 def init(cfg: NextItNetConfig, rng: jax.Array) -> Params:

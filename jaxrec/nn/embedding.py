@@ -5,6 +5,10 @@ adaptive decomposition (`model.embedding`).
   adaptive   item_embedding/band_j/embedding       [k_j, d_j]
              item_embedding/band_j/projection      [d_j, C]
 
+Special tokens (`model.special_tokens`: mask, cls) are learned vectors
+beside the items, `tokens/NAME` [C], read for ids V and V+1
+(`cfg.token_id`): masked pretraining's MASK and PeterRec's CLS.
+
 Adaptive: an id in band j (`jaxrec.nn.bands`) looks up row `id - c_j` of
 its band's small table and projects it to C, so a tail item costs d_j
 parameters (plus its band's shared [d_j, C] projection) instead of C. With d_j = C / 4^j the tail bands are 4x, 16x, ...
@@ -46,9 +50,26 @@ def init(cfg: Any, rng: jax.Array) -> Params:
   return out
 
 
+def init_tokens(cfg: Any, rng: jax.Array) -> Params:
+  """The `tokens` subtree: one [C] vector per special token, each its own
+  draw (adding a token later leaves the others as they were)."""
+  from jaxrec.config import SPECIAL_TOKENS  # pylint: disable=import-outside-toplevel
+  return {name: weight_init(jax.random.fold_in(rng, SPECIAL_TOKENS.index(name)),
+                            (cfg.embed_dim,))
+          for name in cfg.special_tokens}
+
+
 def lookup(params: Params, cfg: Any, ids: jax.Array) -> jax.Array:
-  """Embeddings [..., C] (float32) of item ids [...]."""
-  table = params["item_embedding"]
+  """Embeddings [..., C] (float32) of item ids [...] and special tokens."""
+  item_ids = jnp.where(ids < cfg.num_items, ids, 0)
+  out = _item_lookup(params["item_embedding"], cfg, item_ids)
+  for name in cfg.special_tokens:
+    out = jnp.where((ids == cfg.token_id(name))[..., None],
+                    params["tokens"][name].astype(out.dtype), out)
+  return out
+
+
+def _item_lookup(table: Params, cfg: Any, ids: jax.Array) -> jax.Array:
   if cfg.embedding == "full":
     return table["embedding"][ids]
   out = jnp.zeros(ids.shape + (cfg.embed_dim,), jnp.float32)

@@ -45,27 +45,34 @@ def last_hidden(params: models.Params, cfg: Any,
   return h.astype(cfg.model.dtype)
 
 
-def rank_fn(cfg: Any) -> Callable[..., jax.Array]:
-  """(params, inputs, targets) -> 0-based full-ranking ranks of targets."""
+Represent = Callable[[models.Params, Any, jax.Array], jax.Array]
+
+
+def rank_fn(cfg: Any, represent: Represent = last_hidden
+            ) -> Callable[..., jax.Array]:
+  """(params, inputs, targets) -> 0-based full-ranking ranks of targets
+  among every output of the head; `represent(params, cfg, inputs)` is the
+  [B, C] representation that scores them (other tasks pass their own)."""
   head = heads.get(cfg.head.name)
   mask_history = cfg.train.mask_history
 
   def ranks(params, inputs, targets):
-    ctx = head.prepare(params, cfg, last_hidden(params, cfg, inputs))
+    ctx = head.prepare(params, cfg, represent(params, cfg, inputs))
     return ranking.target_ranks(
         lambda start, size: head.tile_scores(params, cfg, ctx, start, size),
-        cfg.model.num_items, targets, inputs if mask_history else None,
-        tile=cfg.train.loss_chunk)
+        cfg.head.num_outputs(cfg.model), targets,
+        inputs if mask_history else None, tile=cfg.train.loss_chunk)
 
   return ranks
 
 
-def sampled_rank_fn(cfg: Any) -> Callable[..., jax.Array]:
+def sampled_rank_fn(cfg: Any, represent: Represent = last_hidden
+                    ) -> Callable[..., jax.Array]:
   """(params, inputs, targets, negatives [B, N]) -> ranks among 1 + N."""
   head = heads.get(cfg.head.name)
 
   def ranks(params, inputs, targets, negatives):
-    ctx = head.prepare(params, cfg, last_hidden(params, cfg, inputs))
+    ctx = head.prepare(params, cfg, represent(params, cfg, inputs))
     target = head.item_scores(params, cfg, ctx, targets[:, None])[:, 0]
     return ranking.sampled_ranks(
         target, head.item_scores(params, cfg, ctx, negatives))
@@ -78,7 +85,7 @@ def sampler_for(cfg: Any, data: sequences.SequenceData) -> Any:
   if cfg.train.loss != "sampled":
     return None
   from jaxrec.heads import sampled_softmax  # pylint: disable=import-outside-toplevel
-  return sampled_softmax.make_sampler(cfg.train.sampler, data.num_items,
-                                      data.item_counts)
+  return sampled_softmax.make_sampler(
+      cfg.train.sampler, cfg.head.num_outputs(cfg.model), data.item_counts)
 
 

@@ -25,9 +25,11 @@ CUTOFFS = (5, 10, 20)
 
 
 def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
-  """Mean MRR/HR/NDCG@k from 0-based ranks (0 = the target is first)."""
+  """Mean MRR/HR/NDCG@k from 0-based ranks (0 = the target is first), and
+  accuracy: the share ranked first (a classifier's accuracy over all
+  classes when the "items" are classes, as PeterRec's profile task)."""
   ranks = np.asarray(ranks, np.float64)
-  out = {}
+  out = {"accuracy": float(np.mean(ranks == 0))}
   for k in CUTOFFS:
     hit = ranks < k
     out[f"mrr@{k}"] = float(np.mean(np.where(hit, 1.0 / (ranks + 1), 0.0)))
