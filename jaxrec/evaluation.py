@@ -14,6 +14,7 @@ import numpy as np
 from jaxrec import config as config_lib
 from jaxrec import models
 from jaxrec.config import Config
+from jaxrec.data import vocabulary as vocab_lib
 from jaxrec.errors import JaxrecError
 from jaxrec.skip import policy
 from jaxrec.tasks import next_item, ranking
@@ -45,7 +46,17 @@ def evaluate_checkpoint(run_dir: str, source: str | None = None,
   cfg = cfg.replace(data=data_cfg, train=dataclasses.replace(
       cfg.train, mask_history=mask_history))
   cfg.validate()
-  data = pipeline.load_data(data_cfg)
+  vocab = None
+  if source:  # Another data version: number its items the run's way.
+    vocab = vocab_lib.find(run_dir)
+    if vocab is not None:
+      vocab.check_matches(meta.get("vocabulary"), run_dir)
+  data = pipeline.load_data(data_cfg, vocab=vocab)
+  new = (data.meta.get("vocab_growth") or {}).get("new", 0)
+  if new:
+    raise JaxrecError(f"--data={source}: {new} items the checkpoint "
+                      f"{run_dir} never saw; fine-tune on it with `jaxrec "
+                      "train --init-from` to add them")
   if data.num_items != cfg.model.num_items:
     raise JaxrecError(f"{run_dir}: model has {cfg.model.num_items} item ids "
                       f"but {data_cfg.source} has {data.num_items}")

@@ -231,7 +231,7 @@ def test_resume_with_another_config_is_refused(trained_run, capsys):
 def test_checkpoint_of_another_catalogue_is_refused(trained_run, capsys):
   line = run_error(capsys, ["eval", "--ckpt", trained_run, "--data",
                             "synthetic:small"])
-  assert "item ids" in line
+  assert "items the checkpoint" in line and "never saw" in line
 
 
 def test_eval_of_a_directory_without_checkpoints(tmp_path, capsys):

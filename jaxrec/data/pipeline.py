@@ -40,6 +40,7 @@ import numpy as np
 from jaxrec.config import DataConfig
 from jaxrec.errors import JaxrecError
 from jaxrec.data.sequences import Interactions, SequenceData
+from jaxrec.data.vocabulary import Vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +70,30 @@ SyntheticFn = Callable[[str], Interactions]
 
 
 def load_data(cfg: DataConfig,
-              synthetic_fn: SyntheticFn | None = None) -> SequenceData:
+              synthetic_fn: SyntheticFn | None = None,
+              vocab: Vocabulary | None = None,
+              drop_vanished: bool = False) -> SequenceData:
   """Parses, filters, splits and caches `cfg.source` (see module docstring).
 
   Args:
     cfg: the data options.
     synthetic_fn: replaces `jaxrec.data.synthetic.generate` for `synthetic[:SIZE]`
       sources; called with the size string.
+    vocab: a checkpoint's vocabulary to number items by (`--init-from`,
+      `eval --data`): see `build_sequences`.
+    drop_vanished: with `vocab`, renumber without the items this data no
+      longer has (default: keep their ids).
   """
   _check_options(cfg)  # Before any parsing, so a typo fails at once.
   source = resolve_source(cfg.source, cfg, synthetic_fn)
-  fingerprint = data_fingerprint(cfg, source.key)
+  fingerprint = data_fingerprint(cfg, source.key, vocab, drop_vanished)
   path = os.path.join(cache_dir(cfg), f"sequences-{fingerprint}.npz")
   data = load_cache(path, fingerprint)
   if data is not None:
     log.info("data: cache hit %s", path)
     return data
-  data = build_sequences(source.read(), cfg, fingerprint)
+  data = build_sequences(source.read(), cfg, fingerprint, vocab,
+                         drop_vanished)
   save_cache(path, data)
   return data
 
@@ -126,15 +134,25 @@ def resolve_source(spec: str, cfg: DataConfig,
 
 
 def build_sequences(inter: Interactions, cfg: DataConfig,
-                    fingerprint: str = "") -> SequenceData:
+                    fingerprint: str = "", vocab: Vocabulary | None = None,
+                    drop_vanished: bool = False) -> SequenceData:
   """Filters, remaps, orders and splits raw events (no caching).
 
   `meta["num_items"]` counts real items (V - 1); `num_items` on the result is
-  V, padding included.
+  V, padding included. The result's `vocab` maps its ids back to raw ids.
+
+  Without `vocab`, ids rank items by training-split frequency. With one (a
+  checkpoint's), an item it knows keeps its id, so a model's rows stay
+  meaningful across data versions; items it has never seen get the ids
+  after its last one, ranked by training frequency among themselves; items
+  it has that this data lacks ("vanished") keep their ids, or with
+  `drop_vanished` are removed and the remaining ids closed up in their old
+  order. `meta["vocab_growth"]` counts known, new and vanished items.
   """
   _check_options(cfg)
   loo = cfg.protocol == "loo"
-  users, items, order = _filtered_events(inter, cfg, min_len=3 if loo else 2)
+  events = _filtered_events(inter, cfg, min_len=3 if loo else 2)
+  users, items, order = events.users, events.items, events.order
   codes = items[order]
   user_sorted = users[order]
   starts = np.flatnonzero(np.r_[True, user_sorted[1:] != user_sorted[:-1]])
@@ -143,11 +161,23 @@ def build_sequences(inter: Interactions, cfg: DataConfig,
   # Ids rank items by their frequency in the training split alone (CpRec's
   # frequency bands are id ranges): ranking by all events would let the
   # valid and test targets decide which items get the large embeddings.
-  seq = _popularity_ids(codes, _training_events(codes, *split(
-      codes, starts, ends, cfg)["train"]))
+  train_codes = _training_events(codes, *split(codes, starts, ends,
+                                               cfg)["train"])
+  num_codes = int(codes.max()) + 1
+  growth = None
+  if vocab is None:
+    new_ids = _popularity_ranks(num_codes, train_codes)
+    item_raw = np.empty(num_codes + 1, dtype=events.item_raw.dtype)
+    item_raw[0] = ""  # Padding.
+    item_raw[new_ids] = events.item_raw
+  else:
+    new_ids, item_raw, growth = _ids_from_vocab(
+        events.item_raw, train_codes, num_codes, vocab, drop_vanished)
+  seq = new_ids[codes]
   parts = split(seq, starts, ends, cfg)
   train = _train_rows(seq, *parts.pop("train"), cfg)
-  num_items = int(seq.max()) + 1
+  # Not seq.max() + 1: a vocabulary may keep ids of items this data lacks.
+  num_items = len(item_raw)
   counts = np.bincount(train.ravel(), minlength=num_items).astype(np.int64)
   counts[0] = 0
   meta = dict(source=cfg.source, protocol=cfg.protocol,
@@ -155,8 +185,53 @@ def build_sequences(inter: Interactions, cfg: DataConfig,
               num_interactions=len(seq), num_train_rows=len(train),
               num_valid=len(parts["valid_targets"]),
               num_test=len(parts["test_targets"]), max_len=cfg.max_len)
+  if growth is not None:
+    meta["vocab_growth"] = growth
+  users_raw = events.user_raw[user_sorted[starts]]
   return SequenceData(num_items=num_items, train=train, item_counts=counts,
-                      fingerprint=fingerprint, meta=meta, **parts)
+                      fingerprint=fingerprint, meta=meta,
+                      vocab=Vocabulary(item_raw, users_raw), **parts)
+
+
+def _ids_from_vocab(item_raw: np.ndarray, train_codes: np.ndarray,
+                    num_codes: int, vocab: Vocabulary, drop_vanished: bool
+                    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+  """(id of each item code, raw id of each id, counts): see
+  `build_sequences`. Ids of the result start at 1; index 0 of the id array
+  is padding."""
+  lookup = vocab.index()
+  raw = item_raw.astype(str)
+  old = np.fromiter((lookup.get(r, 0) for r in raw.tolist()), np.int64,
+                    count=num_codes)
+  known = old > 0
+  present = np.zeros(vocab.num_items, bool)
+  present[old[known]] = True
+  present[0] = False
+  vanished = int(vocab.num_items - 1 - present.sum())
+  if drop_vanished:
+    kept_old = np.flatnonzero(present)  # Old order, closed up.
+    remap = np.zeros(vocab.num_items, np.int64)
+    remap[kept_old] = np.arange(1, len(kept_old) + 1)
+    base_raw = vocab.items[kept_old]
+  else:
+    remap = np.arange(vocab.num_items)
+    base_raw = vocab.items[1:]
+  new_ids = np.zeros(num_codes, np.int64)
+  new_ids[known] = remap[old[known]]
+  fresh = np.flatnonzero(~known)
+  if len(fresh):
+    counts = np.bincount(train_codes, minlength=num_codes)[fresh]
+    # Among themselves new items rank by training frequency, ties by first
+    # appearance (their code order), as a fresh numbering would.
+    rank = np.lexsort((fresh, -counts))
+    new_ids[fresh[rank]] = len(base_raw) + 1 + np.arange(len(fresh))
+  items = np.r_[np.array([""]), base_raw, raw[fresh[rank]] if len(fresh)
+                else np.array([], dtype=str)]
+  growth = {"known": int(known.sum()), "new": len(fresh),
+            "vanished": vanished,
+            "vanished_policy": "dropped" if drop_vanished else "kept",
+            "from_vocabulary": vocab.fingerprint()}
+  return new_ids, items.astype(str), growth
 
 
 def _check_options(cfg: DataConfig) -> None:
@@ -166,12 +241,18 @@ def _check_options(cfg: DataConfig) -> None:
                       f"{cfg.max_len} (a window must fit in a training row)")
 
 
-def data_fingerprint(cfg: DataConfig, source_key: str) -> str:
-  """SHA-256 of the source contents and every processing option."""
+def data_fingerprint(cfg: DataConfig, source_key: str,
+                     vocab: Vocabulary | None = None,
+                     drop_vanished: bool = False) -> str:
+  """SHA-256 of the source contents and every processing option (and the
+  vocabulary numbering the items, when one is given)."""
   options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
              if f.name != "cache_dir"}
-  blob = json.dumps({"pipeline": PIPELINE_VERSION, "source_key": source_key,
-                     "options": options}, sort_keys=True)
+  content: dict[str, Any] = {"pipeline": PIPELINE_VERSION,
+                             "source_key": source_key, "options": options}
+  if vocab is not None:  # Absent otherwise: older fingerprints stay valid.
+    content["vocabulary"] = [vocab.fingerprint(), bool(drop_vanished)]
+  blob = json.dumps(content, sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -188,7 +269,12 @@ def load_cache(path: str, fingerprint: str) -> SequenceData | None:
     return None
   try:
     with np.load(path, allow_pickle=False) as z:
+      if "vocab_items" not in z.files:
+        # Written before vocabularies were cached: same ids, rebuilt once.
+        log.info("data: cache %s has no vocabulary; rebuilding", path)
+        return None
       arrays = {name: z[name] for name in _ARRAY_FIELDS}
+      vocab = Vocabulary(z["vocab_items"], z["vocab_users"])
       stored = str(z["fingerprint"])
       meta = json.loads(str(z["meta"]))
   except (OSError, ValueError, KeyError, EOFError, TypeError, AttributeError,
@@ -196,11 +282,13 @@ def load_cache(path: str, fingerprint: str) -> SequenceData | None:
     # A half-written or damaged file is rebuilt, never trusted.
     log.warning("data: ignoring unreadable cache %s (%s)", path, e)
     return None
-  if stored != fingerprint or not _consistent(arrays, meta):
+  if (stored != fingerprint or not _consistent(arrays, meta)
+      or vocab.num_items != len(arrays["item_counts"])):
     log.warning("data: ignoring inconsistent cache %s", path)
     return None
   return SequenceData(num_items=len(arrays["item_counts"]),
-                      fingerprint=fingerprint, meta=meta, **arrays)
+                      fingerprint=fingerprint, meta=meta, vocab=vocab,
+                      **arrays)
 
 
 def save_cache(path: str, data: SequenceData) -> None:
@@ -211,9 +299,13 @@ def save_cache(path: str, data: SequenceData) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
     with os.fdopen(fd, "wb") as f:
+      vocab = ({} if data.vocab is None else
+               {"vocab_items": data.vocab.items,
+                "vocab_users": data.vocab.users})
       np.savez(f, fingerprint=np.array(data.fingerprint),
                meta=np.array(json.dumps(data.meta)),
-               **{name: getattr(data, name) for name in _ARRAY_FIELDS})
+               **{name: getattr(data, name) for name in _ARRAY_FIELDS},
+               **vocab)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -572,13 +664,23 @@ def _time_array(values: list[int | float]) -> np.ndarray:
 # ------------------------------------------------------------------ processing
 
 
+@dataclasses.dataclass(frozen=True)
+class _Events:
+  """k-core-filtered events: user codes, item codes (0..K-1 in
+  first-appearance order), the order sorting them by user, then time (ties
+  in file order), and the raw id of each item code and user code."""
+  users: np.ndarray
+  items: np.ndarray
+  order: np.ndarray
+  item_raw: np.ndarray  # [K]
+  user_raw: np.ndarray  # [max user code + 1]
+
+
 def _filtered_events(inter: Interactions, cfg: DataConfig,
-                     min_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """k-core-filtered user codes, item codes (0..K-1, in first-appearance
-  order), and the order that sorts them by user, then time, ties in file
-  order."""
-  users, items, times = _check_interactions(inter)
-  users, items = _factorize(users), _factorize(items)
+                     min_len: int) -> _Events:
+  """See `_Events`."""
+  raw_users, raw_items, times = _check_interactions(inter)
+  users, items = _factorize(raw_users), _factorize(raw_items)
   min_user = max(cfg.min_user_count, min_len)
   keep = _k_core(users, items, min_user, cfg.min_item_count)
   if not keep.any():
@@ -588,8 +690,18 @@ def _filtered_events(inter: Interactions, cfg: DataConfig,
         f"{cfg.min_item_count} (protocol {cfg.protocol!r} also needs "
         f"{min_len} per user); lower them")
   users, items, times = users[keep], items[keep], times[keep]
-  return users, _first_appearance_codes(items), _chronological_order(users,
-                                                                     times)
+  raw_items = raw_items[keep]
+  codes, first = _first_appearance_codes(items)
+  user_raw = np.empty(int(users.max()) + 1, dtype=raw_users.dtype)
+  user_raw[users] = raw_users[keep]
+  return _Events(users, codes, _chronological_order(users, times),
+                 _raw_str(raw_items[first]), _raw_str(user_raw))
+
+
+def _raw_str(values: np.ndarray) -> np.ndarray:
+  """Raw ids as strings: what a vocabulary holds (ints print as ints)."""
+  return values.astype(str) if values.dtype.kind != "O" else np.array(
+      [str(v) for v in values], dtype=str)
 
 
 def _factorize(values: np.ndarray) -> np.ndarray:
@@ -651,13 +763,15 @@ def _k_core(users: np.ndarray, items: np.ndarray, min_user: int,
     keep = new
 
 
-def _first_appearance_codes(items: np.ndarray) -> np.ndarray:
+def _first_appearance_codes(items: np.ndarray
+                            ) -> tuple[np.ndarray, np.ndarray]:
   """Codes 0..K-1 numbering items in order of their first event in the file
-  (the tie-break of `_popularity_ids`)."""
+  (the tie-break of `_popularity_ids`), and the index of each code's first
+  event."""
   _, first, inverse = np.unique(items, return_index=True, return_inverse=True)
   rank = np.empty(len(first), np.int64)
   rank[np.argsort(first, kind="stable")] = np.arange(len(first))
-  return rank[inverse.reshape(-1)]
+  return rank[inverse.reshape(-1)], np.sort(first)
 
 
 def _training_events(codes: np.ndarray, starts: np.ndarray,
@@ -672,12 +786,16 @@ def _training_events(codes: np.ndarray, starts: np.ndarray,
 def _popularity_ids(codes: np.ndarray, train_codes: np.ndarray) -> np.ndarray:
   """`codes` as ids 1..V-1 by descending training-split frequency, ties
   (and items seen only in valid or test) by first appearance."""
-  num_codes = int(codes.max()) + 1
+  return _popularity_ranks(int(codes.max()) + 1, train_codes)[codes]
+
+
+def _popularity_ranks(num_codes: int, train_codes: np.ndarray) -> np.ndarray:
+  """The id of each item code under `_popularity_ids`."""
   counts = np.bincount(train_codes, minlength=num_codes)
   rank = np.lexsort((np.arange(num_codes), -counts))
   new_ids = np.empty(num_codes, np.int64)
   new_ids[rank] = np.arange(1, num_codes + 1)
-  return new_ids[codes]
+  return new_ids
 
 
 def _split_loo(seq: np.ndarray, starts: np.ndarray, ends: np.ndarray,

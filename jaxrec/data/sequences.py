@@ -13,6 +13,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from jaxrec.data.vocabulary import Vocabulary
+
 
 @dataclasses.dataclass(frozen=True)
 class Interactions:
@@ -40,6 +42,9 @@ class SequenceData:
   item_counts: np.ndarray  # [V] int64: frequency in the training rows only.
   fingerprint: str  # Hash of source contents + processing options.
   meta: dict[str, Any]  # Source, protocol, user/item/interaction counts.
+  # Raw ids of the items (by model id) and users; None for data built in
+  # memory without one (tests, experiment scripts).
+  vocab: Vocabulary | None = None
 
   @property
   def max_len(self) -> int:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from jaxrec import models
 from jaxrec.config import Config
+from jaxrec.data import vocabulary as vocab_lib
 from jaxrec.errors import JaxrecError
 from jaxrec.training import checkpoints, lock, rundir
 from jaxrec.training import state as state_lib
@@ -73,20 +74,26 @@ def _apply_locked(src_dir: str, out_dir: str, fn: ParamsFn,
   if shared is not None:  # A shared (CpRec) model: the map it now runs.
     entry["block_source"] = list(shared)
   chain = list(opened.meta.get("lineage") or []) + [entry]
+  # The ids mean what they meant in the source: its vocabulary goes along.
+  vocab = vocab_lib.find(src_dir)
+  if vocab is not None:
+    vocab.check_matches(opened.meta.get("vocabulary"), src_dir)
   save_start_checkpoint(out_dir, new_cfg, new_params,
-                        opened.meta["data_fingerprint"], chain, new_opt)
+                        opened.meta["data_fingerprint"], chain, new_opt,
+                        vocab=vocab)
   return new_cfg
 
 
 def save_start_checkpoint(out_dir: str, cfg: Config, params: models.Params,
                           data_fingerprint: str, lineage: list[dict],
-                          opt_state: Any = None) -> None:
+                          opt_state: Any = None,
+                          vocab: vocab_lib.Vocabulary | None = None) -> None:
   """Saves step 0 of a model made by surgery.
 
   A full train state in out_dir/checkpoints/latest (the optimizer state
-  fresh unless given) plus out_dir/config.json. Refuses a directory that
-  already holds checkpoints, and returns only once the checkpoint is on
-  disk.
+  fresh unless given) plus out_dir/config.json, and out_dir/vocabulary.json
+  when `vocab` is given. Refuses a directory that already holds
+  checkpoints, and returns only once the checkpoint is on disk.
   """
   from jaxrec.training.loop import Progress  # pylint: disable=import-outside-toplevel
   rundir.refuse_existing_checkpoints(out_dir)
@@ -94,9 +101,13 @@ def save_start_checkpoint(out_dir: str, cfg: Config, params: models.Params,
                                state_lib.optimizer_for(cfg, params)[0])
   if opt_state is not None:
     state["opt_state"] = opt_state
-  meta = checkpoints.make_meta(cfg, data_fingerprint, 0, lineage,
-                               progress=dataclasses.asdict(Progress()))
+  meta = checkpoints.make_meta(
+      cfg, data_fingerprint, 0, lineage,
+      vocabulary=None if vocab is None else vocab.meta(),
+      progress=dataclasses.asdict(Progress()))
   os.makedirs(out_dir, exist_ok=True)
+  if vocab is not None:  # Before the checkpoint: a checkpoint naming a
+    vocab.save(out_dir)  # vocabulary never lacks its file.
   mngr = checkpoints.manager(out_dir, "latest", keep=1)
   checkpoints.save(mngr, 0, state, meta)
   checkpoints.wait(mngr, 0, None)

@@ -308,10 +308,14 @@ def convert_legacy_params(params: dict[str, Any]) -> dict[str, Any]:
 
 def make_meta(cfg: config_lib.Config, data_fingerprint: str, step: int,
               lineage: list[dict[str, Any]],
+              vocabulary: dict[str, Any] | None = None,
               **extra: Any) -> dict[str, Any]:
+  """A checkpoint's JSON metadata. `vocabulary` is `Vocabulary.meta()` of
+  the run's DIR/vocabulary.json (None: the run has none)."""
   return {"format": FORMAT, "backbone": cfg.model.name,
           "head": cfg.head.name, "config": cfg.to_dict(), "step": int(step),
-          "data_fingerprint": data_fingerprint, "lineage": lineage, **extra}
+          "data_fingerprint": data_fingerprint, "lineage": lineage,
+          "vocabulary": vocabulary, **extra}
 
 
 def write_json(path: str, obj: Any) -> None:

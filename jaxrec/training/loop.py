@@ -32,6 +32,7 @@ from tqdm import tqdm
 from jaxrec import models, tasks
 from jaxrec.config import Config
 from jaxrec.data import sequences
+from jaxrec.data import vocabulary as vocab_lib
 from jaxrec.errors import Interrupted, JaxrecError
 from jaxrec.skip import attach
 from jaxrec.tasks import next_item, ranking
@@ -162,7 +163,10 @@ def _train_locked(cfg: Config, out_dir: str,
   """`train`, holding the run directory's writer lock."""
   if data is None:
     from jaxrec.data import pipeline  # pylint: disable=import-outside-toplevel
-    data = pipeline.load_data(cfg.data)
+    # Started from a checkpoint: number items its way, so its rows keep
+    # meaning the same items on a new data version.
+    init_vocab = _init_vocabulary(init_from) if init_from else None
+    data = pipeline.load_data(cfg.data, vocab=init_vocab)
   lineage: list[dict[str, Any]] = []
   requested_model = cfg.model
   if init_from:
@@ -210,6 +214,10 @@ def _train_locked(cfg: Config, out_dir: str,
     rundir.check_config_file(cfg, out_dir)
   if resume:  # Only now: a failed resume leaves config.json as it was.
     rundir.write_config(cfg, out_dir)
+  vocab_meta = None
+  if data.vocab is not None:  # Before any checkpoint that names it.
+    data.vocab.save(out_dir)
+    vocab_meta = data.vocab.meta()
   start = int(state["step"])
 
   log = rundir.MetricsLog(out_dir, tcfg.tensorboard, start)
@@ -253,6 +261,7 @@ def _train_locked(cfg: Config, out_dir: str,
                     f"{valid[tcfg.select_metric]:.4f}"
                     + (" (best)" if improved else ""))
           meta = checkpoints.make_meta(cfg, data.fingerprint, done, lineage,
+                                       vocabulary=vocab_meta,
                                        progress=dataclasses.asdict(prog))
           ckpts.save_validation(done, state, meta, prog.best_step)
           if prog.stopped(tcfg.patience):
@@ -341,6 +350,16 @@ def _interrupted_message(step: int, ckpts: checkpoints.RunCheckpoints) -> str:
           if ckpts.complete is not None else
           "no checkpoint was written yet; --resume starts it again")
   return f"interrupted at step {step}; {kept}"
+
+
+def _init_vocabulary(init_from: str) -> vocab_lib.Vocabulary | None:
+  """The vocabulary of an --init-from checkpoint, checked against the one
+  its metadata records; None for a run that saved none (older runs)."""
+  vocab = vocab_lib.find(init_from)
+  if vocab is not None:
+    vocab.check_matches(checkpoints.read_meta(init_from)[1].get("vocabulary"),
+                        init_from)
+  return vocab
 
 
 def _load_init(cfg: Config, init_from: str, data: sequences.SequenceData,
