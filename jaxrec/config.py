@@ -31,7 +31,9 @@ from jaxrec.errors import JaxrecError
 
 CONFIG_VERSION = 2
 TASKS = ("auto", "cold_start", "profile")
-SPECIAL_TOKENS = ("mask", "cls")  # Input ids V, V+1 (`token_id`).
+# PeterRec's downstream files (`jaxrec.data.transfer`), read by finetune.
+TRANSFER_SOURCES = ("cold_start", "profile")
+SPECIAL_TOKENS = ("mask", "cls", "unk")  # Input ids V, V+1, V+2.
 METRIC_NAMES = tuple(f"{m}@{k}" for k in (5, 10, 20)
                      for m in ("mrr", "hr", "ndcg")) + ("accuracy",)
 
@@ -157,7 +159,9 @@ class HeadConfig:
 class DataConfig:
   """Where sequences come from and how they are split."""
   source: str = option("synthetic", "synthetic[:SIZE] | movielens:PATH | "
-                       "csv:PATH | recbole:PATH.inter | tfds:NAME")
+                       "csv:PATH | recbole:PATH.inter | tfds:NAME; "
+                       "fine-tuning (jaxrec finetune): cold_start:PATH | "
+                       "profile:PATH")
   protocol: str = option("loo", "loo: leave-one-out (valid = 2nd-to-last, "
                          "test = last); paper: 80/20 split by sequence plus "
                          "a valid slice")
@@ -201,7 +205,8 @@ class DataConfig:
             "in (0, 1 - test_fraction)")
     kind = self.source.split(":", 1)[0]
     choice("data.source", kind,
-           ("synthetic", "movielens", "csv", "recbole", "tfds"))
+           ("synthetic", "movielens", "csv", "recbole", "tfds")
+           + TRANSFER_SOURCES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +240,10 @@ class TrainConfig:
                      "masked_item for a bidirectional model; skiprec for "
                      "a model with a policy) | cold_start | profile "
                      "(PeterRec transfer, set by jaxrec finetune)")
+  frozen_from: str = option("", "run directory whose checkpoint holds this "
+                            "run's frozen leaves (set by jaxrec finetune); "
+                            "checkpoints then store only the trainable "
+                            "leaves and load the rest from there")
   freeze: tuple[str, ...] = option((), "param paths to freeze, as regular "
                                    "expressions over 'a/b/c' leaf paths, e.g. "
                                    "'item_embedding/.*'; frozen leaves get no "

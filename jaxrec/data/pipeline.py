@@ -37,6 +37,7 @@ from typing import Any, Callable, ContextManager, IO
 
 import numpy as np
 
+from jaxrec import config as config_lib
 from jaxrec.config import DataConfig
 from jaxrec.errors import JaxrecError
 from jaxrec.data.sequences import Interactions, SequenceData
@@ -113,6 +114,10 @@ def resolve_source(spec: str, cfg: DataConfig,
     raise JaxrecError(f"data.source={spec!r}: unknown kind {kind!r}; expected "
                       "synthetic[:SIZE], movielens:PATH, csv:PATH, "
                       "recbole:PATH.inter or tfds:NAME")
+  if kind in config_lib.TRANSFER_SOURCES:
+    raise JaxrecError(f"data.source={spec!r}: a PeterRec downstream file, "
+                      f"read by `jaxrec finetune --task {kind}`, not a "
+                      "sequence source")
   if kind == "synthetic":
     return _synthetic_source(arg or DEFAULT_SYNTHETIC_SIZE, synthetic_fn)
   if not arg:

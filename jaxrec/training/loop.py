@@ -38,8 +38,9 @@ from jaxrec.skip import attach
 from jaxrec.tasks import next_item, ranking
 from jaxrec.training import checkpoints, interrupts, lock, optim, rundir
 from jaxrec.training.mesh import Sharder, make_mesh
-from jaxrec.training.state import (State, abstract_state, init_state,
-                                   optimizer_for, restore_params)
+from jaxrec.training.state import (State, abstract_state, frozen_params,
+                                   graft, init_state, optimizer_for,
+                                   restore_params, storable)
 
 Task = Any  # A module with batch, loss, rank_fn (jaxrec.tasks).
 
@@ -137,7 +138,8 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
           init_opt_state: bool = False,
           devices: list[jax.Device] | None = None, progress_bar: bool = True,
           step_callback: Callable[[int], None] | None = None,
-          task: Task | None = None) -> dict[str, Any]:
+          task: Task | None = None, params: models.Params | None = None,
+          lineage: list[dict[str, Any]] | None = None) -> dict[str, Any]:
   """Trains, validates, checkpoints; writes and returns DIR/metrics.json.
 
   `init_from` starts from another run's (or a surgery's) checkpoint's
@@ -146,12 +148,13 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
   --map-opt-state`), else the optimizer starts fresh as in the paper.
   `step_callback(step)` runs after each step (tests use it to kill a run at
   a chosen moment). `task` defaults to the config's (`tasks.for_config`:
-  SkipRec models train as `tasks.skiprec`).
+  SkipRec models train as `tasks.skiprec`). `params` and `lineage` start
+  the run from a prepared tree (a fine-tuning's: `jaxrec.transfer`).
   """
   with lock.hold(out_dir, "train"):
     return _train_locked(cfg, out_dir, data, resume, init_from,
                          init_opt_state, devices, progress_bar,
-                         step_callback, task)
+                         step_callback, task, params, lineage)
 
 
 def _train_locked(cfg: Config, out_dir: str,
@@ -159,7 +162,9 @@ def _train_locked(cfg: Config, out_dir: str,
                   init_from: str | None, init_opt_state: bool,
                   devices: list[jax.Device] | None, progress_bar: bool,
                   step_callback: Callable[[int], None] | None,
-                  task: Task) -> dict[str, Any]:
+                  task: Task, prepared: models.Params | None,
+                  prepared_lineage: list[dict[str, Any]] | None
+                  ) -> dict[str, Any]:
   """`train`, holding the run directory's writer lock."""
   if data is None:
     from jaxrec.data import pipeline  # pylint: disable=import-outside-toplevel
@@ -167,7 +172,7 @@ def _train_locked(cfg: Config, out_dir: str,
     # meaning the same items on a new data version.
     init_vocab = _init_vocabulary(init_from) if init_from else None
     data = pipeline.load_data(cfg.data, vocab=init_vocab)
-  lineage: list[dict[str, Any]] = []
+  lineage: list[dict[str, Any]] = list(prepared_lineage or [])
   requested_model = cfg.model
   if init_from:
     cfg, lineage, init_params, init_opt = _load_init(cfg, init_from, data,
@@ -184,8 +189,11 @@ def _train_locked(cfg: Config, out_dir: str,
 
   sharder = Sharder(make_mesh(devices))
   batch_size = sharder.check_batch(tcfg.batch_size, "train.batch_size")
-  params = (init_params if init_from else
-            models.init_params(cfg, jax.random.key(tcfg.seed)))
+  if prepared is not None:
+    params = prepared
+  else:
+    params = (init_params if init_from else
+              models.init_params(cfg, jax.random.key(tcfg.seed)))
   per_epoch = sequences.steps_per_epoch(data.train.shape[0], batch_size)
   total_steps = tcfg.steps or tcfg.epochs * per_epoch
   eval_every = tcfg.eval_every or per_epoch
@@ -263,7 +271,8 @@ def _train_locked(cfg: Config, out_dir: str,
           meta = checkpoints.make_meta(cfg, data.fingerprint, done, lineage,
                                        vocabulary=vocab_meta,
                                        progress=dataclasses.asdict(prog))
-          ckpts.save_validation(done, state, meta, prog.best_step)
+          ckpts.save_validation(done, storable(state, cfg), meta,
+                                prog.best_step)
           if prog.stopped(tcfg.patience):
             bar.write(f"early stop at step {done}: no {tcfg.select_metric} "
                       f"gain in {tcfg.patience} validations")
@@ -281,14 +290,14 @@ def _train_locked(cfg: Config, out_dir: str,
       raise Interrupted(_interrupted_message(done, ckpts))
 
   return _finish(cfg, out_dir, data, sharder, rank_fn, ckpts, prog, done,
-                 per_epoch, task)
+                 per_epoch, task, _frozen_leaves(state, cfg))
 
 
 def _finish(cfg: Config, out_dir: str, data: sequences.SequenceData,
             sharder: Sharder, rank_fn: Callable,
             ckpts: checkpoints.RunCheckpoints, prog: Progress,
-            steps: int, per_epoch: int,
-            task: Task = next_item) -> dict[str, Any]:
+            steps: int, per_epoch: int, task: Task = next_item,
+            frozen: models.Params | None = None) -> dict[str, Any]:
   """Tests the recorded best checkpoint (read back from disk; never merely
   the newest file in best/) and writes metrics.json."""
   if prog.best_step not in ckpts.best.all_steps():
@@ -298,6 +307,7 @@ def _finish(cfg: Config, out_dir: str, data: sequences.SequenceData,
   restored, _ = checkpoints.restore(
       ckpts.best, prog.best_step,
       target=abstract_state(cfg, "best", sharder.replicated))
+  restored["params"] = graft(restored["params"], frozen)
   test = evaluate_params(restored["params"], cfg, sharder, data.test_inputs,
                          data.test_targets, rank_fn)
   pop = ranking.popularity_metrics(data.item_counts, data.test_inputs,
@@ -326,6 +336,13 @@ def _check_num_items(cfg: Config, data: sequences.SequenceData) -> None:
                       "it 0 to take it from the data")
 
 
+def _frozen_leaves(state: State, cfg: Config) -> models.Params:
+  """The leaves another run's checkpoint holds (`train.frozen_from`): never
+  saved here, grafted back onto what this run restores. Read from the live
+  state (the step donates its buffers, so no older copy stays valid)."""
+  return frozen_params(state["params"], cfg) if cfg.train.frozen_from else {}
+
+
 def _resume(ckpts: checkpoints.RunCheckpoints, state: State, cfg: Config,
             data: sequences.SequenceData) -> tuple[State, dict]:
   """The newest intact `latest` checkpoint, refused unless it is this run:
@@ -341,8 +358,10 @@ def _resume(ckpts: checkpoints.RunCheckpoints, state: State, cfg: Config,
 
   abstract = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-      state)
-  return ckpts.resume(abstract, check)
+      storable(state, cfg))
+  frozen = _frozen_leaves(state, cfg)
+  restored, meta = ckpts.resume(abstract, check)
+  return {**restored, "params": graft(restored["params"], frozen)}, meta
 
 
 def _interrupted_message(step: int, ckpts: checkpoints.RunCheckpoints) -> str:

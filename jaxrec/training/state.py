@@ -7,9 +7,12 @@ checkpoints hold the whole state; `best` ones only the params.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 from typing import Any
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 import optax
 
@@ -37,14 +40,59 @@ def init_state(params: models.Params,
           "first_bad_step": jnp.full((), -1, jnp.int32)}
 
 
+def stored_params(params: models.Params, cfg: Config) -> models.Params:
+  """What a checkpoint holds of `params`: all of them, or only the
+  trainable leaves when the frozen ones live in another run's checkpoint
+  (`train.frozen_from`: a fine-tuning stores its patches and head, not a
+  second copy of the pretrained backbone)."""
+  if not cfg.train.frozen_from:
+    return params
+  return select(params, optim.trainable_labels(params, cfg.train.freeze),
+                optim.TRAIN)
+
+
+def frozen_params(params: models.Params, cfg: Config) -> models.Params:
+  """The frozen leaves of `params` (by `train.freeze`), as a nested dict."""
+  return select(params, optim.trainable_labels(params, cfg.train.freeze),
+                optim.FROZEN)
+
+
+def select(tree: Any, labels: Any, want: str) -> Any:
+  """The nested dict of `tree`'s leaves labelled `want` (empty dicts
+  dropped)."""
+  if not isinstance(tree, dict):
+    return tree if labels == want else None
+  out = {}
+  for key, sub in tree.items():
+    picked = select(sub, labels[key], want)
+    if picked is not None and not (isinstance(picked, dict) and not picked):
+      out[key] = picked
+  return out
+
+
+def graft(tree: Any, other: Any) -> Any:
+  """The union of two nested dicts with disjoint leaves."""
+  if not isinstance(other, dict) or not other:
+    return tree
+  out = dict(tree)
+  for key, sub in other.items():
+    out[key] = graft(out[key], sub) if key in out else sub
+  return out
+
+
+def storable(state: State, cfg: Config) -> State:
+  """The train state as a `latest` checkpoint holds it."""
+  return {**state, "params": stored_params(state["params"], cfg)}
+
+
 def abstract_state(cfg: Config, kind: str = "latest",
                    sharding: Any = None) -> Any:
   """The tree a checkpoint of `kind` holds, as ShapeDtypeStructs."""
   def build():
     params = models.init_params(cfg, jax.random.key(0))
     if kind != "latest":
-      return {"params": params}
-    return init_state(params, optimizer_for(cfg, params)[0])
+      return {"params": stored_params(params, cfg)}
+    return storable(init_state(params, optimizer_for(cfg, params)[0]), cfg)
 
   tree = jax.eval_shape(build)
   if sharding is not None:
@@ -66,6 +114,9 @@ def restore_params(opened: checkpoints.Opened, cfg: Config, origin: str,
     state, _ = checkpoints.restore(
         opened.mngr, opened.step,
         target=abstract_state(cfg, opened.kind, sharding))
+    if cfg.train.frozen_from:
+      return graft(state["params"],
+                   load_frozen(cfg, opened.meta, origin, sharding))
     return state["params"]
   raw, _ = checkpoints.restore(opened.mngr, opened.step)
   if not isinstance(raw, dict) or "params" not in raw:
@@ -78,13 +129,70 @@ def restore_params(opened: checkpoints.Opened, cfg: Config, origin: str,
 
 
 def load_params(run_dir: str, kind: str | None = None,
-                sharding: Any = None) -> tuple[models.Params, Config, dict]:
+                sharding: Any = None, step: int | None = None
+                ) -> tuple[models.Params, Config, dict]:
   """(params, config, meta) of a run's checkpoint: the notebook entry point.
 
   `kind` is best (default when the run validated) or latest; `sharding`
-  (e.g. a NamedSharding of another mesh) places every leaf.
+  (e.g. a NamedSharding of another mesh) places every leaf; `step`
+  defaults to the best (or newest latest) one. A fine-tuning that stores
+  only its trainable leaves comes back whole: its frozen leaves are read
+  from the pretrained checkpoint it records, and checked against the
+  fingerprint taken when fine-tuning began.
   """
-  opened = checkpoints.open_checkpoint(run_dir, kind)
+  opened = checkpoints.open_checkpoint(run_dir, kind, step)
   cfg = checkpoints.config_from_meta(opened.meta, run_dir)
   return (restore_params(opened, cfg, run_dir, sharding), cfg,
           opened.meta)
+
+
+FINETUNE_OP = "finetune"  # The lineage entry that names a frozen backbone.
+
+
+def frozen_source(meta: dict[str, Any], origin: str) -> dict[str, Any]:
+  """The lineage entry of the fine-tuning whose backbone stays frozen."""
+  for entry in reversed(meta.get("lineage") or []):
+    if entry.get("op") == FINETUNE_OP:
+      return entry
+  raise JaxrecError(f"{origin}: stores only trainable leaves but its "
+                    "lineage names no pretrained checkpoint to read the "
+                    "frozen ones from")
+
+
+def tree_fingerprint(tree: Any) -> str:
+  """SHA-256 (16 hex digits) of every leaf's path, dtype, shape and bytes."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    arr = np.asarray(jax.device_get(leaf))
+    h.update(f"{optim.path_name(path)}:{arr.dtype}:{arr.shape};".encode())
+    h.update(arr.tobytes())
+  return h.hexdigest()[:16]
+
+
+def load_frozen(cfg: Config, meta: dict[str, Any], origin: str,
+                sharding: Any = None) -> models.Params:
+  """The frozen leaves of a fine-tuning, read from its pretrained run."""
+  src = frozen_source(meta, origin)
+  where = f"{src['dir']} ({src['kind']} step {src['step']})"
+  if not os.path.isdir(src["dir"]):
+    raise JaxrecError(f"{origin}: its frozen backbone {src['dir']} is gone; "
+                      "the fine-tuning stores only its trainable leaves")
+  pretrained, _, _ = load_params(src["dir"], src["kind"], sharding,
+                                 src["step"])
+  wanted = frozen_params(models.abstract_params(cfg), cfg)
+  try:
+    frozen = select_like(pretrained, wanted)
+  except KeyError as e:
+    raise JaxrecError(f"{origin}: its frozen backbone {where} has no leaf "
+                      f"{e.args[0]!r}") from None
+  if tree_fingerprint(frozen) != src["frozen_fingerprint"]:
+    raise JaxrecError(f"{origin}: its frozen backbone {where} changed since "
+                      "the fine-tuning began (fingerprint differs)")
+  return frozen
+
+
+def select_like(tree: Any, like: Any) -> Any:
+  """`tree`'s leaves at the paths of `like` (KeyError names a missing key)."""
+  if not isinstance(like, dict):
+    return tree
+  return {k: select_like(tree[k], sub) for k, sub in like.items()}

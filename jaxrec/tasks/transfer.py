@@ -1,0 +1,80 @@
+"""PeterRec's downstream tasks: a user's source sequence -> one of the
+head's outputs (cold start: target-domain items; profile: classes).
+
+Data come from `jaxrec.data.transfer` (rows: the input, then the target).
+The user representation is the hidden state at the last position, where
+the CLS token sits (causal backbone), or `h[first CLS] + h[last]` with CLS
+at both ends (bidirectional backbone). The loss is the head's full softmax
+over its outputs (`head.num_classes`); evaluation ranks the target among
+every output (full ranking; `accuracy` is the share ranked first, the
+profile task's measure over all classes).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrec import heads, models
+from jaxrec.data import sequences
+from jaxrec.tasks import next_item
+
+NAME = "transfer"
+
+
+def batch(data: sequences.SequenceData, step: int, batch_size: int,
+          seed: int) -> dict[str, np.ndarray]:
+  """The batch of `step` (a pure function of seed and step): inputs and
+  one target per row."""
+  rows = sequences.train_batch(data.train, step, batch_size, seed)
+  return {"inputs": rows["inputs"], "targets": rows["targets"][:, -1]}
+
+
+def user_representation(params: models.Params, cfg: Any,
+                        inputs: jax.Array) -> jax.Array:
+  """[B, C]: h at the last slot (CLS), plus h at the first CLS when the
+  backbone is bidirectional."""
+  return read_user(models.hidden_states(params, cfg, inputs), cfg, inputs)
+
+
+def read_user(h: jax.Array, cfg: Any, inputs: jax.Array) -> jax.Array:
+  """The representation out of hidden states h [B, T, C]."""
+  out = h[:, -1]
+  if not cfg.model.is_causal():
+    first = jnp.argmax(inputs == cfg.model.token_id("cls"), axis=1)
+    out = out + jnp.take_along_axis(h, first[:, None, None], axis=1)[:, 0]
+  return out.astype(cfg.model.dtype)
+
+
+def loss(params: models.Params, cfg: Any, batch_arrays: dict[str, jax.Array],
+         rng: jax.Array, sampler: Any = None) -> jax.Array:
+  """Mean cross entropy of each user's target over the head's outputs."""
+  k_model, k_head = jax.random.split(rng)
+  h = models.hidden_states(params, cfg, batch_arrays["inputs"], train=True,
+                           rng=k_model)
+  targets = batch_arrays["targets"]
+  return heads.get(cfg.head.name).loss(
+      params, cfg, read_user(h, cfg, batch_arrays["inputs"]), targets,
+      targets != 0, rng=k_head, sampler=sampler)
+
+
+def rank_fn(cfg: Any) -> Callable[..., jax.Array]:
+  return next_item.rank_fn(cfg, user_representation)
+
+
+def sampled_rank_fn(cfg: Any) -> Callable[..., jax.Array]:
+  return next_item.sampled_rank_fn(cfg, user_representation)
+
+
+sampler_for = next_item.sampler_for
+
+
+def report(params: models.Params, cfg: Any,
+           data: sequences.SequenceData) -> dict[str, Any]:
+  """What metrics.json adds for a fine-tuning: parameter counts (PeterRec's
+  claim is about them) and the source ids the vocabulary did not know."""
+  from jaxrec.transfer import peterrec  # pylint: disable=import-outside-toplevel
+  return {**peterrec.param_counts(params, cfg), "task": cfg.train.task,
+          "unknown_source_tokens": data.meta["unknown_source_tokens"]}

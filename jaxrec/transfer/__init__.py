@@ -1,0 +1,1 @@
+"""Transfer learning: PeterRec's patches in a frozen pretrained network."""
