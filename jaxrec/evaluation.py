@@ -12,12 +12,12 @@ import jax
 import numpy as np
 
 from jaxrec import config as config_lib
-from jaxrec import models
+from jaxrec import models, tasks
 from jaxrec.config import Config
 from jaxrec.data import vocabulary as vocab_lib
 from jaxrec.errors import JaxrecError
 from jaxrec.skip import policy
-from jaxrec.tasks import next_item, ranking
+from jaxrec.tasks import ranking
 from jaxrec.training import checkpoints
 from jaxrec.training.loop import evaluate_params, jit_rank_fn
 from jaxrec.training.mesh import Sharder, make_mesh
@@ -32,7 +32,6 @@ def evaluate_checkpoint(run_dir: str, source: str | None = None,
                         mask_history: bool = False,
                         sampled: int = 0) -> dict[str, Any]:
   """Metrics of a run's checkpoint on its own data (or another source)."""
-  from jaxrec.data import pipeline  # pylint: disable=import-outside-toplevel
   if sampled < 0:
     raise JaxrecError(f"--sampled={sampled}: expected 0 (full ranking) or a "
                       "number of negatives >= 1")
@@ -46,27 +45,20 @@ def evaluate_checkpoint(run_dir: str, source: str | None = None,
   cfg = cfg.replace(data=data_cfg, train=dataclasses.replace(
       cfg.train, mask_history=mask_history))
   cfg.validate()
-  vocab = None
-  if source:  # Another data version: number its items the run's way.
-    vocab = vocab_lib.find(run_dir)
-    if vocab is not None:
-      vocab.check_matches(meta.get("vocabulary"), run_dir)
-  data = pipeline.load_data(data_cfg, vocab=vocab)
-  new = (data.meta.get("vocab_growth") or {}).get("new", 0)
-  if new:
-    raise JaxrecError(f"--data={source}: {new} items the checkpoint "
-                      f"{run_dir} never saw; fine-tune on it with `jaxrec "
-                      "train --init-from` to add them")
-  if data.num_items != cfg.model.num_items:
-    raise JaxrecError(f"{run_dir}: model has {cfg.model.num_items} item ids "
-                      f"but {data_cfg.source} has {data.num_items}")
-  if sampled >= data.num_items - 1:
+  task = tasks.for_config(cfg)
+  if task.NAME == "transfer":  # A fine-tuning's downstream file.
+    from jaxrec.transfer import peterrec  # pylint: disable=import-outside-toplevel
+    data = peterrec.load_task_data(cfg, run_dir)
+  else:
+    data = _sequence_data(run_dir, meta, cfg, data_cfg, source)
+  outputs = cfg.head.num_outputs(cfg.model)
+  if sampled >= outputs - 1:
     # Negatives are drawn from the other items; as many as the catalogue
     # holds gives duplicates and metrics that mean nothing.
     raise JaxrecError(f"--sampled={sampled}: expected fewer negatives than "
-                      f"the catalogue's {data.num_items - 1} items")
+                      f"the catalogue's {outputs - 1} items")
   splits = ("valid", "test") if split == "both" else (split,)
-  rank_fn = jit_rank_fn(cfg, sharder)  # One compile for both splits.
+  rank_fn = jit_rank_fn(cfg, sharder, task)  # One compile for both splits.
   out: dict[str, Any] = {
       "checkpoint_step": meta["step"], "mask_history": mask_history,
       "ranking": f"sampled:{sampled}" if sampled else "full",
@@ -88,16 +80,39 @@ def evaluate_checkpoint(run_dir: str, source: str | None = None,
   return out
 
 
+def _sequence_data(run_dir: str, meta: dict[str, Any], cfg: Config,
+                   data_cfg: config_lib.DataConfig,
+                   source: str | None) -> Any:
+  """The run's sequence data (or another version of it, `source`)."""
+  from jaxrec.data import pipeline  # pylint: disable=import-outside-toplevel
+  vocab = None
+  if source:  # Another data version: number its items the run's way.
+    vocab = vocab_lib.find(run_dir)
+    if vocab is not None:
+      vocab.check_matches(meta.get("vocabulary"), run_dir)
+  data = pipeline.load_data(data_cfg, vocab=vocab)
+  new = (data.meta.get("vocab_growth") or {}).get("new", 0)
+  if new:
+    raise JaxrecError(f"--data={source}: {new} items the checkpoint "
+                      f"{run_dir} never saw; fine-tune on it with `jaxrec "
+                      "train --init-from` to add them")
+  if data.num_items != cfg.model.num_items:
+    raise JaxrecError(f"{run_dir}: model has {cfg.model.num_items} item ids "
+                      f"but {data_cfg.source} has {data.num_items}")
+  return data
+
+
 def sampled_metrics(params: models.Params, cfg: Config, inputs: np.ndarray,
                     targets: np.ndarray, num_negatives: int,
                     seed: int = 0) -> dict[str, Any]:
   """1 positive + N uniform negatives per user; labelled as sampled."""
   rng = np.random.default_rng(seed)
 
-  ranks = jax.jit(next_item.sampled_rank_fn(cfg))
+  ranks = jax.jit(tasks.for_config(cfg).sampled_rank_fn(cfg))
 
   def rank_fn(batch):
-    neg = ranking.sample_negatives(rng, batch["targets"], cfg.model.num_items,
+    neg = ranking.sample_negatives(rng, batch["targets"],
+                                   cfg.head.num_outputs(cfg.model),
                                    num_negatives)
     return ranks(params, batch["inputs"], batch["targets"], neg)
 

@@ -61,10 +61,14 @@ def _default_text(owners: list[tuple[type, Any]], section: str) -> str:
       f"{cls.name} {show(field.default)!r}" for cls, field in owners)
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-  """One flag per config field, default None (= keep file/default value)."""
+def add_config_flags(parser: argparse.ArgumentParser,
+                     only: set[tuple[str, str]] | None = None) -> None:
+  """One flag per config field, default None (= keep file/default value);
+  `only` limits them to some (section, field) pairs."""
   groups: dict[str, Any] = {}
   for flag, (section, name, owners) in fields_by_flag().items():
+    if only is not None and (section, name) not in only:
+      continue
     if section not in groups:
       groups[section] = parser.add_argument_group(f"{section} options")
     help_text = config_lib.help_of(owners[0][1])

@@ -174,14 +174,28 @@ def param_counts(params: models.Params, cfg: Config) -> dict[str, int]:
   return {"trainable_params": trainable, "backbone_params": backbone}
 
 
+def load_task_data(cfg: Config, run_dir: str) -> Any:
+  """A fine-tuning run's downstream data, read as when it trained (through
+  the pretraining vocabulary the run keeps in DIR/vocabulary.json)."""
+  _, _, path = cfg.data.source.partition(":")
+  return transfer_data.load(
+      path, cfg.train.task, vocabulary.of_run(run_dir), cfg.data,
+      cfg.data.max_len, cfg.model.is_causal(), cfg.model.token_id("cls"),
+      cfg.model.token_id("unk"))
+
+
 def finetune(pretrained_dir: str, task: str, data_path: str, out_dir: str,
              preset: str = "peter", placement: str = "serial",
              train: TrainConfig | None = None,
              data: DataConfig | None = None, train_ln1: bool = False,
              resume: bool = False, progress_bar: bool = True,
-             kind: str | None = None) -> dict[str, Any]:
-  """Fine-tunes `pretrained_dir` on `task`; writes OUT/metrics.json (with
-  `trainable_params`, `backbone_params` and the data's counts)."""
+             kind: str | None = None,
+             step_callback: Any = None) -> dict[str, Any]:
+  """Fine-tunes `pretrained_dir` (its `kind` checkpoint, default best) on
+  `task`; writes OUT/metrics.json (with `trainable_params`,
+  `backbone_params` and the source ids the vocabulary did not know).
+  `resume` continues a killed fine-tuning exactly; `step_callback` as in
+  `jaxrec.training.loop.train`."""
   from jaxrec.tasks import transfer as transfer_task  # pylint: disable=import-outside-toplevel
   from jaxrec.training import loop  # pylint: disable=import-outside-toplevel
   train = train or TrainConfig()
@@ -210,4 +224,5 @@ def finetune(pretrained_dir: str, task: str, data_path: str, out_dir: str,
       "frozen_fingerprint": state_lib.tree_fingerprint(frozen)}]
   return loop.train(cfg, out_dir, data=downstream, resume=resume,
                     progress_bar=progress_bar, task=transfer_task,
-                    params=params, lineage=lineage)
+                    params=params, lineage=lineage,
+                    step_callback=step_callback)
