@@ -416,3 +416,14 @@ def test_finetune_refuses_bad_options_in_one_line(world, tmp_path, capsys):
                    "--data", paths["profile"], "--out",
                    str(tmp_path / "z")]) == 2
   assert capsys.readouterr().err.startswith("jaxrec: error: ")
+
+
+def test_a_finetuning_is_not_a_start_for_surgery_or_init_from(peter_run,
+                                                             tmp_path,
+                                                             capsys):
+  assert cli.main(["grow", "--from", peter_run, "--out",
+                   str(tmp_path / "g"), "--method", "adjacent"]) == 2
+  assert "a fine-tuning (cold_start); a surgery" in capsys.readouterr().err
+  assert cli.main(["train", "--init-from", peter_run, "--data",
+                   "synthetic:tiny", "--out", str(tmp_path / "t")]) == 2
+  assert "a fine-tuning (cold_start); --init-from" in capsys.readouterr().err

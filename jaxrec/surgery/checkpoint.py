@@ -55,6 +55,7 @@ def _apply_locked(src_dir: str, out_dir: str, fn: ParamsFn,
     kind = "latest"
   opened = checkpoints.open_checkpoint(src_dir, kind)
   cfg = checkpoints.config_from_meta(opened.meta, src_dir)
+  state_lib.refuse_finetuning(cfg, src_dir, "a surgery")
   opt_state = None
   if opt_fn is None:
     params = state_lib.restore_params(opened, cfg, src_dir)

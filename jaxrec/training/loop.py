@@ -40,7 +40,8 @@ from jaxrec.training import checkpoints, interrupts, lock, optim, rundir
 from jaxrec.training.mesh import Sharder, make_mesh
 from jaxrec.training.state import (State, abstract_state, frozen_params,
                                    graft, init_state, optimizer_for,
-                                   restore_params, storable)
+                                   refuse_finetuning, restore_params,
+                                   storable)
 
 Task = Any  # A module with batch, loss, rank_fn (jaxrec.tasks).
 
@@ -390,6 +391,7 @@ def _load_init(cfg: Config, init_from: str, data: sequences.SequenceData,
   opened = checkpoints.open_checkpoint(init_from,
                                        "latest" if with_opt_state else None)
   src = checkpoints.config_from_meta(opened.meta, init_from)
+  refuse_finetuning(src, init_from, "--init-from")
   if src.model.num_items != data.num_items:
     raise JaxrecError(f"{init_from}: model has {src.model.num_items} item "
                       f"ids but the data has {data.num_items}")

@@ -146,6 +146,17 @@ def load_params(run_dir: str, kind: str | None = None,
           opened.meta)
 
 
+def refuse_finetuning(cfg: Config, origin: str, what: str) -> None:
+  """A fine-tuning's tree (its own head, patches, CLS) and data belong to
+  its downstream task: training it as a sequence model, or saving a
+  surgery of it whose config still points at frozen leaves elsewhere,
+  would break it."""
+  if cfg.train.task != "auto":
+    raise JaxrecError(f"{origin}: a fine-tuning ({cfg.train.task}); {what} "
+                      "starts from a pretraining run (continue this one "
+                      "with jaxrec finetune --resume)")
+
+
 FINETUNE_OP = "finetune"  # The lineage entry that names a frozen backbone.
 
 
