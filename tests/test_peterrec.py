@@ -427,3 +427,39 @@ def test_a_finetuning_is_not_a_start_for_surgery_or_init_from(peter_run,
   assert cli.main(["train", "--init-from", peter_run, "--data",
                    "synthetic:tiny", "--out", str(tmp_path / "t")]) == 2
   assert "a fine-tuning (cold_start); --init-from" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_peterrec_experiment_writes_results_targets_and_plot(tmp_path,
+                                                             monkeypatch):
+  import importlib  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..",
+                                           "experiments"))
+  module = importlib.import_module("peterrec")
+  monkeypatch.setattr(module, "CPU", dict(
+      module.CPU, world="tiny", embed_dim=8, num_blocks=2, max_len=12,
+      pretrain_steps=2, steps=2, eval_every=2, batch_size=16))
+  monkeypatch.setattr(sys, "argv", [
+      "peterrec.py", "--out", str(tmp_path), "--pretrainings", "causal",
+      "--arms", "peter_serial"])
+  module.main()
+  with open(tmp_path / "results.json", encoding="utf-8") as f:
+    results = json.load(f)
+  arm = results["arms"]["peter_serial"]
+  assert {"trainable_params", "backbone_params", "cold_start", "profile",
+          "train_time_s"} <= set(arm)
+  assert set(arm["cold_start"]) >= {"valid", "test"}
+  assert 0 <= arm["profile"]["accuracy"] <= 1
+  assert (tmp_path / "peterrec.png").stat().st_size > 0
+  # The targets, on arms made up to sit on each side of every threshold.
+  def arm_with(ndcg, acc, trainable):
+    return {"cold_start": {"test": {"ndcg@10": ndcg}},
+            "profile": {"accuracy": acc}, "trainable_params": trainable,
+            "backbone_params": 1000}
+  arms = {"peter_serial": arm_with(0.96, 0.5, 100),
+          "fine_all": arm_with(1.0, 0.5, 1000),
+          "peter_zero": arm_with(0.9, 0.4, 1000)}
+  assert all(module.targets(arms).values())
+  arms["peter_serial"] = arm_with(0.94, 0.47, 101)
+  assert not any(module.targets(arms).values())
