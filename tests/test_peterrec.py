@@ -353,6 +353,9 @@ def test_eval_and_inspect_load_a_finetuning_with_its_backbone(peter_run,
     metrics = json.load(f)
   out = evaluate_checkpoint(peter_run, split="test")
   assert out["test"] == pytest.approx(metrics["test"])
+  sampled = evaluate_checkpoint(peter_run, split="test", sampled=5)
+  assert sampled["ranking"] == "sampled:5"
+  assert sampled["test"]["hr@5"] >= out["test"]["hr@5"]
   assert cli.main(["inspect", peter_run]) == 0
   text = capsys.readouterr().out
   assert "blocks/conv1/kernel" in text and "op=finetune" in text

@@ -219,7 +219,7 @@ WORLD_SIZES = {
     "tiny": WorldSpec(source="tiny", target_items=40, classes=3),
     # Many source items: as in the paper, the embedding is most of the
     # backbone (patches are a sixth of a conv layer at H = C/4).
-    "small": WorldSpec(source="small,users=3000,items=3000"),
+    "small": WorldSpec(source="small,users=3000,items=5000"),
     "large": WorldSpec(source="medium", target_items=2_000, classes=8),
 }
 

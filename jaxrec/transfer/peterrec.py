@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Any
 
 import jax
@@ -74,7 +75,8 @@ PRESETS = {
     "peter": Preset(True, True, _BACKBONE + (
         "blocks/conv[12]/.*", "blocks/alpha", "blocks/ln1/.*")),
     "fine_all": Preset(False, True, ()),
-    "fine_cls": Preset(False, True, _BACKBONE + ("blocks/.*",)),
+    "fine_cls": Preset(False, True, _BACKBONE + ("blocks/.*",
+                                                 "block_norms/.*")),
     "fine_last1": Preset(False, True, _BACKBONE + (
         "blocks/(conv1|ln1|ln2)/.*", "blocks/alpha"), top_blocks=1),
     "fine_last2": Preset(False, True, _BACKBONE + (
@@ -97,9 +99,7 @@ def check_source(cfg: Config, origin: str) -> None:
   if cfg.model.skip != "none":
     raise JaxrecError(f"{origin}: has a SkipRec policy (model.skip="
                       f"{cfg.model.skip!r}); fine-tune a plain backbone")
-  if cfg.train.task != "auto":
-    raise JaxrecError(f"{origin}: is itself a fine-tuning "
-                      f"({cfg.train.task}); start from a pretraining run")
+  state_lib.refuse_finetuning(cfg, origin, "PeterRec")
 
 
 def finetune_config(src: Config, task: str, data_path: str, preset: str,
@@ -210,6 +210,12 @@ def finetune(pretrained_dir: str, task: str, data_path: str, out_dir: str,
       data_path, task, vocab, data, src_cfg.data.max_len,
       src_cfg.model.is_causal(), probe.token_id("cls"),
       probe.token_id("unk"))
+  unknown = downstream.meta["unknown_source_tokens"]
+  if unknown:
+    print(f"jaxrec: warning: {data_path}: {unknown} of "
+          f"{downstream.meta['source_tokens']} source ids are not in "
+          f"{pretrained_dir}'s vocabulary; they read as the UNK token",
+          file=sys.stderr)
   cfg = finetune_config(src_cfg, task, data_path, preset, placement,
                         downstream.meta["num_outputs"], pretrained_dir,
                         train, data, train_ln1)
