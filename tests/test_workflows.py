@@ -153,3 +153,156 @@ def test_surgery_copies_the_vocabulary_of_its_source(trained_run, tmp_path):
                    "--method", "cross"]) == 0
   assert (vocab_lib.of_run(grown).fingerprint() ==
           vocab_lib.of_run(trained_run).fingerprint())
+
+
+# ---------------------------------------------------------------- predict
+
+
+def predict_jsonl(capsys, argv):
+  assert cli.main(["predict"] + argv) == 0
+  out = capsys.readouterr()
+  return [json.loads(line) for line in out.out.splitlines()], out.err
+
+
+def known_history(run_dir, n=6):
+  """Raw ids the run knows: a test user's input, oldest first."""
+  from jaxrec.data import pipeline as pl  # pylint: disable=import-outside-toplevel
+  from jaxrec.training.state import load_params
+  _, cfg, _ = load_params(run_dir)
+  data = pl.load_data(cfg.data)
+  row = data.test_inputs[0]
+  return data.vocab.decode_items(row[row > 0][-n:]).tolist()
+
+
+def test_predict_returns_k_raw_ids_with_scores_best_first(trained_run,
+                                                          capsys):
+  history = known_history(trained_run)
+  rows, _ = predict_jsonl(capsys, ["--ckpt", trained_run, "--history",
+                                   " ".join(history), "--topk", "5"])
+  (row,) = rows
+  vocab = vocab_lib.of_run(trained_run)
+  assert len(row["items"]) == 5 and set(row["items"]) <= set(vocab.items[1:])
+  assert row["scores"] == sorted(row["scores"], reverse=True)
+  assert row["fallback"] is None and row["unknown"] == 0
+
+
+def test_topk_equals_sorting_every_items_score(trained_run):
+  from jaxrec import heads, serving
+  from jaxrec.tasks import next_item
+  predictor = serving.Predictor(trained_run)
+  inputs, _, _ = serving.encode_histories(
+      predictor.vocab, [known_history(trained_run)], predictor.max_len)
+  cfg, params = predictor.cfg, predictor.params
+  head = heads.get(cfg.head.name)
+  h = next_item.last_hidden(params, cfg, inputs)
+  every = np.array(head.tile_scores(params, cfg, head.prepare(params, cfg, h),
+                                      0, cfg.model.num_items))[0]
+  every[0] = -np.inf  # Padding is never recommended.
+  ids, scores = serving.topk_fn(cfg, 7)(params, inputs)
+  assert np.asarray(ids)[0].tolist() == np.argsort(-every,
+                                                   kind="stable")[:7].tolist()
+  np.testing.assert_allclose(np.asarray(scores)[0], np.sort(every)[::-1][:7],
+                             rtol=1e-6)
+
+
+def test_predict_exclude_seen_never_returns_an_item_of_the_history(
+    trained_run, capsys):
+  history = known_history(trained_run, n=10)
+  rows, _ = predict_jsonl(capsys, ["--ckpt", trained_run, "--history",
+                                   " ".join(history), "--topk", "20",
+                                   "--exclude-seen"])
+  assert not set(rows[0]["items"]) & set(history)
+  assert len(rows[0]["items"]) == 20
+
+
+def test_predict_drops_unknown_ids_and_warns_in_one_line(trained_run,
+                                                        capsys):
+  history = known_history(trained_run)
+  rows, err = predict_jsonl(capsys, ["--ckpt", trained_run, "--history",
+                                     " ".join(history + ["nope", "zz"])])
+  clean, _ = predict_jsonl(capsys, ["--ckpt", trained_run, "--history",
+                                    " ".join(history)])
+  assert rows[0]["unknown"] == 2 and rows[0]["items"] == clean[0]["items"]
+  assert err.count("\n") == 1 and "dropped 2 unknown item ids" in err
+
+
+def test_a_history_with_no_known_id_falls_back_to_popularity(trained_run,
+                                                             capsys):
+  rows, err = predict_jsonl(capsys, ["--ckpt", trained_run, "--history",
+                                     "nope", "--topk", "3"])
+  vocab = vocab_lib.of_run(trained_run)
+  assert rows[0]["fallback"] == "popularity" and rows[0]["scores"] is None
+  assert rows[0]["items"] == vocab.items[1:4].tolist()
+  assert "popularity" in err
+
+
+def test_predict_reads_an_input_file_and_writes_csv(trained_run, tmp_path,
+                                                    capsys):
+  history = known_history(trained_run)
+  path = tmp_path / "h.txt"
+  path.write_text(" ".join(history) + "\n"
+                  + json.dumps({"id": "u9", "history": history[:2]}) + "\n")
+  assert cli.main(["predict", "--ckpt", trained_run, "--input", str(path),
+                   "--topk", "4", "--format", "csv"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == "id,rank,item,score,fallback"
+  assert len(lines) == 1 + 2 * 4
+  assert lines[5].startswith("u9,1,")
+
+
+def test_a_malformed_input_line_names_file_and_line(trained_run, tmp_path,
+                                                    capsys):
+  path = tmp_path / "h.txt"
+  path.write_text("1 2 3\n{\"history\": oops}\n")
+  line = run_error(capsys, ["predict", "--ckpt", trained_run, "--input",
+                            str(path)])
+  assert f"{path}:2:" in line
+
+
+# ----------------------------------------------------------------- export
+
+
+def readme_loader() -> str:
+  """The loader of README's Serving section, verbatim."""
+  readme = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+  with open(readme, encoding="utf-8") as f:
+    text = f.read()
+  start = text.index("# loader: jax, numpy and the file, no jaxrec")
+  return text[start:text.index("```", start)]
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("export") / "model.zip")
+  assert cli.main(["export", "--ckpt", trained_run, "--out", path,
+                   "--topk", "5"]) == 0
+  return path
+
+
+def test_the_readme_loader_returns_the_top_k_of_predict(trained_run, exported,
+                                                        capsys):
+  import subprocess
+  import sys
+  histories = [known_history(trained_run), known_history(trained_run, 2),
+               ["nope"] + known_history(trained_run, 3)]
+  # jaxrec made unimportable: the loader runs on jax alone.
+  script = ("import sys, json\nsys.modules['jaxrec'] = None\n"
+            + readme_loader()
+            + f"\nprint(json.dumps(recommend({histories!r}, {exported!r})))")
+  done = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                        text=True, check=False, timeout=120)
+  assert done.returncode == 0, done.stderr
+  items, scores = json.loads(done.stdout.splitlines()[-1])
+  from jaxrec import serving
+  preds = serving.Predictor(trained_run).topk(histories, 5)
+  assert items == [p.items for p in preds]
+  np.testing.assert_allclose(scores, [p.scores for p in preds], rtol=1e-5)
+
+
+def test_the_export_takes_any_batch_size(exported):
+  from jaxrec import serving
+  fn, vocab, spec = serving.load_exported(exported)
+  for batch in (1, 3):
+    ids, scores = fn.call(np.ones((batch, spec["max_len"]), np.int32))
+    assert ids.shape == scores.shape == (batch, spec["k"])
+  assert vocab.num_items == spec["num_items"]
