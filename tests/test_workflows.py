@@ -306,3 +306,94 @@ def test_the_export_takes_any_batch_size(exported):
     ids, scores = fn.call(np.ones((batch, spec["max_len"]), np.int32))
     assert ids.shape == scores.shape == (batch, spec["k"])
   assert vocab.num_items == spec["num_items"]
+
+
+# ------------------------------------------------------ growing catalogues
+
+
+def write_csv(path, inter: Interactions, keep: np.ndarray) -> str:
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("user_id,item_id,timestamp\n")
+    for u, i, t in zip(inter.users[keep], inter.items[keep],
+                       inter.timestamps[keep]):
+      f.write(f"{u},{i},{t}\n")
+  return f"csv:{path}"
+
+
+@pytest.fixture(scope="module")
+def new_version(tmp_path_factory):
+  """A later version of synthetic:tiny (what trained_run saw, items 1..50):
+  items 1..5 gone, 41..50 replaced by ten items never seen ("n41"..)."""
+  base = synthetic.generate("tiny")
+  raw = np.asarray(base.items)
+  items = np.array([f"n{i}" if i > 40 else str(i) for i in raw])
+  inter = Interactions(base.users, items, base.timestamps, "v2")
+  root = tmp_path_factory.mktemp("catalogue")
+  return write_csv(root / "v2.csv", inter, raw > 5), root
+
+
+def test_remapped_params_keep_known_rows_and_take_fresh_rows_for_new_items(
+    trained_run, new_version):
+  import jax
+  from jaxrec import models
+  from jaxrec.surgery import catalogue
+  from jaxrec.training.state import load_params
+  params, cfg, _ = load_params(trained_run)
+  old = vocab_lib.of_run(trained_run)
+  new = pipeline.load_data(DataConfig(source=new_version[0], max_len=20),
+                           vocab=old).vocab
+  moved, new_cfg, counts = catalogue.remap_items(params, cfg, old, new,
+                                                 jax.random.key(0))
+  fresh = models.init_params(new_cfg, jax.random.key(0))
+  source = catalogue.old_ids_of(old, new)
+  known = np.flatnonzero(source > 0)
+  new_rows = np.flatnonzero(source == 0)[1:]  # Row 0 is padding.
+  assert len(new_rows) == counts["rows_fresh"] == 10
+  for name in ("item_embedding", "head"):
+    for a, b, f in zip(jax.tree.leaves(params[name]),
+                       jax.tree.leaves(moved[name]),
+                       jax.tree.leaves(fresh[name])):
+      a, b, f = np.asarray(a), np.asarray(b), np.asarray(f)
+      np.testing.assert_array_equal(b[known], a[source[known]])
+      np.testing.assert_array_equal(b[new_rows], f[new_rows])
+
+
+def test_init_from_on_a_grown_catalogue_trains_and_records_the_counts(
+    trained_run, new_version, capsys):
+  v2, root = new_version
+  out = str(root / "run2")
+  assert cli.main(["train", "--out", out, "--init-from", trained_run,
+                   "--data", v2, "--steps", "2", "--eval-every", "2",
+                   *TINY_MODEL]) == 0
+  printed = capsys.readouterr().out
+  old, vocab = vocab_lib.of_run(trained_run), vocab_lib.of_run(out)
+  _, meta = checkpoints.read_meta(out)
+  entry = meta["lineage"][-1]["catalogue"]
+  assert entry["new"] == len(set(vocab.items) - set(old.items)) == 10
+  assert entry["known"] + entry["vanished"] == old.num_items - 1
+  assert (f"{entry['new']} new (fresh rows), {entry['vanished']} vanished "
+          "(kept)") in printed
+  assert vocab.items[:old.num_items].tolist() == old.items.tolist()
+  assert meta["config"]["model"]["num_items"] == old.num_items + 10
+
+
+def test_dropping_vanished_items_closes_up_the_ids_in_their_old_order(
+    trained_run, new_version):
+  old = vocab_lib.of_run(trained_run)
+  data = pipeline.load_data(DataConfig(source=new_version[0], max_len=20),
+                            vocab=old, drop_vanished=True)
+  growth = data.meta["vocab_growth"]
+  assert growth["vanished"] >= 15 and growth["vanished_policy"] == "dropped"
+  kept = data.vocab.items[1:1 + growth["known"]].tolist()
+  assert kept == [i for i in old.items.tolist() if i in set(kept)]
+  assert data.num_items == 1 + growth["known"] + growth["new"]
+
+
+def test_a_banded_model_refuses_a_changed_catalogue_in_one_line():
+  from jaxrec import config as config_lib
+  from jaxrec.surgery import catalogue
+  cfg = config_lib.from_dict({"head": {"name": "tree_softmax"}},
+                             origin="test")
+  with pytest.raises(JaxrecError, match="frequency bands") as e:
+    catalogue.check_growable(cfg, "runs/cp")
+  assert "\n" not in str(e.value)
