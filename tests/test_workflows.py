@@ -397,3 +397,70 @@ def test_a_banded_model_refuses_a_changed_catalogue_in_one_line():
   with pytest.raises(JaxrecError, match="frequency bands") as e:
     catalogue.check_growable(cfg, "runs/cp")
   assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------- notebook API
+
+
+def test_load_params_alone_equals_the_params_of_the_whole_state(trained_run):
+  import jax
+  from jaxrec import evaluation
+  params, _, _ = evaluation.load_params(trained_run, "latest")
+  state, _, _ = evaluation.load_params(trained_run, "latest",
+                                       params_only=False)
+  assert "opt_state" in state and "opt_state" not in params
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_param_shapes_are_read_from_metadata_and_match_the_params(
+    trained_run):
+  import jax
+  from jaxrec import evaluation
+  shapes, _, _ = evaluation.param_shapes(trained_run)
+  params, _, _ = evaluation.load_params(trained_run)
+  assert all(isinstance(x, jax.ShapeDtypeStruct)
+             for x in jax.tree.leaves(shapes))
+  assert (jax.tree.map(lambda x: (x.shape, x.dtype), shapes) ==
+          jax.tree.map(lambda x: (x.shape, x.dtype), params))
+
+
+def perturbed_tiny_params():
+  """A 2-block model whose every leaf is non-constant (as after training),
+  so a reset leaf is told from a copied one."""
+  import jax
+  from jaxrec import config as config_lib
+  from jaxrec import models
+  cfg = config_lib.from_dict({"model": {"num_items": 20, "embed_dim": 8,
+                                        "num_blocks": 2}}, origin="test")
+  params = models.init_params(cfg, jax.random.key(0))
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  return jax.tree.unflatten(tree, [
+      x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)
+  ]), cfg
+
+
+def test_diff_tells_copied_reset_fresh_and_reused_leaves_apart():
+  import jax
+  from jaxrec.surgery import growth
+  params, cfg = perturbed_tiny_params()
+  deep, _ = growth.stack(params, cfg, "adjacent", "paper",
+                         rng=jax.random.key(0))
+  kinds = {r.path: (r.kind, r.detail) for r in growth.diff(params, deep, cfg)}
+  assert kinds["blocks/conv1/kernel"] == ("copied", "rows <- 0,0,1,1")
+  assert kinds["blocks/ln1/scale"][0] == "reset"
+  assert kinds["head/kernel"][0] == "fresh"
+  assert kinds["item_embedding/embedding"][0] == "re-used"
+
+
+def test_diff_of_preserve_shows_the_duplicates_alpha_reset():
+  import jax
+  from jaxrec.surgery import growth
+  params, cfg = perturbed_tiny_params()
+  deep, _ = growth.stack(params, cfg, "cross", "preserve",
+                         rng=jax.random.key(0))
+  rows = {r.path: r for r in growth.diff(params, deep, cfg)}
+  assert rows["blocks/alpha"].kind == "mixed"
+  assert rows["blocks/alpha"].detail.startswith("rows <- 0,1,r,r")
+  assert rows["head/kernel"].kind == "re-used"

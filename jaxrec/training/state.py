@@ -78,13 +78,38 @@ def restore_params(opened: checkpoints.Opened, cfg: Config, origin: str,
 
 
 def load_params(run_dir: str, kind: str | None = None,
-                sharding: Any = None) -> tuple[models.Params, Config, dict]:
+                sharding: Any = None, params_only: bool = True
+                ) -> tuple[models.Params, Config, dict]:
   """(params, config, meta) of a run's checkpoint: the notebook entry point.
 
   `kind` is best (default when the run validated) or latest; `sharding`
-  (e.g. a NamedSharding of another mesh) places every leaf.
+  (e.g. a NamedSharding of another mesh; default: the first device) places
+  every leaf. `params_only` (default) reads the params alone: a `latest`
+  checkpoint's optimizer state (twice the params, for Adam) is never read
+  (Orbax partial restore). `params_only=False` returns the whole saved
+  state instead of the params (`params`, `opt_state`, `step`, ... for
+  `latest`), e.g. to look at Adam's moments.
   """
   opened = checkpoints.open_checkpoint(run_dir, kind)
   cfg = checkpoints.config_from_meta(opened.meta, run_dir)
+  if not params_only:
+    if checkpoints.is_legacy(opened.meta):
+      raise JaxrecError(f"{run_dir}: params_only=False reads a current "
+                        "checkpoint's state; this one is jaxrec 0.1's")
+    state, _ = checkpoints.restore(
+        opened.mngr, opened.step,
+        target=abstract_state(cfg, opened.kind, sharding))
+    return state, cfg, opened.meta
+  if opened.kind == "latest" and not checkpoints.is_legacy(opened.meta):
+    target = abstract_state(cfg, "best", sharding or _default_sharding())
+    params = checkpoints.restore_subtree(opened.mngr, opened.step, "params",
+                                         target["params"])
+    return params, cfg, opened.meta
   return (restore_params(opened, cfg, run_dir, sharding), cfg,
           opened.meta)
+
+
+def _default_sharding() -> Any:
+  """Where a restore puts arrays when the caller names no sharding (a
+  partial restore needs one, or it returns numpy arrays)."""
+  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
