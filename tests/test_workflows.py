@@ -464,3 +464,53 @@ def test_diff_of_preserve_shows_the_duplicates_alpha_reset():
   assert rows["blocks/alpha"].kind == "mixed"
   assert rows["blocks/alpha"].detail.startswith("rows <- 0,1,r,r")
   assert rows["head/kernel"].kind == "re-used"
+
+
+# ---------------------------------------------------------------- parquet
+
+
+def write_parquet(path, **columns):
+  pa = pytest.importorskip("pyarrow")
+  import pyarrow.parquet as pq
+  pq.write_table(pa.table(columns), str(path))
+  return str(path)
+
+
+def test_a_parquet_source_gives_the_same_sequences_as_its_csv(tmp_path):
+  inter = tiny_events()
+  keep = np.ones(len(inter.items), bool)
+  csv_source = write_csv(tmp_path / "e.csv", inter, keep)
+  pq_path = write_parquet(tmp_path / "e.parquet", user=inter.users,
+                          item=inter.items.astype(object),
+                          ts=inter.timestamps)
+  columns = dict(user_col="user", item_col="item", time_col="ts")
+  from_csv = pipeline.load_data(DataConfig(source=csv_source, max_len=20))
+  from_pq = pipeline.load_data(DataConfig(source=f"parquet:{pq_path}",
+                                          max_len=20, **columns))
+  np.testing.assert_array_equal(from_csv.train, from_pq.train)
+  assert from_csv.vocab.items.tolist() == from_pq.vocab.items.tolist()
+
+
+def test_a_missing_parquet_column_names_the_option(tmp_path, capsys):
+  path = write_parquet(tmp_path / "e.parquet", user_id=[1, 2], item=[3, 4],
+                       timestamp=[5, 6])
+  line = run_error(capsys, ["train", "--out", str(tmp_path / "o"), "--data",
+                            f"parquet:{path}"])
+  assert path in line and "'item_id' (data.item_col)" in line
+
+
+def test_null_ids_in_a_parquet_file_are_one_line_naming_the_column(tmp_path,
+                                                                   capsys):
+  path = write_parquet(tmp_path / "e.parquet", user_id=[1, None, 2],
+                       item_id=["a", "b", "c"], timestamp=[1, 2, 3])
+  line = run_error(capsys, ["train", "--out", str(tmp_path / "o"), "--data",
+                            f"parquet:{path}"])
+  assert "'user_id'" in line and "null" in line and "row 1" in line
+
+
+def test_a_damaged_parquet_file_is_one_line_naming_it(tmp_path, capsys):
+  path = tmp_path / "e.parquet"
+  path.write_bytes(b"PAR1 not really")
+  line = run_error(capsys, ["train", "--out", str(tmp_path / "o"), "--data",
+                            f"parquet:{path}"])
+  assert str(path) in line
