@@ -147,6 +147,22 @@ def test_a_vocabulary_keeps_known_ids_on_a_new_data_version():
   assert np.array_equal(old_ids, new_ids)
 
 
+def test_eval_on_other_data_numbers_it_by_the_runs_vocabulary(
+    trained_run, monkeypatch, capsys):
+  seen = []
+  load = pipeline.load_data
+
+  def spy(cfg, *args, **kwargs):
+    seen.append(kwargs.get("vocab"))
+    return load(cfg, *args, **kwargs)
+
+  monkeypatch.setattr(pipeline, "load_data", spy)
+  assert cli.main(["eval", "--ckpt", trained_run, "--data", "synthetic:tiny",
+                   "--split", "test"]) == 0
+  capsys.readouterr()
+  assert seen[-1].fingerprint() == vocab_lib.of_run(trained_run).fingerprint()
+
+
 def test_surgery_copies_the_vocabulary_of_its_source(trained_run, tmp_path):
   grown = str(tmp_path / "grown")
   assert cli.main(["grow", "--from", trained_run, "--out", grown,

@@ -375,8 +375,9 @@ def _load_init(cfg: Config, init_from: str, data: sequences.SequenceData,
                init_vocab: vocab_lib.Vocabulary | None = None):
   """Params (and optionally the optimizer state) of a trained or surgery
   checkpoint; its model and head config win. Returns (cfg, lineage,
-  params, opt_state or None). A changed catalogue (the data's vocabulary
-  differs from `init_vocab` in its items) remaps the item rows."""
+  params, opt_state or None). A changed catalogue (data numbered by
+  `init_vocab`, as `train` loads it, whose items differ from it) remaps
+  the item rows."""
   # Only `latest` checkpoints hold an optimizer state.
   opened = checkpoints.open_checkpoint(init_from,
                                        "latest" if with_opt_state else None)
@@ -384,7 +385,11 @@ def _load_init(cfg: Config, init_from: str, data: sequences.SequenceData,
   entry = {"dir": os.path.abspath(init_from), "kind": opened.kind,
            "step": opened.step, "op": "init_from",
            "opt_state": with_opt_state}
+  # Only data numbered by the checkpoint's vocabulary (as the loop loads
+  # it) is remapped: data built elsewhere keeps its caller's numbering.
+  numbered_by = (data.meta.get("vocab_growth") or {}).get("from_vocabulary")
   if (init_vocab is not None and data.vocab is not None
+      and numbered_by == init_vocab.fingerprint()
       and not np.array_equal(init_vocab.items, data.vocab.items)):
     return _load_init_new_catalogue(cfg, init_from, data, with_opt_state,
                                     init_vocab, opened, src, entry)
