@@ -25,7 +25,11 @@ setup(
         "tfds": ["tensorflow-datasets", "tensorflow-cpu"],
         "cuda": ["jax[cuda12]>=0.10.2"],
         "tensorboard": ["tensorboardX"],
-        "test": ["pytest", "tensorboardX"],
+        "serving": ["flatbuffers"],
+        "parquet": ["pyarrow"],
+        "notebook": ["treescope", "ipykernel"],
+        "test": ["pytest", "tensorboardX", "flatbuffers", "pyarrow",
+                 "treescope", "nbclient", "nbformat", "ipykernel"],
     },
     entry_points={"console_scripts": ["jaxrec=jaxrec.cli:main"]},
 )

@@ -182,10 +182,12 @@ class DataConfig:
                            "code's 10)")
   cache_dir: str = option("", "processed-data cache (default "
                           "~/.cache/jaxrec or $JAXREC_CACHE)")
-  user_col: str = option("user_id", "csv: user column name (or index)")
-  item_col: str = option("item_id", "csv: item column name (or index)")
-  time_col: str = option("timestamp", "csv: timestamp column name (or "
+  user_col: str = option("user_id", "csv/parquet: user column name (or "
                          "index)")
+  item_col: str = option("item_id", "csv/parquet: item column name (or "
+                         "index)")
+  time_col: str = option("timestamp", "csv/parquet: timestamp column name "
+                         "(or index)")
   delimiter: str = option("", "csv: field delimiter (default: tab for "
                           ".tsv, else comma)")
 
@@ -205,7 +207,7 @@ class DataConfig:
             "in (0, 1 - test_fraction)")
     kind = self.source.split(":", 1)[0]
     choice("data.source", kind,
-           ("synthetic", "movielens", "csv", "recbole", "tfds")
+           ("synthetic", "movielens", "csv", "parquet", "recbole", "tfds")
            + TRANSFER_SOURCES)
 
 

@@ -19,12 +19,13 @@ from jaxrec.errors import JaxrecError
 from jaxrec.skip import policy
 from jaxrec.tasks import ranking
 from jaxrec.training import checkpoints
+from jaxrec.training import state as state_lib
 from jaxrec.training.loop import evaluate_params, jit_rank_fn
 from jaxrec.training.mesh import Sharder, make_mesh
 from jaxrec.training.state import load_params
 
-__all__ = ["load_params", "evaluate_checkpoint", "sampled_metrics",
-           "describe_checkpoint"]
+__all__ = ["load_params", "param_shapes", "evaluate_checkpoint",
+           "sampled_metrics", "describe_checkpoint"]
 
 
 def evaluate_checkpoint(run_dir: str, source: str | None = None,
@@ -133,10 +134,32 @@ def describe_model(cfg: Config) -> str:
           f"({', '.join(f'{k}={v}' for k, v in head.items())})")
 
 
+def param_shapes(run_dir: str, kind: str | None = None
+                 ) -> tuple[Any, Config, dict[str, Any]]:
+  """(params as ShapeDtypeStructs, config, meta) of a run's checkpoint,
+  read from Orbax's metadata: no array is loaded, so it is instant for any
+  model size (jax.tree.map(lambda x: x.shape, ...) works on it)."""
+  opened = checkpoints.open_checkpoint(run_dir, kind)
+  cfg = checkpoints.config_from_meta(opened.meta, run_dir)
+  state = checkpoints.state_metadata(opened.mngr, opened.step)
+  origin = checkpoints.step_dir(opened.mngr, opened.step)
+  if "params" not in state:
+    raise JaxrecError(f"{origin}: checkpoint state holds no params")
+  params = state["params"]
+  if checkpoints.is_legacy(opened.meta):
+    params = checkpoints.convert_legacy_params(params)
+  if cfg.train.frozen_from:  # The frozen leaves' shapes are the config's.
+    params = state_lib.graft(params, state_lib.frozen_params(
+        models.abstract_params(cfg), cfg))
+  models.require_fit(params, cfg, f"{origin}: the saved params")
+  return params, cfg, opened.meta
+
+
 def describe_checkpoint(run_dir: str, kind: str | None = None) -> str:
-  """Param tree (shapes, dtypes, counts per subtree) and lineage, as text."""
+  """Param tree (shapes, dtypes, counts per subtree) and lineage, as text;
+  shapes come from the checkpoint's metadata (`param_shapes`)."""
   kind = kind or checkpoints.default_kind(run_dir)
-  params, cfg, meta = load_params(run_dir, kind)
+  params, cfg, meta = param_shapes(run_dir, kind)
   converted = ", converted" if checkpoints.is_legacy(meta) else ""
   lines = [f"{run_dir} ({kind} checkpoint, step {meta['step']}, format "
            f"{meta['format']}{converted})",
@@ -155,6 +178,11 @@ def describe_checkpoint(run_dir: str, kind: str | None = None) -> str:
     lines.append(f"compression: {ratio:.2f}x fewer params than the "
                  "uncompressed equivalent (full embedding and softmax, no "
                  "sharing)")
+  if cfg.train.frozen_from:
+    frozen = state_lib.frozen_params(params, cfg)
+    lines.append(f"stored: the trainable leaves only; the frozen ones "
+                 f"({models.count_params(frozen):,} params) are read from "
+                 f"{cfg.train.frozen_from}")
   lines.append("")
   lines.append("lineage (oldest first):")
   chain = meta.get("lineage") or []

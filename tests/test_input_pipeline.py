@@ -470,8 +470,8 @@ def test_empty_after_filtering_names_options(tmp_path):
 
 
 def test_unknown_source_kind(tmp_path):
-  message = error(tmp_path, "parquet:x.pq")
-  assert "'parquet'" in message
+  message = error(tmp_path, "avro:x.avro")
+  assert "'avro'" in message
 
 
 def test_window_longer_than_max_len(tmp_path):

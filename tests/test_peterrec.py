@@ -359,6 +359,7 @@ def test_eval_and_inspect_load_a_finetuning_with_its_backbone(peter_run,
   assert cli.main(["inspect", peter_run]) == 0
   text = capsys.readouterr().out
   assert "blocks/conv1/kernel" in text and "op=finetune" in text
+  assert "stored: the trainable leaves only" in text
 
 
 def test_a_changed_backbone_is_refused(peter_run):

@@ -147,9 +147,402 @@ def test_a_vocabulary_keeps_known_ids_on_a_new_data_version():
   assert np.array_equal(old_ids, new_ids)
 
 
+def test_eval_on_other_data_numbers_it_by_the_runs_vocabulary(
+    trained_run, monkeypatch, capsys):
+  seen = []
+  load = pipeline.load_data
+
+  def spy(cfg, *args, **kwargs):
+    seen.append(kwargs.get("vocab"))
+    return load(cfg, *args, **kwargs)
+
+  monkeypatch.setattr(pipeline, "load_data", spy)
+  assert cli.main(["eval", "--ckpt", trained_run, "--data", "synthetic:tiny",
+                   "--split", "test"]) == 0
+  capsys.readouterr()
+  assert seen[-1].fingerprint() == vocab_lib.of_run(trained_run).fingerprint()
+
+
 def test_surgery_copies_the_vocabulary_of_its_source(trained_run, tmp_path):
   grown = str(tmp_path / "grown")
   assert cli.main(["grow", "--from", trained_run, "--out", grown,
                    "--method", "cross"]) == 0
   assert (vocab_lib.of_run(grown).fingerprint() ==
           vocab_lib.of_run(trained_run).fingerprint())
+
+
+# ---------------------------------------------------------------- predict
+
+
+def predict_jsonl(capsys, argv):
+  assert cli.main(["predict"] + argv) == 0
+  out = capsys.readouterr()
+  return [json.loads(line) for line in out.out.splitlines()], out.err
+
+
+def known_history(run_dir, n=6):
+  """Raw ids the run knows: a test user's input, oldest first."""
+  from jaxrec.data import pipeline as pl  # pylint: disable=import-outside-toplevel
+  from jaxrec.training.state import load_params
+  _, cfg, _ = load_params(run_dir)
+  data = pl.load_data(cfg.data)
+  row = data.test_inputs[0]
+  return data.vocab.decode_items(row[row > 0][-n:]).tolist()
+
+
+def test_predict_returns_k_raw_ids_with_scores_best_first(trained_run,
+                                                          capsys):
+  history = known_history(trained_run)
+  rows, _ = predict_jsonl(capsys, ["--ckpt", trained_run, "--history",
+                                   " ".join(history), "--topk", "5"])
+  (row,) = rows
+  vocab = vocab_lib.of_run(trained_run)
+  assert len(row["items"]) == 5 and set(row["items"]) <= set(vocab.items[1:])
+  assert row["scores"] == sorted(row["scores"], reverse=True)
+  assert row["fallback"] is None and row["unknown"] == 0
+
+
+def test_topk_equals_sorting_every_items_score(trained_run):
+  from jaxrec import heads, serving
+  from jaxrec.tasks import next_item
+  predictor = serving.Predictor(trained_run)
+  inputs, _, _ = serving.encode_histories(
+      predictor.vocab, [known_history(trained_run)], predictor.max_len)
+  cfg, params = predictor.cfg, predictor.params
+  head = heads.get(cfg.head.name)
+  h = next_item.last_hidden(params, cfg, inputs)
+  every = np.array(head.tile_scores(params, cfg, head.prepare(params, cfg, h),
+                                      0, cfg.model.num_items))[0]
+  every[0] = -np.inf  # Padding is never recommended.
+  ids, scores = serving.topk_fn(cfg, 7)(params, inputs)
+  assert np.asarray(ids)[0].tolist() == np.argsort(-every,
+                                                   kind="stable")[:7].tolist()
+  np.testing.assert_allclose(np.asarray(scores)[0], np.sort(every)[::-1][:7],
+                             rtol=1e-6)
+
+
+def test_predict_exclude_seen_never_returns_an_item_of_the_history(
+    trained_run, capsys):
+  history = known_history(trained_run, n=10)
+  rows, _ = predict_jsonl(capsys, ["--ckpt", trained_run, "--history",
+                                   " ".join(history), "--topk", "20",
+                                   "--exclude-seen"])
+  assert not set(rows[0]["items"]) & set(history)
+  assert len(rows[0]["items"]) == 20
+
+
+def test_predict_drops_unknown_ids_and_warns_in_one_line(trained_run,
+                                                        capsys):
+  history = known_history(trained_run)
+  rows, err = predict_jsonl(capsys, ["--ckpt", trained_run, "--history",
+                                     " ".join(history + ["nope", "zz"])])
+  clean, _ = predict_jsonl(capsys, ["--ckpt", trained_run, "--history",
+                                    " ".join(history)])
+  assert rows[0]["unknown"] == 2 and rows[0]["items"] == clean[0]["items"]
+  assert err.count("\n") == 1 and "dropped 2 unknown item ids" in err
+
+
+def test_a_history_with_no_known_id_falls_back_to_popularity(trained_run,
+                                                             capsys):
+  rows, err = predict_jsonl(capsys, ["--ckpt", trained_run, "--history",
+                                     "nope", "--topk", "3"])
+  vocab = vocab_lib.of_run(trained_run)
+  assert rows[0]["fallback"] == "popularity" and rows[0]["scores"] is None
+  assert rows[0]["items"] == vocab.items[1:4].tolist()
+  assert "popularity" in err
+
+
+def test_predict_reads_an_input_file_and_writes_csv(trained_run, tmp_path,
+                                                    capsys):
+  history = known_history(trained_run)
+  path = tmp_path / "h.txt"
+  path.write_text(" ".join(history) + "\n"
+                  + json.dumps({"id": "u9", "history": history[:2]}) + "\n")
+  assert cli.main(["predict", "--ckpt", trained_run, "--input", str(path),
+                   "--topk", "4", "--format", "csv"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == "id,rank,item,score,fallback"
+  assert len(lines) == 1 + 2 * 4
+  assert lines[5].startswith("u9,1,")
+
+
+def test_a_malformed_input_line_names_file_and_line(trained_run, tmp_path,
+                                                    capsys):
+  path = tmp_path / "h.txt"
+  path.write_text("1 2 3\n{\"history\": oops}\n")
+  line = run_error(capsys, ["predict", "--ckpt", trained_run, "--input",
+                            str(path)])
+  assert f"{path}:2:" in line
+
+
+# ----------------------------------------------------------------- export
+
+
+def readme_loader() -> str:
+  """The loader of README's Serving section, verbatim."""
+  readme = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+  with open(readme, encoding="utf-8") as f:
+    text = f.read()
+  start = text.index("# loader: jax, numpy and the file, no jaxrec")
+  return text[start:text.index("```", start)]
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("export") / "model.zip")
+  assert cli.main(["export", "--ckpt", trained_run, "--out", path,
+                   "--topk", "5"]) == 0
+  return path
+
+
+def test_the_readme_loader_returns_the_top_k_of_predict(trained_run, exported,
+                                                        capsys):
+  import subprocess
+  import sys
+  histories = [known_history(trained_run), known_history(trained_run, 2),
+               ["nope"] + known_history(trained_run, 3)]
+  # jaxrec made unimportable: the loader runs on jax alone.
+  script = ("import sys, json\nsys.modules['jaxrec'] = None\n"
+            + readme_loader()
+            + f"\nprint(json.dumps(recommend({histories!r}, {exported!r})))")
+  done = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                        text=True, check=False, timeout=120)
+  assert done.returncode == 0, done.stderr
+  items, scores = json.loads(done.stdout.splitlines()[-1])
+  from jaxrec import serving
+  preds = serving.Predictor(trained_run).topk(histories, 5)
+  assert items == [p.items for p in preds]
+  np.testing.assert_allclose(scores, [p.scores for p in preds], rtol=1e-5)
+
+
+def test_the_export_takes_any_batch_size(exported):
+  from jaxrec import serving
+  fn, vocab, spec = serving.load_exported(exported)
+  for batch in (1, 3):
+    ids, scores = fn.call(np.ones((batch, spec["max_len"]), np.int32))
+    assert ids.shape == scores.shape == (batch, spec["k"])
+  assert vocab.num_items == spec["num_items"]
+
+
+# ------------------------------------------------------ growing catalogues
+
+
+def write_csv(path, inter: Interactions, keep: np.ndarray) -> str:
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("user_id,item_id,timestamp\n")
+    for u, i, t in zip(inter.users[keep], inter.items[keep],
+                       inter.timestamps[keep]):
+      f.write(f"{u},{i},{t}\n")
+  return f"csv:{path}"
+
+
+@pytest.fixture(scope="module")
+def new_version(tmp_path_factory):
+  """A later version of synthetic:tiny (what trained_run saw, items 1..50):
+  items 1..5 gone, 41..50 replaced by ten items never seen ("n41"..)."""
+  base = synthetic.generate("tiny")
+  raw = np.asarray(base.items)
+  items = np.array([f"n{i}" if i > 40 else str(i) for i in raw])
+  inter = Interactions(base.users, items, base.timestamps, "v2")
+  root = tmp_path_factory.mktemp("catalogue")
+  return write_csv(root / "v2.csv", inter, raw > 5), root
+
+
+def test_remapped_params_keep_known_rows_and_take_fresh_rows_for_new_items(
+    trained_run, new_version):
+  import jax
+  from jaxrec import models
+  from jaxrec.surgery import catalogue
+  from jaxrec.training.state import load_params
+  params, cfg, _ = load_params(trained_run)
+  old = vocab_lib.of_run(trained_run)
+  new = pipeline.load_data(DataConfig(source=new_version[0], max_len=20),
+                           vocab=old).vocab
+  moved, new_cfg, counts = catalogue.remap_items(params, cfg, old, new,
+                                                 jax.random.key(0))
+  fresh = models.init_params(new_cfg, jax.random.key(0))
+  source = catalogue.old_ids_of(old, new)
+  known = np.flatnonzero(source > 0)
+  new_rows = np.flatnonzero(source == 0)[1:]  # Row 0 is padding.
+  assert len(new_rows) == counts["rows_fresh"] == 10
+  for name in ("item_embedding", "head"):
+    for a, b, f in zip(jax.tree.leaves(params[name]),
+                       jax.tree.leaves(moved[name]),
+                       jax.tree.leaves(fresh[name])):
+      a, b, f = np.asarray(a), np.asarray(b), np.asarray(f)
+      np.testing.assert_array_equal(b[known], a[source[known]])
+      np.testing.assert_array_equal(b[new_rows], f[new_rows])
+
+
+def test_init_from_on_a_grown_catalogue_trains_and_records_the_counts(
+    trained_run, new_version, capsys):
+  v2, root = new_version
+  out = str(root / "run2")
+  assert cli.main(["train", "--out", out, "--init-from", trained_run,
+                   "--data", v2, "--steps", "2", "--eval-every", "2",
+                   *TINY_MODEL]) == 0
+  printed = capsys.readouterr().out
+  old, vocab = vocab_lib.of_run(trained_run), vocab_lib.of_run(out)
+  _, meta = checkpoints.read_meta(out)
+  entry = meta["lineage"][-1]["catalogue"]
+  assert entry["new"] == len(set(vocab.items) - set(old.items)) == 10
+  assert entry["known"] + entry["vanished"] == old.num_items - 1
+  assert (f"{entry['new']} new (fresh rows), {entry['vanished']} vanished "
+          "(kept)") in printed
+  assert vocab.items[:old.num_items].tolist() == old.items.tolist()
+  assert meta["config"]["model"]["num_items"] == old.num_items + 10
+
+
+def test_dropping_vanished_items_closes_up_the_ids_in_their_old_order(
+    trained_run, new_version):
+  old = vocab_lib.of_run(trained_run)
+  data = pipeline.load_data(DataConfig(source=new_version[0], max_len=20),
+                            vocab=old, drop_vanished=True)
+  growth = data.meta["vocab_growth"]
+  assert growth["vanished"] >= 15 and growth["vanished_policy"] == "dropped"
+  kept = data.vocab.items[1:1 + growth["known"]].tolist()
+  assert kept == [i for i in old.items.tolist() if i in set(kept)]
+  assert data.num_items == 1 + growth["known"] + growth["new"]
+
+
+def test_a_banded_model_refuses_a_changed_catalogue_in_one_line():
+  from jaxrec import config as config_lib
+  from jaxrec.surgery import catalogue
+  cfg = config_lib.from_dict({"head": {"name": "tree_softmax"}},
+                             origin="test")
+  with pytest.raises(JaxrecError, match="frequency bands") as e:
+    catalogue.check_growable(cfg, "runs/cp")
+  assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------- notebook API
+
+
+def test_load_params_alone_equals_the_params_of_the_whole_state(trained_run):
+  import jax
+  from jaxrec import evaluation
+  params, _, _ = evaluation.load_params(trained_run, "latest")
+  state, _, _ = evaluation.load_params(trained_run, "latest",
+                                       params_only=False)
+  assert "opt_state" in state and "opt_state" not in params
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_param_shapes_are_read_from_metadata_and_match_the_params(
+    trained_run):
+  import jax
+  from jaxrec import evaluation
+  shapes, _, _ = evaluation.param_shapes(trained_run)
+  params, _, _ = evaluation.load_params(trained_run)
+  assert all(isinstance(x, jax.ShapeDtypeStruct)
+             for x in jax.tree.leaves(shapes))
+  assert (jax.tree.map(lambda x: (x.shape, x.dtype), shapes) ==
+          jax.tree.map(lambda x: (x.shape, x.dtype), params))
+
+
+def perturbed_tiny_params():
+  """A 2-block model whose every leaf is non-constant (as after training),
+  so a reset leaf is told from a copied one."""
+  import jax
+  from jaxrec import config as config_lib
+  from jaxrec import models
+  cfg = config_lib.from_dict({"model": {"num_items": 20, "embed_dim": 8,
+                                        "num_blocks": 2}}, origin="test")
+  params = models.init_params(cfg, jax.random.key(0))
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  return jax.tree.unflatten(tree, [
+      x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)
+  ]), cfg
+
+
+def test_diff_tells_copied_reset_fresh_and_reused_leaves_apart():
+  import jax
+  from jaxrec.surgery import growth
+  params, cfg = perturbed_tiny_params()
+  deep, _ = growth.stack(params, cfg, "adjacent", "paper",
+                         rng=jax.random.key(0))
+  kinds = {r.path: (r.kind, r.detail) for r in growth.diff(params, deep, cfg)}
+  assert kinds["blocks/conv1/kernel"] == ("copied", "rows <- 0,0,1,1")
+  assert kinds["blocks/ln1/scale"][0] == "reset"
+  assert kinds["head/kernel"][0] == "fresh"
+  assert kinds["item_embedding/embedding"][0] == "re-used"
+
+
+def test_diff_of_preserve_shows_the_duplicates_alpha_reset():
+  import jax
+  from jaxrec.surgery import growth
+  params, cfg = perturbed_tiny_params()
+  deep, _ = growth.stack(params, cfg, "cross", "preserve",
+                         rng=jax.random.key(0))
+  rows = {r.path: r for r in growth.diff(params, deep, cfg)}
+  assert rows["blocks/alpha"].kind == "mixed"
+  assert rows["blocks/alpha"].detail.startswith("rows <- 0,1,r,r")
+  assert rows["head/kernel"].kind == "re-used"
+
+
+# ---------------------------------------------------------------- parquet
+
+
+def write_parquet(path, **columns):
+  pa = pytest.importorskip("pyarrow")
+  import pyarrow.parquet as pq
+  pq.write_table(pa.table(columns), str(path))
+  return str(path)
+
+
+def test_a_parquet_source_gives_the_same_sequences_as_its_csv(tmp_path):
+  inter = tiny_events()
+  keep = np.ones(len(inter.items), bool)
+  csv_source = write_csv(tmp_path / "e.csv", inter, keep)
+  pq_path = write_parquet(tmp_path / "e.parquet", user=inter.users,
+                          item=inter.items.astype(object),
+                          ts=inter.timestamps)
+  columns = dict(user_col="user", item_col="item", time_col="ts")
+  from_csv = pipeline.load_data(DataConfig(source=csv_source, max_len=20))
+  from_pq = pipeline.load_data(DataConfig(source=f"parquet:{pq_path}",
+                                          max_len=20, **columns))
+  np.testing.assert_array_equal(from_csv.train, from_pq.train)
+  assert from_csv.vocab.items.tolist() == from_pq.vocab.items.tolist()
+
+
+def test_a_missing_parquet_column_names_the_option(tmp_path, capsys):
+  path = write_parquet(tmp_path / "e.parquet", user_id=[1, 2], item=[3, 4],
+                       timestamp=[5, 6])
+  line = run_error(capsys, ["train", "--out", str(tmp_path / "o"), "--data",
+                            f"parquet:{path}"])
+  assert path in line and "'item_id' (data.item_col)" in line
+
+
+def test_null_ids_in_a_parquet_file_are_one_line_naming_the_column(tmp_path,
+                                                                   capsys):
+  path = write_parquet(tmp_path / "e.parquet", user_id=[1, None, 2],
+                       item_id=["a", "b", "c"], timestamp=[1, 2, 3])
+  line = run_error(capsys, ["train", "--out", str(tmp_path / "o"), "--data",
+                            f"parquet:{path}"])
+  assert "'user_id'" in line and "null" in line and "row 1" in line
+
+
+def test_a_damaged_parquet_file_is_one_line_naming_it(tmp_path, capsys):
+  path = tmp_path / "e.parquet"
+  path.write_bytes(b"PAR1 not really")
+  line = run_error(capsys, ["train", "--out", str(tmp_path / "o"), "--data",
+                            f"parquet:{path}"])
+  assert str(path) in line
+
+
+# ------------------------------------------------------------ defaults
+
+
+def test_a_run_with_default_stopping_ends_once_validation_stalls(tmp_path):
+  """No --steps, --eval-every or --patience: validation once per epoch,
+  and the run ends 10 validations after the last gain, not after 100
+  epochs (a learning rate this small never changes a rank)."""
+  out = str(tmp_path / "run")
+  assert cli.main(["train", "--out", out, "--data", "synthetic:tiny",
+                   "--learning-rate", "1e-12", *TINY_MODEL]) == 0
+  with open(os.path.join(out, "metrics.json"), encoding="utf-8") as f:
+    metrics = json.load(f)
+  assert metrics["epochs"] == 11  # The first validation, then 10 stalled.
+  assert metrics["best_step"] == metrics["steps_per_epoch"]

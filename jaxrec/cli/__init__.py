@@ -1,5 +1,5 @@
-"""The `jaxrec` command: train, eval, inspect, grow, finetune; one module
-per verb.
+"""The `jaxrec` command: train, eval, inspect, grow, finetune, predict,
+export; one module per verb.
 
 A user mistake or a fault (a damaged checkpoint, a full disk, an unreadable
 file) prints one line, `jaxrec: error: ...`, and exits with status 2; Ctrl-C
@@ -31,14 +31,16 @@ def verbs():
   """The verb modules, each with `add_parser(subparsers)` and `run(args)`."""
   # pylint: disable=import-outside-toplevel
   from jaxrec.cli import eval as eval_verb
-  from jaxrec.cli import finetune, grow, inspect, train
+  from jaxrec.cli import export, finetune, grow, inspect, predict, train
   return {"train": train, "eval": eval_verb, "inspect": inspect,
-          "grow": grow, "finetune": finetune}
+          "grow": grow, "finetune": finetune, "predict": predict,
+          "export": export}
 
 
 def build_parser() -> Parser:
   parser = Parser(prog="jaxrec", description="Very deep sequential "
-                  "recommenders in JAX: train, evaluate, inspect, grow.")
+                  "recommenders in JAX: train, evaluate, inspect, grow, predict, "
+                  "export.")
   sub = parser.add_subparsers(dest="command", required=True,
                               parser_class=Parser)
   for module in verbs().values():

@@ -29,6 +29,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                  help="with --init-from: also take its optimizer state (e.g. "
                       "Adam moments grown by `jaxrec grow --map-opt-state`); "
                       "default: a fresh optimizer, as the paper")
+  p.add_argument("--vanished", choices=("keep", "drop"), default="keep",
+                 help="with --init-from on data lacking some of the "
+                      "checkpoint's items: keep their rows and ids, or drop "
+                      "them and close up the ids (default: keep)")
   p.add_argument("--distributed", action="store_true",
                  help="call jax.distributed.initialize() (multi-host)")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -51,7 +55,7 @@ def run(args: argparse.Namespace) -> None:
   result = loop.train(cfg, args.out, resume=args.resume,
                       init_from=args.init_from,
                       init_opt_state=args.init_opt_state,
-                      progress_bar=not args.quiet)
+                      progress_bar=not args.quiet, vanished=args.vanished)
   print(format_summary(result))
 
 

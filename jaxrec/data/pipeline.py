@@ -14,7 +14,7 @@ cached as one .npz keyed by a fingerprint of the source contents and every
 processing option.
 
 Sources: `synthetic[:SIZE]`, `movielens:PATH` (directory or GroupLens zip),
-`csv:PATH`, `recbole:PATH.inter`, `tfds:NAME`. Text files are parsed with
+`csv:PATH`, `parquet:PATH` (pyarrow), `recbole:PATH.inter`, `tfds:NAME`. Text files are parsed with
 numpy's C `loadtxt` (a few seconds for ML-20M); only when that fails (a bad
 row, string ids) a line-by-line pass runs, which names the first bad line.
 """
@@ -39,7 +39,7 @@ import numpy as np
 
 from jaxrec import config as config_lib
 from jaxrec.config import DataConfig
-from jaxrec.errors import JaxrecError
+from jaxrec.errors import JaxrecError, reported_as
 from jaxrec.data.sequences import Interactions, SequenceData
 from jaxrec.data.vocabulary import Vocabulary
 
@@ -53,7 +53,7 @@ MOVIELENS_URL = "https://files.grouplens.org/datasets/movielens/{name}.zip"
 # on its first download (trust on first use).
 KNOWN_SHA256: dict[str, str] = {}
 DEFAULT_SYNTHETIC_SIZE = "small"  # `synthetic` alone; synthetic.generate's.
-SOURCE_KINDS = ("synthetic", "movielens", "csv", "recbole", "tfds")
+SOURCE_KINDS = ("synthetic", "movielens", "csv", "parquet", "recbole", "tfds")
 # MovieLens ratings files, in the order they are looked for.
 MOVIELENS_FILES = ("ratings.dat", "ratings.csv", "u.data")
 # Whole-file hashing below this size; above, size + mtime + both ends.
@@ -113,7 +113,7 @@ def resolve_source(spec: str, cfg: DataConfig,
   if kind not in SOURCE_KINDS:
     raise JaxrecError(f"data.source={spec!r}: unknown kind {kind!r}; expected "
                       "synthetic[:SIZE], movielens:PATH, csv:PATH, "
-                      "recbole:PATH.inter or tfds:NAME")
+                      "parquet:PATH, recbole:PATH.inter or tfds:NAME")
   if kind in config_lib.TRANSFER_SOURCES:
     raise JaxrecError(f"data.source={spec!r}: a PeterRec downstream file, "
                       f"read by `jaxrec finetune --task {kind}`, not a "
@@ -135,6 +135,12 @@ def resolve_source(spec: str, cfg: DataConfig,
     return _movielens_source(path)
   if kind == "csv":
     return _file_source(path, csv_format(path, cfg))
+  if kind == "parquet":
+    if not os.path.isfile(path):
+      raise JaxrecError(f"{path}: not a file")
+    columns = (cfg.user_col, cfg.item_col, cfg.time_col)
+    return Source(_file_digest(path),
+                  functools.partial(read_parquet, path, columns))
   return _file_source(path, recbole_format())
 
 
@@ -400,6 +406,76 @@ def read_tfds(name: str) -> Interactions:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise JaxrecError(f"tfds:{name}: could not load: {first}") from None
   return Interactions(*fields, name=f"tfds:{name}")
+
+
+_PARQUET_OPTIONS = ("data.user_col", "data.item_col", "data.time_col")
+
+
+def read_parquet(path: str, columns: tuple[str, str, str]) -> Interactions:
+  """`parquet:PATH`: user, item and time columns named (or indexed) like
+  csv's. Ids may be integers or strings; times numbers or timestamps
+  (read as their integer value in the column's unit). Reads only the three
+  columns."""
+  try:
+    import pyarrow as pa  # pylint: disable=import-outside-toplevel
+    import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise JaxrecError(f"parquet:{path}: pyarrow is not installed; run `pip "
+                      "install jaxrec[parquet]`") from None
+  with reported_as(path, "read the Parquet schema"):
+    names = pq.read_schema(path).names
+  picked = []
+  for column, option in zip(columns, _PARQUET_OPTIONS):
+    if column in names:
+      picked.append(column)
+    elif column.isdigit() and int(column) < len(names):
+      picked.append(names[int(column)])
+    else:
+      raise JaxrecError(f"{path}: no column {column!r} ({option}); the file "
+                        f"has columns {names}")
+  with reported_as(path, "read the Parquet file"):
+    table = pq.read_table(path, columns=list(dict.fromkeys(picked)))
+  if table.num_rows == 0:
+    raise JaxrecError(f"{path}: no interactions (the file has no rows)")
+  users, items, times = (
+      _parquet_column(path, table.column(name), name, option, pa, kind)
+      for name, option, kind in zip(picked, _PARQUET_OPTIONS,
+                                    ("id", "id", "time")))
+  return Interactions(users, items, times, name=path)
+
+
+def _parquet_column(path: str, column: Any, name: str, option: str, pa: Any,
+                    kind: str) -> np.ndarray:
+  """One column as numpy; nulls and unusable types are one line."""
+  types = pa.types
+  if column.null_count:
+    first = int(np.flatnonzero(column.is_null().to_numpy(
+        zero_copy_only=False))[0])
+    raise JaxrecError(f"{path}: column {name!r} ({option}) has "
+                      f"{column.null_count} null values (the first in row "
+                      f"{first})")
+  typ = column.type
+  if types.is_dictionary(typ):  # Categorical strings: decode them.
+    column, typ = column.cast(typ.value_type), typ.value_type
+  if kind == "time" and (types.is_timestamp(typ) or types.is_date(typ)
+                         or types.is_duration(typ)):
+    return column.cast(pa.int64()).to_numpy()
+  if types.is_integer(typ):
+    return column.to_numpy().astype(np.int64)
+  if kind == "time" and types.is_floating(typ):
+    values = column.to_numpy()
+    bad = np.flatnonzero(~np.isfinite(values))
+    if len(bad):
+      raise JaxrecError(f"{path}: column {name!r} ({option}) row "
+                        f"{int(bad[0])}: timestamp {values[bad[0]]} is not "
+                        "finite")
+    return values.astype(np.float64)
+  if kind == "id" and (types.is_string(typ) or types.is_large_string(typ)):
+    return np.asarray(column.to_pylist(), dtype=str)
+  expected = ("integers or strings" if kind == "id" else
+              "numbers or timestamps")
+  raise JaxrecError(f"{path}: column {name!r} ({option}) has type {typ}; "
+                    f"expected {expected}")
 
 
 @dataclasses.dataclass(frozen=True)

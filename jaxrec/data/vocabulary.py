@@ -134,11 +134,20 @@ class Vocabulary:
 def of_run(run_dir: str) -> Vocabulary:
   """The vocabulary of a run or surgery directory, or of a checkpoint
   directory inside one (DIR/checkpoints[/KIND[/STEP]] reads DIR's)."""
+  vocab = find(run_dir)
+  if vocab is None:
+    raise JaxrecError(f"{run_dir}: no {FILENAME} (a run trained before "
+                      "vocabularies were saved, or on in-memory data)")
+  return vocab
+
+
+def find(run_dir: str) -> Vocabulary | None:
+  """`of_run`, or None when the run has no vocabulary file (a damaged one
+  is still an error)."""
   for directory in _candidates(run_dir):
     if os.path.isfile(os.path.join(directory, FILENAME)):
       return Vocabulary.load(directory)
-  raise JaxrecError(f"{run_dir}: no {FILENAME} (a run trained before "
-                    "vocabularies were saved, or on in-memory data)")
+  return None
 
 
 def _candidates(run_dir: str) -> list[str]:
@@ -150,16 +159,6 @@ def _candidates(run_dir: str) -> list[str]:
     last = len(parts) - 1 - parts[::-1].index("checkpoints")
     out.append(os.sep.join(parts[:last]) or os.sep)
   return out
-
-
-def find(run_dir: str) -> Vocabulary | None:
-  """`of_run`, or None when the run has no vocabulary file."""
-  try:
-    return of_run(run_dir)
-  except JaxrecError as e:
-    if f"no {FILENAME}" in str(e):
-      return None
-    raise
 
 
 def _as_str(values: Any) -> np.ndarray:

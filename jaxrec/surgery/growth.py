@@ -73,6 +73,8 @@ from jaxrec import models
 from jaxrec.config import Config
 from jaxrec.errors import JaxrecError
 from jaxrec.surgery.checkpoint import apply_to_checkpoint
+# What a growth did, leaf by leaf: growth.diff(shallow, deep, cfg).
+from jaxrec.surgery.diff import Diff, LeafDiff, diff  # pylint: disable=unused-import
 from jaxrec.training.optim import path_name
 
 Params = dict[str, Any]

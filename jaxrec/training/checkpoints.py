@@ -150,6 +150,43 @@ def _verify(origin: str, state: Any, meta: Any, step: int) -> None:
                             f"{int(saved_step)}")
 
 
+def restore_subtree(mngr: ocp.CheckpointManager, step: int, name: str,
+                    target: Any) -> Any:
+  """One top-level subtree (`params`) of a step's state, reading no other
+  array (Orbax's partial restore): `jaxrec.training.state.load_params`
+  without the optimizer state. `target` is that subtree's abstract tree."""
+  origin = step_dir(mngr, step)
+  if step not in mngr.all_steps():
+    raise JaxrecError(f"{origin}: no such checkpoint")
+  item = {name: target}
+  path = os.path.join(origin, "state")
+  with reported_as(origin, "read the checkpoint", CheckpointDamaged):
+    restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+  if not isinstance(restored, dict) or name not in restored:
+    raise CheckpointDamaged(f"{origin}: its state holds no {name!r}")
+  abstract = [x for x in jax.tree.leaves(restored[name])
+              if isinstance(x, jax.ShapeDtypeStruct)]
+  if abstract:  # A partial restore must not leave a leaf unfilled.
+    raise CheckpointDamaged(f"{origin}: {len(abstract)} leaves were not "
+                            "restored")
+  return restored[name]
+
+
+def state_metadata(mngr: ocp.CheckpointManager, step: int) -> Any:
+  """A step's state as saved, as ShapeDtypeStructs read from Orbax's
+  metadata (no array is read): what `jaxrec inspect` shows."""
+  origin = step_dir(mngr, step)
+  with reported_as(origin, "read the checkpoint's array metadata",
+                   CheckpointDamaged):
+    meta = ocp.StandardCheckpointer().metadata(os.path.join(origin, "state"))
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                        dict(tree))
+
+
 class Opened(NamedTuple):
   """A run's checkpoint, opened: its manager, kind, step and meta."""
   mngr: ocp.CheckpointManager

@@ -139,7 +139,8 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
           init_opt_state: bool = False,
           devices: list[jax.Device] | None = None, progress_bar: bool = True,
           step_callback: Callable[[int], None] | None = None,
-          task: Task | None = None, params: models.Params | None = None,
+          task: Task | None = None, vanished: str = "keep",
+          params: models.Params | None = None,
           lineage: list[dict[str, Any]] | None = None) -> dict[str, Any]:
   """Trains, validates, checkpoints; writes and returns DIR/metrics.json.
 
@@ -151,11 +152,18 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
   a chosen moment). `task` defaults to the config's (`tasks.for_config`:
   SkipRec models train as `tasks.skiprec`). `params` and `lineage` start
   the run from a prepared tree (a fine-tuning's: `jaxrec.transfer`).
+
+  With `init_from`, the data is numbered by the checkpoint's vocabulary;
+  items it has never seen get fresh rows, and items it has that the data
+  lacks keep theirs (`vanished="keep"`) or are dropped (`"drop"`); see
+  `jaxrec.surgery.catalogue`. The counts go to the lineage.
   """
+  if vanished not in ("keep", "drop"):
+    raise JaxrecError(f"--vanished={vanished!r}: expected 'keep' or 'drop'")
   with lock.hold(out_dir, "train"):
     return _train_locked(cfg, out_dir, data, resume, init_from,
                          init_opt_state, devices, progress_bar,
-                         step_callback, task, params, lineage)
+                         step_callback, task, vanished, params, lineage)
 
 
 def _train_locked(cfg: Config, out_dir: str,
@@ -163,21 +171,23 @@ def _train_locked(cfg: Config, out_dir: str,
                   init_from: str | None, init_opt_state: bool,
                   devices: list[jax.Device] | None, progress_bar: bool,
                   step_callback: Callable[[int], None] | None,
-                  task: Task, prepared: models.Params | None,
+                  task: Task, vanished: str,
+                  prepared: models.Params | None,
                   prepared_lineage: list[dict[str, Any]] | None
                   ) -> dict[str, Any]:
   """`train`, holding the run directory's writer lock."""
+  # Started from a checkpoint: number items its way, so its rows keep
+  # meaning the same items on a new data version.
+  init_vocab = _init_vocabulary(init_from) if init_from else None
   if data is None:
     from jaxrec.data import pipeline  # pylint: disable=import-outside-toplevel
-    # Started from a checkpoint: number items its way, so its rows keep
-    # meaning the same items on a new data version.
-    init_vocab = _init_vocabulary(init_from) if init_from else None
-    data = pipeline.load_data(cfg.data, vocab=init_vocab)
+    data = pipeline.load_data(cfg.data, vocab=init_vocab,
+                              drop_vanished=vanished == "drop")
   lineage: list[dict[str, Any]] = list(prepared_lineage or [])
   requested_model = cfg.model
   if init_from:
-    cfg, lineage, init_params, init_opt = _load_init(cfg, init_from, data,
-                                                     init_opt_state)
+    cfg, lineage, init_params, init_opt = _load_init(
+        cfg, init_from, data, init_opt_state, init_vocab)
     # SkipRec options given for this run add a policy to a plain backbone.
     cfg, init_params, lineage = attach.policy_if_asked(
         requested_model, cfg, init_params, lineage, init_opt_state)
@@ -383,22 +393,34 @@ def _init_vocabulary(init_from: str) -> vocab_lib.Vocabulary | None:
 
 
 def _load_init(cfg: Config, init_from: str, data: sequences.SequenceData,
-               with_opt_state: bool):
+               with_opt_state: bool,
+               init_vocab: vocab_lib.Vocabulary | None = None):
   """Params (and optionally the optimizer state) of a trained or surgery
   checkpoint; its model and head config win. Returns (cfg, lineage,
-  params, opt_state or None)."""
+  params, opt_state or None). A changed catalogue (data numbered by
+  `init_vocab`, as `train` loads it, whose items differ from it) remaps
+  the item rows."""
   # Only `latest` checkpoints hold an optimizer state.
   opened = checkpoints.open_checkpoint(init_from,
                                        "latest" if with_opt_state else None)
   src = checkpoints.config_from_meta(opened.meta, init_from)
   refuse_finetuning(src, init_from, "--init-from")
+  entry = {"dir": os.path.abspath(init_from), "kind": opened.kind,
+           "step": opened.step, "op": "init_from",
+           "opt_state": with_opt_state}
+  # Only data numbered by the checkpoint's vocabulary (as the loop loads
+  # it) is remapped: data built elsewhere keeps its caller's numbering.
+  numbered_by = (data.meta.get("vocab_growth") or {}).get("from_vocabulary")
+  if (init_vocab is not None and data.vocab is not None
+      and numbered_by == init_vocab.fingerprint()
+      and not np.array_equal(init_vocab.items, data.vocab.items)):
+    return _load_init_new_catalogue(cfg, init_from, data, with_opt_state,
+                                    init_vocab, opened, src, entry)
   if src.model.num_items != data.num_items:
     raise JaxrecError(f"{init_from}: model has {src.model.num_items} item "
                       f"ids but the data has {data.num_items}")
   cfg = cfg.replace(model=src.model, head=src.head)
-  lineage = opened.meta["lineage"] + [{
-      "dir": os.path.abspath(init_from), "kind": opened.kind,
-      "step": opened.step, "op": "init_from", "opt_state": with_opt_state}]
+  lineage = opened.meta["lineage"] + [entry]
   if not with_opt_state:
     return cfg, lineage, restore_params(opened, src, init_from), None
   checkpoints.check_format(opened.meta, init_from, legacy_ok=False)
@@ -414,6 +436,38 @@ def _load_init(cfg: Config, init_from: str, data: sequences.SequenceData,
                       "run's optimizer (schedule, clipping, weight decay or "
                       "frozen parts differ); drop --init-opt-state")
   return cfg, lineage, restored["params"], opt_state
+
+
+def _load_init_new_catalogue(cfg: Config, init_from: str,
+                             data: sequences.SequenceData,
+                             with_opt_state: bool,
+                             init_vocab: vocab_lib.Vocabulary,
+                             opened: checkpoints.Opened, src: Config,
+                             entry: dict[str, Any]):
+  """`_load_init` when the data has items the checkpoint never saw, or
+  lacks some it had: known rows kept, new rows fresh (see
+  `jaxrec.surgery.catalogue`); the counts printed and put in the lineage."""
+  from jaxrec.surgery import catalogue  # pylint: disable=import-outside-toplevel
+  catalogue.check_growable(src, init_from)
+  if with_opt_state:
+    raise JaxrecError(f"--init-opt-state: the data changes {init_from}'s "
+                      "catalogue, so its Adam moments have other rows; drop "
+                      "--init-opt-state")
+  params = restore_params(opened, src, init_from)
+  params, new_src, counts = catalogue.remap_items(
+      params, src, init_vocab, data.vocab, jax.random.key(cfg.train.seed))
+  growth = data.meta.get("vocab_growth") or {}
+  entry["catalogue"] = {
+      "known": growth.get("known"), "new": growth.get("new"),
+      "vanished": growth.get("vanished"),
+      "vanished_policy": growth.get("vanished_policy"),
+      "num_items": [src.model.num_items, new_src.model.num_items], **counts}
+  print(f"catalogue: {growth.get('known')} items of {init_from} kept, "
+        f"{growth.get('new')} new (fresh rows), {growth.get('vanished')} "
+        f"vanished ({growth.get('vanished_policy')}); "
+        f"{src.model.num_items - 1} -> {new_src.model.num_items - 1} items")
+  cfg = cfg.replace(model=new_src.model, head=new_src.head)
+  return cfg, opened.meta["lineage"] + [entry], params, None
 
 
 def _check_finite(state: State, out: dict,

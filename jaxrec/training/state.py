@@ -129,19 +129,41 @@ def restore_params(opened: checkpoints.Opened, cfg: Config, origin: str,
 
 
 def load_params(run_dir: str, kind: str | None = None,
-                sharding: Any = None, step: int | None = None
+                sharding: Any = None, params_only: bool = True,
+                step: int | None = None
                 ) -> tuple[models.Params, Config, dict]:
   """(params, config, meta) of a run's checkpoint: the notebook entry point.
 
   `kind` is best (default when the run validated) or latest; `sharding`
-  (e.g. a NamedSharding of another mesh) places every leaf; `step`
-  defaults to the best (or newest latest) one. A fine-tuning that stores
-  only its trainable leaves comes back whole: its frozen leaves are read
-  from the pretrained checkpoint it records, and checked against the
-  fingerprint taken when fine-tuning began.
+  (e.g. a NamedSharding of another mesh; default: the first device) places
+  every leaf; `step` defaults to the best (or newest latest) one.
+  `params_only` (default) reads the params alone: a `latest` checkpoint's
+  optimizer state (twice the params, for Adam) is never read (Orbax
+  partial restore). `params_only=False` returns the whole saved state
+  instead of the params (`params`, `opt_state`, `step`, ... for `latest`),
+  e.g. to look at Adam's moments. A fine-tuning that stores only its
+  trainable leaves comes back whole: its frozen leaves are read from the
+  pretrained checkpoint it records, and checked against the fingerprint
+  taken when fine-tuning began.
   """
   opened = checkpoints.open_checkpoint(run_dir, kind, step)
   cfg = checkpoints.config_from_meta(opened.meta, run_dir)
+  if not params_only:
+    if checkpoints.is_legacy(opened.meta):
+      raise JaxrecError(f"{run_dir}: params_only=False reads a current "
+                        "checkpoint's state; this one is jaxrec 0.1's")
+    state, _ = checkpoints.restore(
+        opened.mngr, opened.step,
+        target=abstract_state(cfg, opened.kind, sharding))
+    return state, cfg, opened.meta
+  if opened.kind == "latest" and not checkpoints.is_legacy(opened.meta):
+    target = abstract_state(cfg, "best", sharding or _default_sharding())
+    params = checkpoints.restore_subtree(opened.mngr, opened.step, "params",
+                                         target["params"])
+    if cfg.train.frozen_from:
+      params = graft(params, load_frozen(cfg, opened.meta, run_dir,
+                                         sharding))
+    return params, cfg, opened.meta
   return (restore_params(opened, cfg, run_dir, sharding), cfg,
           opened.meta)
 
@@ -189,7 +211,7 @@ def load_frozen(cfg: Config, meta: dict[str, Any], origin: str,
     raise JaxrecError(f"{origin}: its frozen backbone {src['dir']} is gone; "
                       "the fine-tuning stores only its trainable leaves")
   pretrained, _, _ = load_params(src["dir"], src["kind"], sharding,
-                                 src["step"])
+                                 step=src["step"])
   wanted = frozen_params(models.abstract_params(cfg), cfg)
   try:
     frozen = select_like(pretrained, wanted)
@@ -207,3 +229,9 @@ def select_like(tree: Any, like: Any) -> Any:
   if not isinstance(like, dict):
     return tree
   return {k: select_like(tree[k], sub) for k, sub in like.items()}
+
+
+def _default_sharding() -> Any:
+  """Where a restore puts arrays when the caller names no sharding (a
+  partial restore needs one, or it returns numpy arrays)."""
+  return jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -1,0 +1,238 @@
+"""Serving a trained run: batched top-k in raw item ids, and its export.
+
+`Predictor(run_dir)` restores a checkpoint's params and vocabulary and
+answers `topk(histories, k)` for histories of raw item ids: unknown raw ids
+are dropped (and counted), the known ones are left-padded to the model's
+`max_len` (the most recent kept), and the model's top k items come back as
+raw ids with their scores (the head's: softmax logits, or the tree
+softmax's log-probabilities). A history with no known id cannot be scored
+by the model; it gets the popularity ranking instead, marked as such.
+
+`export_topk(run_dir, path)` writes the same scoring function as a
+`jax.export` serialization, with the params baked in as constants and a
+symbolic batch dimension, next to the vocabulary, in one zip file: a
+serving process needs jax and the file, not jaxrec (`load_exported`, and
+the few-line loader in the README, read it back).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zipfile
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrec import heads
+from jaxrec.config import Config
+from jaxrec.data import vocabulary as vocab_lib
+from jaxrec.errors import JaxrecError, reported_as
+from jaxrec.tasks import next_item
+
+EXPORT_FORMAT = "jaxrec.export/1"
+# Members of an exported zip (see `export_topk`).
+EXPORTED_FN = "topk.jaxexport"
+EXPORTED_VOCAB = vocab_lib.FILENAME
+EXPORTED_SPEC = "serving.json"
+_MAX_BATCH = 256  # Histories per compiled call of `Predictor.topk`.
+
+
+def topk_fn(cfg: Config, k: int, exclude_seen: bool = False
+            ) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
+  """(params, inputs [B, T] int32) -> (ids [B, k] int32, scores [B, k]
+  float32), best first, over every real item, tile by tile (never a
+  [B, V] matrix). Padding, ids >= V and, with `exclude_seen`, the ids of
+  each row's input score -inf; a row with fewer than k such items has
+  -inf entries at its end. B may be symbolic (jax.export)."""
+  head = heads.get(cfg.head.name)
+  v = cfg.model.num_items
+  tile = min(cfg.train.loss_chunk, v)
+  num_tiles = -(-v // tile)
+
+  def topk(params, inputs):
+    ctx = head.prepare(params, cfg, next_item.last_hidden(params, cfg,
+                                                          inputs))
+
+    def seen_in_tile(history, start):
+      # One row's inputs as a [tile] mask; out-of-tile ids go to index
+      # `tile` and are dropped (a negative index would wrap around).
+      local = history - start
+      local = jnp.where((local >= 0) & (local < tile), local, tile)
+      return jnp.zeros(tile, bool).at[local].set(True, mode="drop")
+
+    def step(carry, start):
+      best_scores, best_ids = carry
+      scores = head.tile_scores(params, cfg, ctx, start, tile)
+      ids = start + jnp.arange(tile, dtype=jnp.int32)
+      out = (ids == 0) | (ids >= v)
+      if exclude_seen:
+        out = out[None, :] | jax.vmap(seen_in_tile, (0, None))(inputs, start)
+      scores = jnp.where(out, -jnp.inf, scores.astype(jnp.float32))
+      all_scores = jnp.concatenate([best_scores, scores], axis=1)
+      all_ids = jnp.concatenate(
+          [best_ids, jnp.broadcast_to(ids, scores.shape)], axis=1)
+      top, pos = jax.lax.top_k(all_scores, k)
+      return (top, jnp.take_along_axis(all_ids, pos, axis=1)), None
+
+    b = inputs.shape[0]
+    init = (jnp.full((b, k), -jnp.inf, jnp.float32),
+            jnp.zeros((b, k), jnp.int32))
+    starts = jnp.arange(num_tiles, dtype=jnp.int32) * tile
+    (scores, ids), _ = jax.lax.scan(step, init, starts)
+    return ids, scores
+
+  return topk
+
+
+def check_k(k: int, num_items: int, option: str = "--topk") -> int:
+  """k within 1..V-1 (the catalogue's real items)."""
+  if not isinstance(k, int) or k < 1:
+    raise JaxrecError(f"{option}={k}: expected >= 1")
+  return min(k, num_items - 1)
+
+
+def encode_histories(vocab: vocab_lib.Vocabulary,
+                     histories: Sequence[Sequence[str]], max_len: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(inputs [N, max_len] left-padded, unknown tokens per row, known
+  tokens per row): unknown raw ids dropped, the last max_len known kept."""
+  inputs = np.zeros((len(histories), max_len), np.int32)
+  unknown = np.zeros(len(histories), np.int64)
+  known = np.zeros(len(histories), np.int64)
+  for row, history in enumerate(histories):
+    ids, unknown[row] = vocab.encode_items(list(history))
+    ids = ids[ids > 0][-max_len:]
+    known[row] = int(np.sum(ids > 0))
+    if len(ids):
+      inputs[row, max_len - len(ids):] = ids
+  return inputs, unknown, known
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  """One history's top-k: raw item ids, best first, and their scores
+  (None for a popularity fallback, which has ranks but no model score)."""
+  items: list[str]
+  scores: list[float] | None
+  unknown: int  # Raw ids of the history the vocabulary does not know.
+  fallback: str | None  # "popularity" when no id of the history was known.
+
+
+class Predictor:
+  """Top-k recommendations of a run's checkpoint, in raw item ids."""
+
+  def __init__(self, run_dir: str, kind: str | None = None):
+    # pylint: disable-next=import-outside-toplevel
+    from jaxrec.training.state import load_params
+    self.params, self.cfg, self.meta = load_params(run_dir, kind)
+    self.vocab = vocab_lib.of_run(run_dir)
+    self.vocab.check_matches(self.meta.get("vocabulary"), run_dir)
+    if self.vocab.num_items != self.cfg.model.num_items:
+      raise JaxrecError(f"{run_dir}: vocabulary.json has "
+                        f"{self.vocab.num_items} item ids, the model "
+                        f"{self.cfg.model.num_items}")
+    self.max_len = self.cfg.data.max_len
+    self._fns: dict[tuple[int, bool], Callable] = {}
+
+  def _fn(self, k: int, exclude_seen: bool) -> Callable:
+    key = (k, exclude_seen)
+    if key not in self._fns:
+      self._fns[key] = jax.jit(topk_fn(self.cfg, k, exclude_seen))
+    return self._fns[key]
+
+  def topk(self, histories: Sequence[Sequence[str]], k: int,
+           exclude_seen: bool = False) -> list[Prediction]:
+    """The top k of each history (oldest item first), batched."""
+    k = check_k(k, self.vocab.num_items)
+    inputs, unknown, known = encode_histories(self.vocab, histories,
+                                              self.max_len)
+    fn = self._fn(k, exclude_seen)
+    scored = np.flatnonzero(known > 0)
+    ids = np.zeros((len(histories), k), np.int32)
+    scores = np.full((len(histories), k), -np.inf, np.float32)
+    # Padded to a power of two up to _MAX_BATCH: a handful of compiles
+    # whatever the number of histories.
+    size = min(_MAX_BATCH, 1 << max(0, int(len(scored) - 1).bit_length()))
+    for begin in range(0, len(scored), size):
+      rows = scored[begin:begin + size]
+      batch = np.zeros((size, self.max_len), np.int32)
+      batch[:len(rows)] = inputs[rows]
+      top_ids, top_scores = fn(self.params, batch)
+      ids[rows] = np.asarray(top_ids)[:len(rows)]
+      scores[rows] = np.asarray(top_scores)[:len(rows)]
+    popular = self.vocab.items[1:k + 1].tolist()
+    out = []
+    for row in range(len(histories)):
+      if not known[row]:
+        out.append(Prediction(popular, None, int(unknown[row]),
+                              "popularity"))
+        continue
+      keep = np.isfinite(scores[row])  # Fewer than k unseen items left.
+      out.append(Prediction(
+          self.vocab.decode_items(ids[row][keep]).tolist(),
+          [float(s) for s in scores[row][keep]], int(unknown[row]), None))
+    return out
+
+
+# ------------------------------------------------------------------ export
+
+
+def export_topk(run_dir: str, path: str, k: int = 10,
+                exclude_seen: bool = False, kind: str | None = None,
+                platforms: Sequence[str] | None = None) -> dict[str, Any]:
+  """Writes `path` (a zip): the top-k function as a `jax.export`
+  serialization (params baked in, batch dimension symbolic, inputs
+  int32 [B, max_len] left-padded model ids), the vocabulary and a
+  `serving.json` spec. Returns the spec."""
+  predictor = Predictor(run_dir, kind)
+  k = check_k(k, predictor.vocab.num_items)
+  params = predictor.params
+  fn = topk_fn(predictor.cfg, k, exclude_seen)
+  batch = jax.export.symbolic_shape("batch")[0]
+  spec_in = jax.ShapeDtypeStruct((batch, predictor.max_len), jnp.int32)
+  with reported_as(run_dir, "export the scoring function"):
+    exported = jax.export.export(
+        jax.jit(lambda inputs: fn(params, inputs)),
+        platforms=tuple(platforms) if platforms else None)(spec_in)
+    blob = exported.serialize()
+  spec = {"format": EXPORT_FORMAT, "k": k, "exclude_seen": exclude_seen,
+          "max_len": predictor.max_len,
+          "num_items": predictor.vocab.num_items,
+          "platforms": list(exported.platforms),
+          "vocabulary": predictor.vocab.fingerprint(),
+          "checkpoint": {"dir": os.path.abspath(run_dir),
+                         "step": predictor.meta["step"]},
+          "inputs": "int32 [batch, max_len]: model ids, left-padded with 0",
+          "outputs": "(int32 [batch, k] ids, float32 [batch, k] scores), "
+                     "best first; -inf marks no item"}
+  tmp = f"{path}.tmp{os.getpid()}"
+  with reported_as(path, "write the export"):
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+      z.writestr(EXPORTED_FN, bytes(blob))
+      z.writestr(EXPORTED_VOCAB, json.dumps(
+          {"format": vocab_lib.FORMAT,
+           "fingerprint": predictor.vocab.fingerprint(),
+           "items": predictor.vocab.items.tolist(),
+           "users": predictor.vocab.users.tolist()}))
+      z.writestr(EXPORTED_SPEC, json.dumps(spec, indent=2))
+    os.replace(tmp, path)
+  return spec
+
+
+def load_exported(path: str) -> tuple[Any, vocab_lib.Vocabulary,
+                                      dict[str, Any]]:
+  """(jax.export.Exported, Vocabulary, spec) of an `export_topk` file."""
+  with reported_as(path, "read the export"):
+    with zipfile.ZipFile(path) as z:
+      exported = jax.export.deserialize(bytearray(z.read(EXPORTED_FN)))
+      spec = json.loads(z.read(EXPORTED_SPEC))
+      raw = json.loads(z.read(EXPORTED_VOCAB))
+  if spec.get("format") != EXPORT_FORMAT:
+    raise JaxrecError(f"{path}: export format {spec.get('format')!r}; "
+                      f"expected {EXPORT_FORMAT!r}")
+  vocab = vocab_lib.Vocabulary(np.array(raw["items"], dtype=str),
+                               np.array(raw["users"], dtype=str))
+  return exported, vocab, spec
