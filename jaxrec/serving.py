@@ -26,11 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec import heads
+from jaxrec import heads, tasks
 from jaxrec.config import Config
 from jaxrec.data import vocabulary as vocab_lib
 from jaxrec.errors import JaxrecError, reported_as
-from jaxrec.tasks import next_item
 
 EXPORT_FORMAT = "jaxrec.export/1"
 # Members of an exported zip (see `export_topk`).
@@ -48,13 +47,14 @@ def topk_fn(cfg: Config, k: int, exclude_seen: bool = False
   each row's input score -inf; a row with fewer than k such items has
   -inf entries at its end. B may be symbolic (jax.export)."""
   head = heads.get(cfg.head.name)
+  # A masked (bidirectional) model reads the next item off a trailing MASK.
+  represent = tasks.for_config(cfg).represent
   v = cfg.model.num_items
   tile = min(cfg.train.loss_chunk, v)
   num_tiles = -(-v // tile)
 
   def topk(params, inputs):
-    ctx = head.prepare(params, cfg, next_item.last_hidden(params, cfg,
-                                                          inputs))
+    ctx = head.prepare(params, cfg, represent(params, cfg, inputs))
 
     def seen_in_tile(history, start):
       # One row's inputs as a [tile] mask; out-of-tile ids go to index
@@ -128,6 +128,10 @@ class Predictor:
     # pylint: disable-next=import-outside-toplevel
     from jaxrec.training.state import load_params
     self.params, self.cfg, self.meta = load_params(run_dir, kind)
+    if self.cfg.train.task != "auto":
+      raise JaxrecError(f"{run_dir}: a fine-tuning ({self.cfg.train.task}) "
+                        "scores its task's outputs, not the catalogue's "
+                        "items; predict and export serve next-item models")
     self.vocab = vocab_lib.of_run(run_dir)
     self.vocab.check_matches(self.meta.get("vocabulary"), run_dir)
     if self.vocab.num_items != self.cfg.model.num_items:

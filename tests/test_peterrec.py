@@ -467,3 +467,23 @@ def test_peterrec_experiment_writes_results_targets_and_plot(tmp_path,
   assert all(module.targets(arms).values())
   arms["peter_serial"] = arm_with(0.94, 0.47, 101)
   assert not any(module.targets(arms).values())
+
+
+def test_a_masked_model_serves_the_next_item_from_a_trailing_mask():
+  from jaxrec import serving  # pylint: disable=import-outside-toplevel
+  cfg = full_cfg(causal=False)
+  params = active(models.init_params(cfg, jax.random.key(0)))
+  inputs = jnp.array([[0, 3, 4, 5], [6, 7, 8, 9]], jnp.int32)
+  ids, scores = serving.topk_fn(cfg, 3)(params, inputs)
+  expected = masked_item.masked_hidden(params, cfg, inputs) @ (
+      params["head"]["kernel"].T) + params["head"]["bias"]
+  expected = expected.at[:, 0].set(-jnp.inf)
+  np.testing.assert_allclose(scores, jax.lax.top_k(expected, 3)[0],
+                             rtol=1e-5)
+
+
+def test_predict_refuses_a_finetuning(peter_run, capsys):
+  assert cli.main(["predict", "--ckpt", peter_run, "--history", "1 2",
+                   "--topk", "2"]) == 2
+  assert "a fine-tuning (cold_start) scores its task's outputs" in (
+      capsys.readouterr().err)

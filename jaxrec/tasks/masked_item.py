@@ -76,6 +76,9 @@ def masked_hidden(params: models.Params, cfg: Any,
   return next_item.last_hidden(params, cfg, mask_last(cfg, inputs))
 
 
+represent = masked_hidden
+
+
 def rank_fn(cfg: Any) -> Callable[..., jax.Array]:
   return next_item.rank_fn(cfg, masked_hidden)
 

@@ -46,6 +46,7 @@ def last_hidden(params: models.Params, cfg: Any,
 
 
 Represent = Callable[[models.Params, Any, jax.Array], jax.Array]
+represent: Represent = last_hidden  # What scores the outputs (serving).
 
 
 def rank_fn(cfg: Any, represent: Represent = last_hidden

@@ -38,6 +38,7 @@ batch = next_item.batch
 rank_fn = next_item.rank_fn
 sampled_rank_fn = next_item.sampled_rank_fn
 sampler_for = next_item.sampler_for
+represent = next_item.represent
 
 
 def split_masks(cfg: Any, inputs: jax.Array) -> tuple[jax.Array, jax.Array]:

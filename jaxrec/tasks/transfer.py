@@ -39,6 +39,9 @@ def user_representation(params: models.Params, cfg: Any,
   return read_user(models.hidden_states(params, cfg, inputs), cfg, inputs)
 
 
+represent = user_representation
+
+
 def read_user(h: jax.Array, cfg: Any, inputs: jax.Array) -> jax.Array:
   """The representation out of hidden states h [B, T, C]."""
   out = h[:, -1]
