@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxrec.config import SPECIAL_TOKENS
 from jaxrec.nn import bands
 from jaxrec.nn.conv import weight_init
 
@@ -53,7 +54,6 @@ def init(cfg: Any, rng: jax.Array) -> Params:
 def init_tokens(cfg: Any, rng: jax.Array) -> Params:
   """The `tokens` subtree: one [C] vector per special token, each its own
   draw (adding a token later leaves the others as they were)."""
-  from jaxrec.config import SPECIAL_TOKENS  # pylint: disable=import-outside-toplevel
   return {name: weight_init(jax.random.fold_in(rng, SPECIAL_TOKENS.index(name)),
                             (cfg.embed_dim,))
           for name in cfg.special_tokens}

@@ -204,12 +204,10 @@ def finetune(pretrained_dir: str, task: str, data_path: str, out_dir: str,
   src_params, src_cfg, meta = state_lib.load_params(pretrained_dir, kind)
   check_source(src_cfg, pretrained_dir)
   vocab = vocabulary.of_run(pretrained_dir)
-  # The fine-tuning model's token ids are fixed by the source config.
-  probe = dataclasses.replace(src_cfg.model, special_tokens=("cls", "unk"))
   downstream = transfer_data.load(
       data_path, task, vocab, data, src_cfg.data.max_len,
-      src_cfg.model.is_causal(), probe.token_id("cls"),
-      probe.token_id("unk"))
+      src_cfg.model.is_causal(), src_cfg.model.token_id("cls"),
+      src_cfg.model.token_id("unk"))
   unknown = downstream.meta["unknown_source_tokens"]
   if unknown:
     print(f"jaxrec: warning: {data_path}: {unknown} of "
