@@ -28,7 +28,7 @@ setup(
         "serving": ["flatbuffers"],
         "parquet": ["pyarrow"],
         "notebook": ["treescope", "ipykernel"],
-        "test": ["pytest", "tensorboardX", "flatbuffers", "pyarrow",
+        "test": ["pytest", "pytest-xdist", "tensorboardX", "flatbuffers", "pyarrow",
                  "treescope", "nbclient", "nbformat", "ipykernel"],
     },
     entry_points={"console_scripts": ["jaxrec=jaxrec.cli:main"]},
