@@ -50,10 +50,10 @@ absl_logging.set_verbosity(absl_logging.ERROR)
 # 10,000 items with a long tail: embedding and softmax are most of the model.
 CPU = dict(data="synthetic:small,users=5000,items=10000,topics=100",
            embed_dim=32, num_blocks=4, max_len=20, batch_size=128,
-           steps=300, eval_every=100, lr=3e-3, timing_batches=5)
+           steps=300, eval_every=100, lr=3e-3, patience=0, timing_batches=5)
 SCALE = dict(data="synthetic:ml20m", embed_dim=256, num_blocks=32,
              max_len=50, batch_size=256, steps=20000, eval_every=2000,
-             lr=1e-3, timing_batches=20)
+             lr=1e-3, patience=0, timing_batches=20)
 # The bands and sharing every compressed arm uses (RESULTS.md says why).
 BANDS = dict(num_bands=3, band_shares=[0.6])
 SHARE_PERIOD = 2
@@ -82,7 +82,7 @@ def base_config(s: dict[str, Any], seed: int) -> dict[str, Any]:
                "min_user_count": 1, "min_item_count": 1},
       "train": {"batch_size": s["batch_size"], "steps": s["steps"],
                 "eval_every": s["eval_every"], "learning_rate": s["lr"],
-                "patience": 0, "seed": seed}}
+                "patience": s.get("patience", 0), "seed": seed}}
 
 
 def arm_config(base: dict[str, Any], arm: str,
@@ -280,6 +280,10 @@ def main() -> None:
                       help="GPU size: the ML-20M-shaped catalogue, C=256, "
                       "32 blocks")
   parser.add_argument("--steps", type=int, help="override the steps")
+  parser.add_argument("--patience", type=int,
+                      help="stop an arm after this many validations without "
+                      "gain (default 0: every arm runs all its steps); with a "
+                      "large --steps, each arm trains to its own plateau")
   parser.add_argument("--data", help="override the data source")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--retime", action="store_true",
@@ -300,6 +304,8 @@ def main() -> None:
     if args.steps:
       s["steps"] = args.steps
       s["eval_every"] = max(1, min(s["eval_every"], args.steps))
+    if args.patience is not None:
+      s["patience"] = args.patience
     if args.data:
       s["data"] = args.data
   os.makedirs(args.out, exist_ok=True)
