@@ -85,12 +85,23 @@ def make_train_step(cfg: Config, opt: Any, labels: Any,
 
 def jit_rank_fn(cfg: Config, sharder: Sharder,
                 task: Task = next_item) -> Callable:
-  # Ranks come back replicated: on several hosts each process reads them
-  # all, which a batch-sharded array would not allow.
-  return jax.jit(task.rank_fn(cfg),
-                 in_shardings=(sharder.replicated, sharder.batch,
-                               sharder.batch),
-                 out_shardings=sharder.replicated)
+  """The task's rank function, jitted on the sharder's mesh for the params
+  tree it is first called with (tables split by rows over `model`)."""
+  compiled: dict[Any, Callable] = {}
+
+  def ranks(params, inputs, targets):
+    key = jax.tree.structure(params)
+    if key not in compiled:
+      # Ranks come back replicated: on several hosts each process reads
+      # them all, which a batch-sharded array would not allow.
+      compiled[key] = sharder.jit(
+          task.rank_fn(cfg),
+          in_shardings=(sharder.shardings(params), sharder.batch,
+                        sharder.batch),
+          out_shardings=sharder.replicated)
+    return compiled[key](params, inputs, targets)
+
+  return ranks
 
 
 def evaluate_params(params: models.Params, cfg: Config, sharder: Sharder,
@@ -198,7 +209,7 @@ def _train_locked(cfg: Config, out_dir: str,
   tcfg = cfg.train
   rundir.prepare(cfg, out_dir, resume)
 
-  sharder = Sharder(make_mesh(devices))
+  sharder = Sharder(make_mesh(devices, tcfg.mesh))
   batch_size = sharder.check_batch(tcfg.batch_size, "train.batch_size")
   if prepared is not None:
     params = prepared
@@ -211,18 +222,19 @@ def _train_locked(cfg: Config, out_dir: str,
   opt, labels = optimizer_for(cfg, params, total_steps)
   masks = optim.row_masks(params, models.get(cfg.model.name).surgery.stacks,
                           tcfg.train_top_blocks)
-  step_fn = jax.jit(
-      make_train_step(cfg, opt, labels, next_item.sampler_for(cfg, data),
-                      task, masks),
-      in_shardings=(sharder.replicated, sharder.batch),
-      out_shardings=(sharder.replicated, sharder.replicated),
-      donate_argnums=0)
-  rank_fn = jit_rank_fn(cfg, sharder, task)
-
   state = init_state(params, opt)
   if init_from and init_opt_state:
     state["opt_state"] = init_opt  # E.g. Adam moments mapped by `grow`.
-  state = sharder.replicate(state)
+  # Tables and their optimizer state split by rows over `model`.
+  state_shardings = sharder.shardings(state)
+  step_fn = sharder.jit(
+      make_train_step(cfg, opt, labels, next_item.sampler_for(cfg, data),
+                      task, masks),
+      in_shardings=(state_shardings, sharder.batch),
+      out_shardings=(state_shardings, sharder.replicated),
+      donate_argnums=0)
+  rank_fn = jit_rank_fn(cfg, sharder, task)
+  state = jax.device_put(state, state_shardings)
   ckpts = checkpoints.RunCheckpoints(out_dir, tcfg.keep_checkpoints)
   prog = Progress()
   if resume and ckpts.latest.all_steps():
@@ -317,7 +329,7 @@ def _finish(cfg: Config, out_dir: str, data: sequences.SequenceData,
                       "as its best")
   restored, _ = checkpoints.restore(
       ckpts.best, prog.best_step,
-      target=abstract_state(cfg, "best", sharder.replicated))
+      target=abstract_state(cfg, "best", sharder.shardings))
   restored["params"] = graft(restored["params"], frozen)
   test = evaluate_params(restored["params"], cfg, sharder, data.test_inputs,
                          data.test_targets, rank_fn)

@@ -87,7 +87,9 @@ def storable(state: State, cfg: Config) -> State:
 
 def abstract_state(cfg: Config, kind: str = "latest",
                    sharding: Any = None) -> Any:
-  """The tree a checkpoint of `kind` holds, as ShapeDtypeStructs."""
+  """The tree a checkpoint of `kind` holds, as ShapeDtypeStructs placed by
+  `sharding`: one Sharding for every leaf, or a function from the tree to
+  a tree of them (`Sharder.shardings`: tables split by rows)."""
   def build():
     params = models.init_params(cfg, jax.random.key(0))
     if kind != "latest":
@@ -95,6 +97,11 @@ def abstract_state(cfg: Config, kind: str = "latest",
     return storable(init_state(params, optimizer_for(cfg, params)[0]), cfg)
 
   tree = jax.eval_shape(build)
+  if sharding is not None and not isinstance(sharding,
+                                             jax.sharding.Sharding):
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        tree, sharding(tree))
   if sharding is not None:
     tree = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
