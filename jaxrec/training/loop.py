@@ -19,6 +19,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -171,7 +172,10 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
   """
   if vanished not in ("keep", "drop"):
     raise JaxrecError(f"--vanished={vanished!r}: expected 'keep' or 'drop'")
-  with lock.hold(out_dir, "train"):
+  # On several hosts process 0 alone writes the run directory (it holds
+  # the lock); the others only join the collective saves and steps.
+  with (lock.hold(out_dir, "train") if is_primary()
+        else contextlib.nullcontext()):
     return _train_locked(cfg, out_dir, data, resume, init_from,
                          init_opt_state, devices, progress_bar,
                          step_callback, task, vanished, params, lineage)
@@ -207,7 +211,9 @@ def _train_locked(cfg: Config, out_dir: str,
   cfg.validate()
   task = task or tasks.for_config(cfg)
   tcfg = cfg.train
-  rundir.prepare(cfg, out_dir, resume)
+  primary = is_primary()
+  if primary:
+    rundir.prepare(cfg, out_dir, resume)
 
   sharder = Sharder(make_mesh(devices, tcfg.mesh))
   batch_size = sharder.check_batch(tcfg.batch_size, "train.batch_size")
@@ -243,20 +249,24 @@ def _train_locked(cfg: Config, out_dir: str,
     lineage = meta["lineage"]
   elif resume:  # Killed before its first checkpoint: it starts again.
     rundir.check_config_file(cfg, out_dir)
-  if resume:  # Only now: a failed resume leaves config.json as it was.
+  if resume and primary:  # Only now: a failed resume leaves it as it was.
     rundir.write_config(cfg, out_dir)
   vocab_meta = None
   if data.vocab is not None:  # Before any checkpoint that names it.
-    data.vocab.save(out_dir)
+    if primary:
+      data.vocab.save(out_dir)
     vocab_meta = data.vocab.meta()
   start = int(state["step"])
 
-  log = rundir.MetricsLog(out_dir, tcfg.tensorboard, start)
+  log = (rundir.MetricsLog(out_dir, tcfg.tensorboard, start) if primary
+         else rundir.NullLog())
   log_every = min(50, eval_every)
   tokens_per_step = int(np.sum(data.train[:, 1:] != 0) /
                         max(1, data.train.shape[0]) * batch_size)
-  bar = tqdm(total=total_steps, initial=start, disable=not progress_bar,
-             desc="train", unit="step", mininterval=1.0, dynamic_ncols=True)
+  bar = tqdm(total=total_steps, initial=start,
+             disable=not (progress_bar and primary), desc="train",
+             unit="step", mininterval=1.0, dynamic_ncols=True)
+  say = bar.write if primary else lambda text: None
   t_last, s_last = time.time(), start
   clock = time.time() - prog.train_time_s
   done = start
@@ -288,7 +298,7 @@ def _train_locked(cfg: Config, out_dir: str,
           improved = prog.record(valid, tcfg.select_metric, done)
           log.write({"step": done, "valid": valid,
                      "train_time_s": prog.train_time_s})
-          bar.write(f"step {done}: valid {tcfg.select_metric}="
+          say(f"step {done}: valid {tcfg.select_metric}="
                     f"{valid[tcfg.select_metric]:.4f}"
                     + (" (best)" if improved else ""))
           meta = checkpoints.make_meta(cfg, data.fingerprint, done, lineage,
@@ -297,7 +307,7 @@ def _train_locked(cfg: Config, out_dir: str,
           ckpts.save_validation(done, storable(state, cfg), meta,
                                 prog.best_step)
           if prog.stopped(tcfg.patience):
-            bar.write(f"early stop at step {done}: no {tcfg.select_metric} "
+            say(f"early stop at step {done}: no {tcfg.select_metric} "
                       f"gain in {tcfg.patience} validations")
             break
         if step_callback is not None:
@@ -346,8 +356,15 @@ def _finish(cfg: Config, out_dir: str, data: sequences.SequenceData,
   }
   if hasattr(task, "report"):  # E.g. SkipRec's block usage.
     result.update(task.report(restored["params"], cfg, data))
-  checkpoints.write_json(os.path.join(out_dir, "metrics.json"), result)
+  if is_primary():
+    checkpoints.write_json(os.path.join(out_dir, "metrics.json"), result)
   return result
+
+
+def is_primary() -> bool:
+  """Whether this process writes files and progress (process 0 of a
+  multi-host run; the only one otherwise)."""
+  return jax.process_index() == 0
 
 
 def _check_num_items(cfg: Config, data: sequences.SequenceData) -> None:

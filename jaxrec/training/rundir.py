@@ -116,6 +116,16 @@ def drop_records_after(path: str, step: int) -> None:
   os.replace(tmp, path)
 
 
+class NullLog:
+  """The training log of a process that writes none (not process 0)."""
+
+  def write(self, record: dict[str, Any]) -> None:
+    del record
+
+  def close(self) -> None:
+    pass
+
+
 class MetricsLog:
   """DIR/metrics.jsonl, plus TensorBoard events under DIR/tb if asked."""
 
