@@ -97,16 +97,17 @@ def abstract_state(cfg: Config, kind: str = "latest",
     return storable(init_state(params, optimizer_for(cfg, params)[0]), cfg)
 
   tree = jax.eval_shape(build)
-  if sharding is not None and not isinstance(sharding,
-                                             jax.sharding.Sharding):
+  if sharding is None:
+    # Orbax refuses to restore a checkpoint saved on another topology (8
+    # devices, several hosts) without a placement: default to one device.
+    sharding = _default_sharding()
+  if not isinstance(sharding, jax.sharding.Sharding):
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         tree, sharding(tree))
-  if sharding is not None:
-    tree = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-        tree)
-  return tree
+  return jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+      tree)
 
 
 def restore_params(opened: checkpoints.Opened, cfg: Config, origin: str,
