@@ -4,8 +4,10 @@ They join through `jax.distributed` (the coordinator on 127.0.0.1, gloo CPU
 collectives) on a data=4,model=2 mesh and must end where one process with 8
 devices on the same mesh ends: the same metrics, the same best params; only
 process 0 writes the run directory and the summary; the multi-host
-checkpoint restores in this single-device process with the same metrics.
+checkpoint restores in this single-device process with the same metrics,
+and the run resumes there on another mesh.
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 
 from jaxrec import config, evaluation
+from jaxrec.training import loop
 
 from test_cli import free_port
 
@@ -91,3 +94,9 @@ def test_two_processes_match_one_and_restore_on_one_device(tmp_path):
   for name in config.METRIC_NAMES:
     assert result["test"][name] == pytest.approx(got["test"][name],
                                                   abs=1e-6)
+
+  # --resume on another mesh (one device here): the latest state reshards.
+  _, cfg, _ = evaluation.load_params(str(multi), "latest")
+  cfg = cfg.replace(train=dataclasses.replace(cfg.train, steps=9, mesh=""))
+  resumed = loop.train(cfg, str(multi), resume=True, progress_bar=False)
+  assert resumed["steps"] == 9
