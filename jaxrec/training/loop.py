@@ -1,9 +1,10 @@
 """The training loop: one readable function, `train`, and its pure step.
 
 - `train_step(state, batch)` is pure and jitted with NamedShardings over a
-  1-D `data` mesh of all devices (`jaxrec.training.mesh`): the batch is
-  split on `data`, params and optimizer state are replicated, and the state
-  is donated. It differentiates only the trainable part of the params
+  `data` x `model` mesh (`train.mesh`, `jaxrec.training.mesh`): the batch
+  is split on `data`, the item tables and their optimizer state by rows on
+  `model`, the rest replicated, and the state is donated. On several hosts
+  process 0 alone writes the run directory. It differentiates only the trainable part of the params
   (`jaxrec.training.optim`).
 - What is optimised and how it is evaluated is the task's
   (`jaxrec.tasks.next_item`); the loop knows neither the backbone nor the
