@@ -25,22 +25,28 @@ from jaxrec.errors import JaxrecError
 DATA, MODEL = "data", "model"
 AXES = (DATA, MODEL)
 
-# (regex searched at the end of a leaf path 'a/b/c', spec); first match
-# wins. Rows of every item- or class-sized table go to `model`.
-ROW_SHARDED_RULES: tuple[tuple[str, P], ...] = (
+# (regex searched at the end of a leaf path 'a/b/c', spec, required);
+# first match wins. Rows of every item- or class-sized table go to `model`.
+# A required table whose rows do not split over `model` is an error; the
+# band-structured tables of CpRec (adaptive embedding, tree softmax), whose
+# sizes follow the frequency bands, are split when their rows divide and
+# otherwise stay replicated (they are the compressed, small ones; choose
+# `--band-cutoffs` that the model size divides to split them all).
+ROW_SHARDED_RULES: tuple[tuple[str, P, bool], ...] = (
     # Item embedding: full table, or each band of the adaptive one.
-    (r"(^|/)item_embedding/embedding$", P(MODEL, None)),
-    (r"(^|/)item_embedding/band_\d+/embedding$", P(MODEL, None)),
+    (r"(^|/)item_embedding/embedding$", P(MODEL, None), True),
+    (r"(^|/)item_embedding/band_\d+/embedding$", P(MODEL, None), False),
     # Softmax head (untied), the sampled softmax reads the same leaves.
-    (r"(^|/)head/kernel$", P(MODEL, None)),
-    (r"(^|/)head/bias$", P(MODEL)),
+    (r"(^|/)head/kernel$", P(MODEL, None), True),
+    (r"(^|/)head/bias$", P(MODEL), True),
     # Tree softmax: the head cluster and every tail band's table.
-    (r"(^|/)head/head_kernel$", P(MODEL, None)),
-    (r"(^|/)head/head_bias$", P(MODEL)),
-    (r"(^|/)head/band_\d+/kernel$", P(MODEL, None)),
-    (r"(^|/)head/band_\d+/bias$", P(MODEL)),
+    (r"(^|/)head/head_kernel$", P(MODEL, None), False),
+    (r"(^|/)head/head_bias$", P(MODEL), False),
+    (r"(^|/)head/band_\d+/kernel$", P(MODEL, None), False),
+    (r"(^|/)head/band_\d+/bias$", P(MODEL), False),
 )
-_COMPILED = tuple((re.compile(p), spec) for p, spec in ROW_SHARDED_RULES)
+_COMPILED = tuple((re.compile(p), spec, required)
+                  for p, spec, required in ROW_SHARDED_RULES)
 
 # jax >= 0.7 spells it jax.shard_map (check_vma); older releases only had
 # jax.experimental.shard_map.shard_map (check_rep).
@@ -64,34 +70,42 @@ def path_name(path: tuple) -> str:
       k, "idx", k)))) for k in path)
 
 
-def spec_for(name: str, ndim: int) -> P:
-  """The PartitionSpec of a leaf named `name` (its 'a/b/c' path)."""
-  for pattern, spec in _COMPILED:
+def rule_for(name: str, ndim: int) -> tuple[P, bool]:
+  """(PartitionSpec, required) of a leaf named `name` (its 'a/b/c' path);
+  (P(), False) for a replicated one."""
+  for pattern, spec, required in _COMPILED:
     if pattern.search(name) and ndim == len(spec):
-      return spec
-  return P()
+      return spec, required
+  return P(), False
+
+
+def spec_for(name: str, ndim: int) -> P:
+  """The PartitionSpec a leaf named `name` gets when its rows divide."""
+  return rule_for(name, ndim)[0]
 
 
 def specs(tree: Any, model: int = 2, option: str = "--mesh") -> Any:
   """PartitionSpecs of every leaf of `tree` (params, an optimizer state or
   a whole train state; arrays or ShapeDtypeStructs).
 
-  With `model` > 1 a row-sharded leaf whose rows do not split evenly is
-  refused in one line naming `option`: shard_map and NamedSharding need
-  equal shards, and a silently replicated table is the memory blow-up the
-  mesh exists to avoid."""
+  With `model` > 1 a required row-split leaf whose rows do not split
+  evenly is refused in one line naming `option`: shard_map and
+  NamedSharding need equal shards, and a silently replicated item table is
+  the memory blow-up the mesh exists to avoid."""
   def one(path, leaf):
     name = path_name(path)
-    spec = spec_for(name, getattr(leaf, "ndim", 0))
+    spec, required = rule_for(name, getattr(leaf, "ndim", 0))
     if spec == P() or model <= 1:
-      return spec if model > 1 else P()
+      return P()
     rows = leaf.shape[0]
-    if rows % model:
-      raise JaxrecError(
-          f"{option}: {name} has {rows} rows, not a multiple of model="
-          f"{model}; pick a model size that divides it (or a catalogue "
-          "size that the model size divides)")
-    return spec
+    if rows % model == 0:
+      return spec
+    if not required:
+      return P()
+    raise JaxrecError(
+        f"{option}: {name} has {rows} rows, not a multiple of model="
+        f"{model}; pick a model size that divides it (or a catalogue "
+        "size that the model size divides)")
 
   return jax.tree_util.tree_map_with_path(one, tree)
 

@@ -89,6 +89,12 @@ def test_tree_softmax_and_adaptive_tables_are_split_too():
   assert specs["params/head/band_2/bias"] == P("model")
   assert specs["params/head/band_1/projection"] == P()
   assert specs["params/head/head_kernel"] == P("model", None)
+  # Band tables follow the bands' sizes: one that model=4 cannot split (18
+  # rows) stays replicated instead of refusing CpRec on that mesh.
+  specs = _named_specs({"params": models.abstract_params(cfg)}, 4)
+  assert specs["params/item_embedding/band_0/embedding"] == P()
+  assert specs["params/item_embedding/band_2/embedding"] == P("model", None)
+  assert specs["params/head/head_kernel"] == P("model", None)  # 20 rows.
 
 
 def test_rows_that_do_not_split_are_refused_naming_the_option():
@@ -110,9 +116,16 @@ from jaxrec.tasks import next_item
 from jaxrec.training import loop, state as state_lib
 from jaxrec.training.mesh import Sharder, make_mesh
 
-def run(loss, smoothing, meshes, evaluate):
+def run(loss, smoothing, meshes, evaluate, tree=False):
+  model = NextItNetConfig(num_blocks=1, embed_dim=8)
+  head = config.Config().head
+  if tree:  # CpRec: adaptive embedding, tree softmax over 3 bands.
+    from jaxrec.heads.tree_softmax import TreeSoftmaxConfig
+    model = NextItNetConfig(num_blocks=1, embed_dim=8, num_bands=3,
+                            band_cutoffs=(16, 32), embedding="adaptive")
+    head = TreeSoftmaxConfig()
   cfg = config.Config(
-      model=NextItNetConfig(num_blocks=1, embed_dim=8),
+      model=model, head=head,
       data=config.DataConfig(source="synthetic:tiny,items=63", max_len=12),
       train=config.TrainConfig(batch_size=16, eval_batch_size=16,
                                loss_chunk=5, loss=loss, num_samples=7,
@@ -138,6 +151,12 @@ def run(loss, smoothing, meshes, evaluate):
       state, o = step(state, batch)
       losses.append(float(o["loss"]))
     p = state["params"]
+    if tree:
+      kernel = p["head"]["band_2"]["kernel"]
+      out[spec] = {{"losses": losses, "kernel": np.asarray(kernel).tolist(),
+                   "kernel_shard": list(kernel.addressable_shards[0]
+                                        .data.shape)}}
+      continue
     emb = p["item_embedding"]["embedding"]
     mu = [leaf for path, leaf in
           jax.tree_util.tree_leaves_with_path(state["opt_state"])
@@ -159,7 +178,8 @@ def run(loss, smoothing, meshes, evaluate):
 
 result = {{"full": run("full", 0.1, ["one", "data=8", "data=4,model=2",
                                      "data=2,model=4"], True),
-          "sampled": run("sampled", 0.0, ["one", "data=2,model=4"], False)}}
+          "sampled": run("sampled", 0.0, ["one", "data=2,model=4"], False),
+          "tree": run("full", 0.0, ["one", "data=2,model=4"], False, True)}}
 try:
   Sharder(make_mesh(None, "data=4,model=2")).check_batch(6, "train.batch_size")
 except JaxrecError as e:
@@ -215,3 +235,11 @@ def test_batch_that_the_data_axis_cannot_split_names_the_mesh(equivalence):
   assert equivalence["batch_error"] == (
       "train.batch_size=6: must be a multiple of the 4 devices on --mesh's "
       "data axis")
+
+
+def test_tree_softmax_is_correct_under_model_sharding(equivalence):
+  ref, got = equivalence["tree"]["one"], equivalence["tree"]["data=2,model=4"]
+  np.testing.assert_allclose(got["losses"], ref["losses"], rtol=1e-5)
+  np.testing.assert_allclose(got["kernel"], ref["kernel"], rtol=1e-4,
+                             atol=1e-6)
+  assert got["kernel_shard"] == [32 // 4, 1]  # The 32-row tail band, split.
