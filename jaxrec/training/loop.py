@@ -218,18 +218,30 @@ def _train_locked(cfg: Config, out_dir: str,
 
   sharder = Sharder(make_mesh(devices, tcfg.mesh))
   batch_size = sharder.check_batch(tcfg.batch_size, "train.batch_size")
+  # With tables split over `model`, fresh params are initialised straight
+  # into their shards (below): one device holding a whole 10M-item table
+  # and its Adam moments is what the mesh exists to avoid.
+  fresh = prepared is None and not init_from
+  init_sharded = fresh and sharder.model_size > 1
+  init_key = jax.random.key(tcfg.seed)
   if prepared is not None:
     params = prepared
+  elif init_from:
+    params = init_params
+  elif init_sharded:  # Shapes only, for the optimizer's structure.
+    params = jax.eval_shape(lambda: models.init_params(cfg, init_key))
   else:
-    params = (init_params if init_from else
-              models.init_params(cfg, jax.random.key(tcfg.seed)))
+    params = models.init_params(cfg, init_key)
   per_epoch = sequences.steps_per_epoch(data.train.shape[0], batch_size)
   total_steps = tcfg.steps or tcfg.epochs * per_epoch
   eval_every = tcfg.eval_every or per_epoch
   opt, labels = optimizer_for(cfg, params, total_steps)
   masks = optim.row_masks(params, models.get(cfg.model.name).surgery.stacks,
                           tcfg.train_top_blocks)
-  state = init_state(params, opt)
+  if init_sharded:
+    state = jax.eval_shape(lambda p: init_state(p, opt), params)
+  else:
+    state = init_state(params, opt)
   if init_from and init_opt_state:
     state["opt_state"] = init_opt  # E.g. Adam moments mapped by `grow`.
   # Tables and their optimizer state split by rows over `model`.
@@ -241,7 +253,12 @@ def _train_locked(cfg: Config, out_dir: str,
       out_shardings=(state_shardings, sharder.replicated),
       donate_argnums=0)
   rank_fn = jit_rank_fn(cfg, sharder, task)
-  state = jax.device_put(state, state_shardings)
+  if init_sharded:
+    state = sharder.jit(
+        lambda key: init_state(models.init_params(cfg, key), opt),
+        out_shardings=state_shardings)(init_key)
+  else:
+    state = jax.device_put(state, state_shardings)
   ckpts = checkpoints.RunCheckpoints(out_dir, tcfg.keep_checkpoints)
   prog = Progress()
   if resume and ckpts.latest.all_steps():
