@@ -92,6 +92,8 @@ def specs(tree: Any, model: int = 2, option: str = "--mesh") -> Any:
   evenly is refused in one line naming `option`: shard_map and
   NamedSharding need equal shards, and a silently replicated item table is
   the memory blow-up the mesh exists to avoid."""
+  refused: list[tuple[str, int]] = []
+
   def one(path, leaf):
     name = path_name(path)
     spec, required = rule_for(name, getattr(leaf, "ndim", 0))
@@ -100,14 +102,19 @@ def specs(tree: Any, model: int = 2, option: str = "--mesh") -> Any:
     rows = leaf.shape[0]
     if rows % model == 0:
       return spec
-    if not required:
-      return P()
+    if required:
+      refused.append((name, rows))
+    return P()
+
+  out = jax.tree_util.tree_map_with_path(one, tree)
+  if refused:
+    # Name a param rather than its Adam moment when both are refused.
+    name, rows = min(refused, key=lambda r: "params" not in r[0].split("/"))
     raise JaxrecError(
         f"{option}: {name} has {rows} rows, not a multiple of model="
         f"{model}; pick a model size that divides it (or a catalogue "
         "size that the model size divides)")
-
-  return jax.tree_util.tree_map_with_path(one, tree)
+  return out
 
 
 def model_shards() -> int:

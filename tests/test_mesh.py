@@ -100,7 +100,7 @@ def test_tree_softmax_and_adaptive_tables_are_split_too():
 def test_rows_that_do_not_split_are_refused_naming_the_option():
   cfg = config.Config(model=NextItNetConfig(num_items=65, num_blocks=1,
                                             embed_dim=8))
-  with pytest.raises(JaxrecError, match=r"^--mesh: \S+/(item_embedding/"
+  with pytest.raises(JaxrecError, match=r"^--mesh: params/(item_embedding/"
                      r"embedding|head/kernel|head/bias) has 65 rows, not a "
                      r"multiple of model=2; pick"):
     sharding.specs(_abstract_state(cfg), 2)
@@ -243,3 +243,14 @@ def test_tree_softmax_is_correct_under_model_sharding(equivalence):
   np.testing.assert_allclose(got["kernel"], ref["kernel"], rtol=1e-4,
                              atol=1e-6)
   assert got["kernel_shard"] == [32 // 4, 1]  # The 32-row tail band, split.
+
+
+def test_train_with_a_mesh_the_devices_cannot_form_is_one_line(tmp_path,
+                                                               capsys):
+  from test_cli import TINY, run_error  # pylint: disable=import-outside-toplevel
+  line = run_error(capsys, ["train", "--out", str(tmp_path / "run"),
+                            "--mesh", "data=2,model=2"] + TINY)
+  assert line == (f"jaxrec: error: --mesh=data=2,model=2: data x model must "
+                  f"equal the {jax.device_count()} devices")
+  # Refused before the run directory was written: the retry starts afresh.
+  assert not (tmp_path / "run" / "config.json").exists()

@@ -212,12 +212,15 @@ def _train_locked(cfg: Config, out_dir: str,
   cfg.validate()
   task = task or tasks.for_config(cfg)
   tcfg = cfg.train
+  # A mesh the devices cannot form, or tables it cannot split, is refused
+  # before the run directory is written (a retry would find a run there).
+  sharder = Sharder(make_mesh(devices, tcfg.mesh))
+  batch_size = sharder.check_batch(tcfg.batch_size, "train.batch_size")
+  sharder.shardings(prepared if prepared is not None else
+                    init_params if init_from else models.abstract_params(cfg))
   primary = is_primary()
   if primary:
     rundir.prepare(cfg, out_dir, resume)
-
-  sharder = Sharder(make_mesh(devices, tcfg.mesh))
-  batch_size = sharder.check_batch(tcfg.batch_size, "train.batch_size")
   # With tables split over `model`, fresh params are initialised straight
   # into their shards (below): one device holding a whole 10M-item table
   # and its Adam moments is what the mesh exists to avoid.
