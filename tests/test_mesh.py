@@ -14,10 +14,12 @@ from jax.sharding import PartitionSpec as P
 
 from jaxrec import config, models, sharding
 from jaxrec.errors import JaxrecError
+from jaxrec.heads.tree_softmax import TreeSoftmaxConfig
 from jaxrec.models.nextitnet import NextItNetConfig
 from jaxrec.training import state as state_lib
 from jaxrec.training.mesh import parse_mesh
 
+from test_cli import TINY, run_error
 from test_train import run_python
 
 
@@ -75,7 +77,6 @@ def test_rules_split_tables_and_their_adam_moments_by_rows():
 
 
 def test_tree_softmax_and_adaptive_tables_are_split_too():
-  from jaxrec.heads.tree_softmax import TreeSoftmaxConfig  # pylint: disable=import-outside-toplevel
   cfg = config.Config(
       model=NextItNetConfig(num_items=66, num_blocks=1, embed_dim=8,
                             embedding="adaptive", num_bands=3,
@@ -247,7 +248,6 @@ def test_tree_softmax_is_correct_under_model_sharding(equivalence):
 
 def test_train_with_a_mesh_the_devices_cannot_form_is_one_line(tmp_path,
                                                                capsys):
-  from test_cli import TINY, run_error  # pylint: disable=import-outside-toplevel
   line = run_error(capsys, ["train", "--out", str(tmp_path / "run"),
                             "--mesh", "data=2,model=2"] + TINY)
   assert line == (f"jaxrec: error: --mesh=data=2,model=2: data x model must "

@@ -4,8 +4,8 @@
   `data` x `model` mesh (`train.mesh`, `jaxrec.training.mesh`): the batch
   is split on `data`, the item tables and their optimizer state by rows on
   `model`, the rest replicated, and the state is donated. On several hosts
-  process 0 alone writes the run directory. It differentiates only the trainable part of the params
-  (`jaxrec.training.optim`).
+  process 0 alone writes the run directory. It differentiates only the
+  trainable part of the params (`jaxrec.training.optim`).
 - What is optimised and how it is evaluated is the task's
   (`jaxrec.tasks.next_item`); the loop knows neither the backbone nor the
   head.
