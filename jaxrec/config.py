@@ -253,6 +253,10 @@ class TrainConfig:
   train_top_blocks: int = option(0, "> 0: train only the top K blocks of "
                                  "every block stack (the rows below get no "
                                  "update and no weight decay)")
+  mesh: str = option("", "device mesh data=D,model=M: the batch split over "
+                     "D, item embedding and output tables (and their "
+                     "optimizer state) split by rows over M; D*M = the "
+                     "device count; empty: every device on data")
   eval_every: int = option(0, "steps between validations and checkpoints "
                            "(0: once per epoch)")
   eval_batch_size: int = option(512, "sequences per evaluation batch")

@@ -33,30 +33,68 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                  help="with --init-from on data lacking some of the "
                       "checkpoint's items: keep their rows and ids, or drop "
                       "them and close up the ids (default: keep)")
-  p.add_argument("--distributed", action="store_true",
-                 help="call jax.distributed.initialize() (multi-host)")
+  add_distributed_flags(p)
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   flags.add_config_flags(p)
   return p
 
 
+def add_distributed_flags(p: argparse.ArgumentParser) -> None:
+  """Multi-host flags: one process per host, all given the same config."""
+  g = p.add_argument_group("multi-host options")
+  g.add_argument("--distributed", action="store_true",
+                 help="call jax.distributed.initialize() (multi-host); with "
+                      "no other flag it finds the cluster itself (SLURM, "
+                      "Open MPI, TPU pods, or JAX_COORDINATOR_ADDRESS, "
+                      "JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
+  g.add_argument("--coordinator", metavar="HOST:PORT",
+                 help="address of process 0's coordinator (implies "
+                      "--distributed)")
+  g.add_argument("--num-processes", type=int, metavar="N",
+                 help="processes in the run, one per host (implies "
+                      "--distributed)")
+  g.add_argument("--process-id", type=int, metavar="I",
+                 help="this process's index, 0..N-1 (implies "
+                      "--distributed); process 0 writes the run directory")
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+  """`jax.distributed.initialize` before any device is touched, if asked.
+
+  It must come first: a process that has already listed its devices would
+  see only its own and train alone on the whole batch."""
+  given = {"coordinator_address": args.coordinator,
+           "num_processes": args.num_processes,
+           "process_id": args.process_id}
+  given = {k: v for k, v in given.items() if v is not None}
+  if not (args.distributed or given):
+    return
+  option = "--distributed" if not given else "--coordinator"
+  n, i = args.num_processes, args.process_id
+  if n is not None and n < 1:
+    raise JaxrecError(f"--num-processes={n}: expected >= 1")
+  if i is not None and not 0 <= i < (n if n is not None else i + 1):
+    raise JaxrecError(f"--process-id={i}: expected 0..--num-processes-1")
+  import jax  # pylint: disable=import-outside-toplevel
+  try:
+    jax.distributed.initialize(**given)
+  except (ValueError, RuntimeError) as e:
+    # Outside a cluster jax cannot find the coordinator or process count.
+    detail = first_line(e)
+    raise JaxrecError(f"{option}: jax.distributed.initialize() "
+                      f"failed: {detail}") from None
+
+
 def run(args: argparse.Namespace) -> None:
   cfg = flags.config_from_args(args).validate()
-  if args.distributed:
-    import jax  # pylint: disable=import-outside-toplevel
-    try:
-      jax.distributed.initialize()
-    except (ValueError, RuntimeError) as e:
-      # Outside a cluster jax cannot find the coordinator or process count.
-      detail = first_line(e)
-      raise JaxrecError(f"--distributed: jax.distributed.initialize() "
-                        f"failed: {detail}") from None
+  init_distributed(args)
   from jaxrec.training import loop  # pylint: disable=import-outside-toplevel
   result = loop.train(cfg, args.out, resume=args.resume,
                       init_from=args.init_from,
                       init_opt_state=args.init_opt_state,
                       progress_bar=not args.quiet, vanished=args.vanished)
-  print(format_summary(result))
+  if loop.is_primary():
+    print(format_summary(result))
 
 
 def format_summary(result: dict[str, Any]) -> str:

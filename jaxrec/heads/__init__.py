@@ -13,6 +13,10 @@ A head is one module with a config dataclass (extending
   head tile by tile;
 - `item_scores(params, cfg, h, ids) -> [B, N]`: scores of given ids [B, N]
   (sampled evaluation);
+- `sharded_ranks(params, cfg, h, targets, history, tile) -> [B]`
+  (optional): full-ranking ranks with the head's tables split by rows over
+  the mesh's `model` axis, each shard scoring its own rows (without it,
+  XLA partitions `tile_scores` as it sees fit);
 - `prepare(params, cfg, h) -> context` (optional): what scoring needs per
   batch, computed once (the tree softmax's band normalisers); evaluation
   passes the context as `h` to `tile_scores` and `item_scores`.
@@ -38,6 +42,7 @@ class Head:
   tile_scores: Callable[..., Any]
   item_scores: Callable[..., Any]
   prepare: Callable[..., Any] = lambda params, cfg, h: h
+  sharded_ranks: Callable[..., Any] | None = None
 
 
 def _registry() -> dict[str, Head]:

@@ -12,7 +12,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from jaxrec import sharding
 from jaxrec.config import HeadConfig, option, require
 from jaxrec.errors import JaxrecError
 from jaxrec.heads import Head
@@ -65,6 +67,12 @@ def loss(params: Params, cfg: Any, h: jax.Array, targets: jax.Array,
   """Masked mean cross entropy: `cfg.train.loss` full (chunked) or sampled."""
   w, b = weights(params, cfg)
   tcfg = cfg.train
+  shards = sharding.model_shards()
+  if tcfg.loss == "full" and shards > 1:
+    # Each `model` shard scans its own rows of the row-split table.
+    return chunked_softmax.sharded_softmax_cross_entropy(
+        h, w, b, targets, mask, model_shards=shards,
+        chunk_size=tcfg.loss_chunk, label_smoothing=tcfg.label_smoothing)
   if tcfg.loss == "full":
     return chunked_softmax.softmax_cross_entropy(
         h, w, b, targets, mask, chunk_size=tcfg.loss_chunk,
@@ -100,5 +108,42 @@ def item_scores(params: Params, cfg: Any, h: jax.Array,
                     preferred_element_type=jnp.float32) + b[ids]
 
 
+def sharded_ranks(params: Params, cfg: Any, h: jax.Array, targets: jax.Array,
+                  history: jax.Array | None, tile: int) -> jax.Array:
+  """Full-ranking ranks [B] with w and b split by rows over the `model`
+  axis of the mesh being traced under: each shard scores only its rows
+  (`ranking.target_ranks` with the shard's id offset) and the target's
+  score and the counts ahead of it are summed over `model`, so no device
+  holds the whole table or a [B, V] score matrix."""
+  # pylint: disable-next=import-outside-toplevel
+  from jaxrec.tasks import ranking
+  w, b = weights(params, cfg)
+  v = w.shape[0]
+  rows = v // sharding.model_shards()
+  data, model = sharding.DATA, sharding.MODEL
+
+  def local(w, b, h, targets, history):
+    offset = jax.lax.axis_index(model) * rows
+
+    def score_tile(start, size):
+      ids = start + jnp.arange(size)
+      wt = jnp.take(w, ids, axis=0, mode="fill", fill_value=0)
+      bt = jnp.take(b, ids, axis=0, mode="fill", fill_value=0)
+      return jnp.einsum("bc,vc->bv", h, wt.astype(h.dtype),
+                        preferred_element_type=jnp.float32) + bt
+
+    return ranking.target_ranks(score_tile, v, targets, history, tile,
+                                offset=offset, rows=rows, axis=model)
+
+  hist = history if history is not None else jnp.zeros_like(targets)[:, None]
+  fn = local if history is not None else (
+      lambda w, b, h, t, _: local(w, b, h, t, None))
+  return sharding.shard_map(
+      fn, in_specs=(P(model, None), P(model), P(data, None), P(data),
+                    P(data, None)),
+      out_specs=P(data))(w, b, h, targets, hist)
+
+
 HEAD = Head(name="softmax", config=SoftmaxConfig, init=init, loss=loss,
-            tile_scores=tile_scores, item_scores=item_scores)
+            tile_scores=tile_scores, item_scores=item_scores,
+            sharded_ranks=sharded_ranks)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jaxrec import heads
+from jaxrec import heads, sharding
 from jaxrec import models
 from jaxrec.data import sequences
 from jaxrec.tasks import ranking
@@ -59,6 +59,10 @@ def rank_fn(cfg: Any, represent: Represent = last_hidden
 
   def ranks(params, inputs, targets):
     ctx = head.prepare(params, cfg, represent(params, cfg, inputs))
+    if head.sharded_ranks is not None and sharding.model_shards() > 1:
+      return head.sharded_ranks(params, cfg, ctx, targets,
+                                inputs if mask_history else None,
+                                cfg.train.loss_chunk)
     return ranking.target_ranks(
         lambda start, size: head.tile_scores(params, cfg, ctx, start, size),
         cfg.head.num_outputs(cfg.model), targets,

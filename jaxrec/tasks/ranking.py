@@ -42,7 +42,9 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
 def target_ranks(score_tile: Callable[[jax.Array, int], jax.Array],
                  num_items: int, targets: jax.Array,
                  history: jax.Array | None = None,
-                 tile: int = 16384) -> jax.Array:
+                 tile: int = 16384, *, offset: Any = 0,
+                 rows: int | None = None,
+                 axis: str | None = None) -> jax.Array:
   """0-based rank of each target among all real items, item tile by tile.
 
   `score_tile(start, size)` returns float32 scores [B, size] of item ids
@@ -51,44 +53,59 @@ def target_ranks(score_tile: Callable[[jax.Array, int], jax.Array],
   exclude (0 = none). Two passes over the tiles: the first reads the
   target's score out of the same computation that scores every other item,
   so a tie is a true tie, not a rounding difference between two code paths.
+
+  On a shard of a table split by rows over mesh axis `axis` (under
+  shard_map), `score_tile` scores local rows start..start+size-1, which
+  are ids offset+start..; only the first `rows` local rows are real, and
+  the target's score and the counts are summed over `axis`.
   """
   v = num_items
   b = targets.shape[0]
-  tile = min(tile, v)
-  num_tiles = -(-v // tile)
+  local_rows = v if rows is None else rows
+  tile = min(tile, local_rows)
+  num_tiles = -(-local_rows // tile)
   starts = jnp.arange(num_tiles) * tile
-  rows = jnp.arange(b)[:, None]
+  row_index = jnp.arange(b)[:, None]
 
-  def excluded(ids, start):
-    out = (ids == 0) | (ids >= v)
+  def tile_ids(start):
+    local = start + jnp.arange(tile)
+    return local + offset, local >= local_rows
+
+  def excluded(ids, start, past):
+    out = (ids == 0) | (ids >= v) | past
     out = jnp.broadcast_to(out, (b, tile))
     if history is not None:
       # Out-of-tile ids go to index `tile` and are dropped (a negative index
       # would wrap around instead).
-      local = history - start
+      local = history - (start + offset)
       local = jnp.where((local >= 0) & (local < tile), local, tile)
-      seen = jnp.zeros((b, tile), bool).at[rows, local].set(
+      seen = jnp.zeros((b, tile), bool).at[row_index, local].set(
           True, mode="drop")
       seen = seen & (ids != 0)
       out = out | (seen & (ids[None, :] != targets[:, None]))
     return out
 
   def target_score(acc, start):
-    scores, ids = score_tile(start, tile), start + jnp.arange(tile)
-    hit = ids[None, :] == targets[:, None]
+    scores, (ids, past) = score_tile(start, tile), tile_ids(start)
+    hit = (ids[None, :] == targets[:, None]) & ~past[None, :]
     return acc + jnp.sum(jnp.where(hit, scores, 0.0), axis=1), None
 
   t_score, _ = jax.lax.scan(target_score, jnp.zeros(b), starts)
+  if axis is not None:  # Only the target's own shard holds its score.
+    t_score = jax.lax.psum(t_score, axis)
 
   def count_ahead(acc, start):
-    scores, ids = score_tile(start, tile), start + jnp.arange(tile)
+    scores, (ids, past) = score_tile(start, tile), tile_ids(start)
     # `other` also keeps the target from counting itself when XLA fuses the
     # two passes differently and its score moves by an ulp.
     other = ids[None, :] != targets[:, None]
-    ahead = (scores >= t_score[:, None]) & other & ~excluded(ids, start)
+    ahead = (scores >= t_score[:, None]) & other & ~excluded(ids, start,
+                                                             past)
     return acc + jnp.sum(ahead, axis=1), None
 
   ranks, _ = jax.lax.scan(count_ahead, jnp.zeros(b, jnp.int32), starts)
+  if axis is not None:
+    ranks = jax.lax.psum(ranks, axis)
   return ranks
 
 

@@ -1,10 +1,11 @@
 """The training loop: one readable function, `train`, and its pure step.
 
 - `train_step(state, batch)` is pure and jitted with NamedShardings over a
-  1-D `data` mesh of all devices (`jaxrec.training.mesh`): the batch is
-  split on `data`, params and optimizer state are replicated, and the state
-  is donated. It differentiates only the trainable part of the params
-  (`jaxrec.training.optim`).
+  `data` x `model` mesh (`train.mesh`, `jaxrec.training.mesh`): the batch
+  is split on `data`, the item tables and their optimizer state by rows on
+  `model`, the rest replicated, and the state is donated. On several hosts
+  process 0 alone writes the run directory. It differentiates only the
+  trainable part of the params (`jaxrec.training.optim`).
 - What is optimised and how it is evaluated is the task's
   (`jaxrec.tasks.next_item`); the loop knows neither the backbone nor the
   head.
@@ -19,6 +20,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -85,12 +87,23 @@ def make_train_step(cfg: Config, opt: Any, labels: Any,
 
 def jit_rank_fn(cfg: Config, sharder: Sharder,
                 task: Task = next_item) -> Callable:
-  # Ranks come back replicated: on several hosts each process reads them
-  # all, which a batch-sharded array would not allow.
-  return jax.jit(task.rank_fn(cfg),
-                 in_shardings=(sharder.replicated, sharder.batch,
-                               sharder.batch),
-                 out_shardings=sharder.replicated)
+  """The task's rank function, jitted on the sharder's mesh for the params
+  tree it is first called with (tables split by rows over `model`)."""
+  compiled: dict[Any, Callable] = {}
+
+  def ranks(params, inputs, targets):
+    key = jax.tree.structure(params)
+    if key not in compiled:
+      # Ranks come back replicated: on several hosts each process reads
+      # them all, which a batch-sharded array would not allow.
+      compiled[key] = sharder.jit(
+          task.rank_fn(cfg),
+          in_shardings=(sharder.shardings(params), sharder.batch,
+                        sharder.batch),
+          out_shardings=sharder.replicated)
+    return compiled[key](params, inputs, targets)
+
+  return ranks
 
 
 def evaluate_params(params: models.Params, cfg: Config, sharder: Sharder,
@@ -160,7 +173,10 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
   """
   if vanished not in ("keep", "drop"):
     raise JaxrecError(f"--vanished={vanished!r}: expected 'keep' or 'drop'")
-  with lock.hold(out_dir, "train"):
+  # On several hosts process 0 alone writes the run directory (it holds
+  # the lock); the others only join the collective saves and steps.
+  with (lock.hold(out_dir, "train") if is_primary()
+        else contextlib.nullcontext()):
     return _train_locked(cfg, out_dir, data, resume, init_from,
                          init_opt_state, devices, progress_bar,
                          step_callback, task, vanished, params, lineage)
@@ -196,33 +212,56 @@ def _train_locked(cfg: Config, out_dir: str,
   cfg.validate()
   task = task or tasks.for_config(cfg)
   tcfg = cfg.train
-  rundir.prepare(cfg, out_dir, resume)
-
-  sharder = Sharder(make_mesh(devices))
+  # A mesh the devices cannot form, or tables it cannot split, is refused
+  # before the run directory is written (a retry would find a run there).
+  sharder = Sharder(make_mesh(devices, tcfg.mesh))
   batch_size = sharder.check_batch(tcfg.batch_size, "train.batch_size")
+  sharder.shardings(prepared if prepared is not None else
+                    init_params if init_from else models.abstract_params(cfg))
+  primary = is_primary()
+  if primary:
+    rundir.prepare(cfg, out_dir, resume)
+  # With tables split over `model`, fresh params are initialised straight
+  # into their shards (below): one device holding a whole 10M-item table
+  # and its Adam moments is what the mesh exists to avoid.
+  fresh = prepared is None and not init_from
+  init_sharded = fresh and sharder.model_size > 1
+  init_key = jax.random.key(tcfg.seed)
   if prepared is not None:
     params = prepared
+  elif init_from:
+    params = init_params
+  elif init_sharded:  # Shapes only, for the optimizer's structure.
+    params = jax.eval_shape(lambda: models.init_params(cfg, init_key))
   else:
-    params = (init_params if init_from else
-              models.init_params(cfg, jax.random.key(tcfg.seed)))
+    params = models.init_params(cfg, init_key)
   per_epoch = sequences.steps_per_epoch(data.train.shape[0], batch_size)
   total_steps = tcfg.steps or tcfg.epochs * per_epoch
   eval_every = tcfg.eval_every or per_epoch
   opt, labels = optimizer_for(cfg, params, total_steps)
   masks = optim.row_masks(params, models.get(cfg.model.name).surgery.stacks,
                           tcfg.train_top_blocks)
-  step_fn = jax.jit(
-      make_train_step(cfg, opt, labels, next_item.sampler_for(cfg, data),
-                      task, masks),
-      in_shardings=(sharder.replicated, sharder.batch),
-      out_shardings=(sharder.replicated, sharder.replicated),
-      donate_argnums=0)
-  rank_fn = jit_rank_fn(cfg, sharder, task)
-
-  state = init_state(params, opt)
+  if init_sharded:
+    state = jax.eval_shape(lambda p: init_state(p, opt), params)
+  else:
+    state = init_state(params, opt)
   if init_from and init_opt_state:
     state["opt_state"] = init_opt  # E.g. Adam moments mapped by `grow`.
-  state = sharder.replicate(state)
+  # Tables and their optimizer state split by rows over `model`.
+  state_shardings = sharder.shardings(state)
+  step_fn = sharder.jit(
+      make_train_step(cfg, opt, labels, next_item.sampler_for(cfg, data),
+                      task, masks),
+      in_shardings=(state_shardings, sharder.batch),
+      out_shardings=(state_shardings, sharder.replicated),
+      donate_argnums=0)
+  rank_fn = jit_rank_fn(cfg, sharder, task)
+  if init_sharded:
+    state = sharder.jit(
+        lambda key: init_state(models.init_params(cfg, key), opt),
+        out_shardings=state_shardings)(init_key)
+  else:
+    state = jax.device_put(state, state_shardings)
   ckpts = checkpoints.RunCheckpoints(out_dir, tcfg.keep_checkpoints)
   prog = Progress()
   if resume and ckpts.latest.all_steps():
@@ -231,20 +270,24 @@ def _train_locked(cfg: Config, out_dir: str,
     lineage = meta["lineage"]
   elif resume:  # Killed before its first checkpoint: it starts again.
     rundir.check_config_file(cfg, out_dir)
-  if resume:  # Only now: a failed resume leaves config.json as it was.
+  if resume and primary:  # Only now: a failed resume leaves it as it was.
     rundir.write_config(cfg, out_dir)
   vocab_meta = None
   if data.vocab is not None:  # Before any checkpoint that names it.
-    data.vocab.save(out_dir)
+    if primary:
+      data.vocab.save(out_dir)
     vocab_meta = data.vocab.meta()
   start = int(state["step"])
 
-  log = rundir.MetricsLog(out_dir, tcfg.tensorboard, start)
+  log = (rundir.MetricsLog(out_dir, tcfg.tensorboard, start) if primary
+         else rundir.NullLog())
   log_every = min(50, eval_every)
   tokens_per_step = int(np.sum(data.train[:, 1:] != 0) /
                         max(1, data.train.shape[0]) * batch_size)
-  bar = tqdm(total=total_steps, initial=start, disable=not progress_bar,
-             desc="train", unit="step", mininterval=1.0, dynamic_ncols=True)
+  bar = tqdm(total=total_steps, initial=start,
+             disable=not (progress_bar and primary), desc="train",
+             unit="step", mininterval=1.0, dynamic_ncols=True)
+  say = bar.write if primary else lambda text: None
   t_last, s_last = time.time(), start
   clock = time.time() - prog.train_time_s
   done = start
@@ -276,7 +319,7 @@ def _train_locked(cfg: Config, out_dir: str,
           improved = prog.record(valid, tcfg.select_metric, done)
           log.write({"step": done, "valid": valid,
                      "train_time_s": prog.train_time_s})
-          bar.write(f"step {done}: valid {tcfg.select_metric}="
+          say(f"step {done}: valid {tcfg.select_metric}="
                     f"{valid[tcfg.select_metric]:.4f}"
                     + (" (best)" if improved else ""))
           meta = checkpoints.make_meta(cfg, data.fingerprint, done, lineage,
@@ -285,7 +328,7 @@ def _train_locked(cfg: Config, out_dir: str,
           ckpts.save_validation(done, storable(state, cfg), meta,
                                 prog.best_step)
           if prog.stopped(tcfg.patience):
-            bar.write(f"early stop at step {done}: no {tcfg.select_metric} "
+            say(f"early stop at step {done}: no {tcfg.select_metric} "
                       f"gain in {tcfg.patience} validations")
             break
         if step_callback is not None:
@@ -317,7 +360,7 @@ def _finish(cfg: Config, out_dir: str, data: sequences.SequenceData,
                       "as its best")
   restored, _ = checkpoints.restore(
       ckpts.best, prog.best_step,
-      target=abstract_state(cfg, "best", sharder.replicated))
+      target=abstract_state(cfg, "best", sharder.shardings))
   restored["params"] = graft(restored["params"], frozen)
   test = evaluate_params(restored["params"], cfg, sharder, data.test_inputs,
                          data.test_targets, rank_fn)
@@ -334,8 +377,15 @@ def _finish(cfg: Config, out_dir: str, data: sequences.SequenceData,
   }
   if hasattr(task, "report"):  # E.g. SkipRec's block usage.
     result.update(task.report(restored["params"], cfg, data))
-  checkpoints.write_json(os.path.join(out_dir, "metrics.json"), result)
+  if is_primary():
+    checkpoints.write_json(os.path.join(out_dir, "metrics.json"), result)
   return result
+
+
+def is_primary() -> bool:
+  """Whether this process writes files and progress (process 0 of a
+  multi-host run; the only one otherwise)."""
+  return jax.process_index() == 0
 
 
 def _check_num_items(cfg: Config, data: sequences.SequenceData) -> None:

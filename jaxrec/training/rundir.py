@@ -77,12 +77,14 @@ def _entries(path: str) -> list[str]:
 
 def config_diff(saved: dict, new: dict) -> list[str]:
   """`section.key: old -> new` for every difference except train.steps and
-  train.epochs (a resume may extend a run)."""
+  train.epochs (a resume may extend a run) and train.mesh (a resume may
+  run on other devices: checkpoints restore onto any mesh)."""
   out = []
   for section in config_lib.SECTIONS:
     for key in sorted(set(saved.get(section, {})) | set(new.get(section, {}))):
       a, b = saved.get(section, {}).get(key), new.get(section, {}).get(key)
-      if a != b and f"{section}.{key}" not in ("train.steps", "train.epochs"):
+      if a != b and f"{section}.{key}" not in ("train.steps", "train.epochs",
+                                          "train.mesh"):
         out.append(f"{section}.{key}: {a!r} -> {b!r}")
   return out
 
@@ -112,6 +114,16 @@ def drop_records_after(path: str, step: int) -> None:
   with open(tmp, "w", encoding="utf-8") as f:
     f.writelines(kept)
   os.replace(tmp, path)
+
+
+class NullLog:
+  """The training log of a process that writes none (not process 0)."""
+
+  def write(self, record: dict[str, Any]) -> None:
+    del record
+
+  def close(self) -> None:
+    pass
 
 
 class MetricsLog:

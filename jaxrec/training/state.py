@@ -87,7 +87,9 @@ def storable(state: State, cfg: Config) -> State:
 
 def abstract_state(cfg: Config, kind: str = "latest",
                    sharding: Any = None) -> Any:
-  """The tree a checkpoint of `kind` holds, as ShapeDtypeStructs."""
+  """The tree a checkpoint of `kind` holds, as ShapeDtypeStructs placed by
+  `sharding`: one Sharding for every leaf, or a function from the tree to
+  a tree of them (`Sharder.shardings`: tables split by rows)."""
   def build():
     params = models.init_params(cfg, jax.random.key(0))
     if kind != "latest":
@@ -95,11 +97,17 @@ def abstract_state(cfg: Config, kind: str = "latest",
     return storable(init_state(params, optimizer_for(cfg, params)[0]), cfg)
 
   tree = jax.eval_shape(build)
-  if sharding is not None:
-    tree = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-        tree)
-  return tree
+  if sharding is None:
+    # Orbax refuses to restore a checkpoint saved on another topology (8
+    # devices, several hosts) without a placement: default to one device.
+    sharding = _default_sharding()
+  if not isinstance(sharding, jax.sharding.Sharding):
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        tree, sharding(tree))
+  return jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+      tree)
 
 
 def restore_params(opened: checkpoints.Opened, cfg: Config, origin: str,
@@ -136,7 +144,9 @@ def load_params(run_dir: str, kind: str | None = None,
 
   `kind` is best (default when the run validated) or latest; `sharding`
   (e.g. a NamedSharding of another mesh; default: the first device) places
-  every leaf; `step` defaults to the best (or newest latest) one.
+  every leaf, or `Sharder(make_mesh(spec=...)).shardings` splits the
+  tables by rows over that mesh's `model` axis (any mesh: a checkpoint
+  trained on 8 devices opens on 1, and the other way round); `step` defaults to the best (or newest latest) one.
   `params_only` (default) reads the params alone: a `latest` checkpoint's
   optimizer state (twice the params, for Adam) is never read (Orbax
   partial restore). `params_only=False` returns the whole saved state
