@@ -41,6 +41,17 @@ def pytest_unconfigure(config):
     shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+  """A tiny trained run (cli_helpers.TINY), once per test module."""
+  # pylint: disable-next=import-outside-toplevel
+  from cli_helpers import TINY
+  from jaxrec import cli  # pylint: disable=import-outside-toplevel
+  out = str(tmp_path_factory.mktemp("run"))
+  assert cli.main(["train", "--out", out] + TINY) == 0
+  return out
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
   mp = pytest.MonkeyPatch()

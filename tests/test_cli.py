@@ -13,25 +13,7 @@ from jaxrec import cli
 from jaxrec import config
 from jaxrec.cli import flags
 
-TINY = ["--data", "synthetic:tiny", "--num-blocks", "2", "--embed-dim", "8",
-        "--steps", "6", "--eval-every", "3", "--batch-size", "16",
-        "--max-len", "20", "--quiet"]
-
-
-def run_error(capsys, argv):
-  """Runs the CLI expecting a user error: exit 2 and exactly one line."""
-  assert cli.main(argv) == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1, err
-  assert err[0].startswith("jaxrec: error: ")
-  return err[0]
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("run"))
-  assert cli.main(["train", "--out", out] + TINY) == 0
-  return out
+from cli_helpers import TINY, run_error
 
 
 def test_train_writes_metrics_config_and_checkpoints(trained_run):

@@ -22,9 +22,7 @@ from jaxrec import cli
 from jaxrec import evaluation
 from jaxrec.training import checkpoints
 
-TINY = ["--data", "synthetic:tiny", "--num-blocks", "2", "--embed-dim", "8",
-        "--steps", "6", "--eval-every", "3", "--batch-size", "16",
-        "--max-len", "20", "--quiet"]
+from cli_helpers import TINY, run_error
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -58,14 +56,6 @@ def one_line(proc, status=2):
   assert proc.returncode == status, proc.stderr[-3000:]
   assert len(lines) == 1, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
-  return lines[0]
-
-
-def run_error(capsys, argv):
-  """In-process CLI run expecting exit 2 and exactly one line."""
-  assert cli.main([str(a) for a in argv]) == 2
-  lines = capsys.readouterr().err.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("jaxrec: error: "), lines
   return lines[0]
 
 

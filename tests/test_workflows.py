@@ -14,26 +14,7 @@ from jaxrec.data.sequences import Interactions
 from jaxrec.errors import JaxrecError
 from jaxrec.training import checkpoints
 
-TINY_MODEL = ["--num-blocks", "2", "--embed-dim", "8", "--batch-size", "16",
-              "--max-len", "20", "--quiet"]
-TINY = ["--data", "synthetic:tiny", "--steps", "6", "--eval-every", "3",
-        *TINY_MODEL]
-
-
-def run_error(capsys, argv):
-  """Runs the CLI expecting a user error: exit 2 and exactly one line."""
-  assert cli.main(argv) == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1, err
-  assert err[0].startswith("jaxrec: error: ")
-  return err[0]
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("run"))
-  assert cli.main(["train", "--out", out] + TINY) == 0
-  return out
+from cli_helpers import TINY_MODEL, run_error
 
 
 def named_items(inter: Interactions, prefix: str = "item") -> Interactions:
