@@ -512,10 +512,12 @@ def _load_init_new_catalogue(cfg: Config, init_from: str,
       "vanished": growth.get("vanished"),
       "vanished_policy": growth.get("vanished_policy"),
       "num_items": [src.model.num_items, new_src.model.num_items], **counts}
-  print(f"catalogue: {growth.get('known')} items of {init_from} kept, "
-        f"{growth.get('new')} new (fresh rows), {growth.get('vanished')} "
-        f"vanished ({growth.get('vanished_policy')}); "
-        f"{src.model.num_items - 1} -> {new_src.model.num_items - 1} items")
+  if is_primary():  # One line per run, not per host.
+    print(f"catalogue: {growth.get('known')} items of {init_from} kept, "
+          f"{growth.get('new')} new (fresh rows), {growth.get('vanished')} "
+          f"vanished ({growth.get('vanished_policy')}); "
+          f"{src.model.num_items - 1} -> {new_src.model.num_items - 1} "
+          "items")
   cfg = cfg.replace(model=new_src.model, head=new_src.head)
   return cfg, opened.meta["lineage"] + [entry], params, None
 

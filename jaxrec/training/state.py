@@ -146,7 +146,8 @@ def load_params(run_dir: str, kind: str | None = None,
   (e.g. a NamedSharding of another mesh; default: the first device) places
   every leaf, or `Sharder(make_mesh(spec=...)).shardings` splits the
   tables by rows over that mesh's `model` axis (any mesh: a checkpoint
-  trained on 8 devices opens on 1, and the other way round); `step` defaults to the best (or newest latest) one.
+  trained on 8 devices opens on 1, and the other way round). `step`
+  defaults to the best (or newest latest) one.
   `params_only` (default) reads the params alone: a `latest` checkpoint's
   optimizer state (twice the params, for Adam) is never read (Orbax
   partial restore). `params_only=False` returns the whole saved state
