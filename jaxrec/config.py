@@ -149,6 +149,10 @@ class HeadConfig:
     """Refuses training options this head cannot honour."""
     del train
 
+  def check_model(self, model: BackboneConfig) -> None:
+    """Refuses head options that do not fit the model (band counts)."""
+    del model
+
   def num_outputs(self, model: BackboneConfig) -> int:
     """Rows the head scores (id 0 included, never ranked): the model's
     items unless the head has its own vocabulary (a transfer task's)."""
@@ -350,6 +354,7 @@ class Config:
       require_finite(getattr(self, name), name)
       getattr(self, name).validate()
     self.head.check_train(self.train)
+    self.head.check_model(self.model)
     if self.train.train_top_blocks and self.model.source_map() is not None:
       raise JaxrecError(
           f"train.train_top_blocks={self.train.train_top_blocks}: the model "

@@ -25,11 +25,11 @@ COUNTS = np.r_[0, np.sort(np.random.default_rng(0).zipf(1.3, V - 1))[::-1]]
 SCHEMES = ("cross_layer", "cross_block", "adjacent_layer", "adjacent_block")
 
 
-def make_cfg(head="tree_softmax", **model):
+def make_cfg(head="tree_softmax", head_options=None, **model):
   model.setdefault("embed_dim", C)
   model.setdefault("num_blocks", 4)
   model.setdefault("num_bands", 4)
-  raw = {"model": model, "head": {"name": head}}
+  raw = {"model": model, "head": {"name": head, **(head_options or {})}}
   cfg = config_lib.from_dict(raw)
   return cfg.fit_data(V, 8, COUNTS).validate()
 
@@ -49,7 +49,7 @@ def hidden(batch=23, seed=1):
 def reference_log_probs(params, cfg, h):
   """Brute force, written from the paper's formula: [B, V] log p."""
   head = params["head"]
-  lay = ts.layout(cfg.model)
+  lay = ts.layout(cfg)
   logits = h @ head["head_kernel"].T + head["head_bias"]
   logits = logits.at[:, 0].set(-jnp.inf)
   hl = logits - jax.scipy.special.logsumexp(logits, axis=1, keepdims=True)
@@ -178,9 +178,30 @@ def test_item_scores_equal_the_brute_force_log_probabilities():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("chunk", [3, 64])
-def test_loss_and_its_gradient_equal_the_brute_force_nll(chunk):
-  cfg = make_cfg(head="tree_softmax")
+def test_tail_dims_give_the_output_tables_their_own_widths():
+  cfg = make_cfg(embedding="adaptive", band_dims=[16, 8, 4, 2],
+                 head_options={"tail_dims": [2, 1, 1]})
+  params, h = init(cfg), hidden()
+  sizes = bands.band_sizes(cfg.model.band_cutoffs, V)
+  for j, (d_in, d_out) in enumerate(zip([8, 4, 2], [2, 1, 1]), start=1):
+    assert params["item_embedding"][f"band_{j}"]["embedding"].shape == (
+        sizes[j], d_in)
+    assert params["head"][f"band_{j}"]["kernel"].shape == (sizes[j], d_out)
+    assert params["head"][f"band_{j}"]["projection"].shape == (C, d_out)
+  np.testing.assert_allclose(ts.full_log_probs(params, cfg, h)[:, 1:],
+                             reference_log_probs(params, cfg, h)[:, 1:],
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tail_dims", [[4, 2], [4, 0, 1]])
+def test_tail_dims_that_do_not_fit_the_bands_are_one_line_errors(tail_dims):
+  with pytest.raises(JaxrecError, match="head.tail_dims"):
+    make_cfg(head_options={"tail_dims": tail_dims})
+
+
+@pytest.mark.parametrize("chunk, tail_dims", [(3, []), (64, []), (3, [3, 2, 1])])
+def test_loss_and_its_gradient_equal_the_brute_force_nll(chunk, tail_dims):
+  cfg = make_cfg(head="tree_softmax", head_options={"tail_dims": tail_dims})
   cfg = cfg.replace(head=dataclasses.replace(cfg.head, token_chunk=chunk))
   params, h = init(cfg), hidden(batch=30)
   targets = jax.random.randint(jax.random.key(7), (30,), 0, V)
@@ -236,7 +257,7 @@ def test_early_exit_top_n_equals_the_full_computation(n):
 def test_early_exit_skips_bands_that_cannot_reach_the_top_n_and_stays_exact():
   cfg = make_cfg(band_cutoffs=[30, 40, 50])  # 29 head items: tau is finite.
   params, h = init(cfg), hidden(batch=40)
-  lay = ts.layout(cfg.model)
+  lay = ts.layout(cfg)
   # Push two band tokens far down: their items cannot reach any top 20.
   bias = params["head"]["head_bias"]
   params["head"]["head_bias"] = bias.at[lay.sizes[0]:lay.sizes[0] + 2].add(

@@ -10,6 +10,12 @@ one token per tail band; a tail band has its own small softmax:
   head/band_j/kernel      [k_j, d_j]
   head/band_j/bias        [k_j]
 
+d_j is the model's band width (`model.band_dims`, the input embedding's)
+unless `head.tail_dims` gives the output tables their own: the input side
+must tell a rare item from its neighbours to follow it, while a tail band's
+output only ranks items inside the band, behind `log P(band)`, so it needs
+less width (RESULTS.md, CpRec).
+
   log p(i) = hl[i]                                     i in the head
            = hl[token_j] + log_softmax(h Q_j F_j^T + b_j)[i - c_j]   i in band j
 
@@ -64,11 +70,23 @@ class TreeSoftmaxConfig(HeadConfig):
   token_chunk: int = option(256, "training tokens per chunk of the tail "
                             "softmaxes (a chunk computes only the bands of "
                             "its targets)")
+  tail_dims: tuple[int, ...] = option(
+      (), "width d_j of each tail band's output table, bands 1..n-1 (the "
+      "head cluster reads h); empty: the model's band_dims")
   uses_bands = True  # Class attribute: Config.fit_data resolves the bands.
 
   def validate(self) -> None:
     require(self.token_chunk >= 1, "head.token_chunk", self.token_chunk,
             ">= 1")
+    require(all(d >= 1 for d in self.tail_dims), "head.tail_dims",
+            list(self.tail_dims), "positive widths")
+
+  def check_model(self, model: Any) -> None:
+    if self.tail_dims and len(self.tail_dims) != model.num_bands - 1:
+      raise JaxrecError(
+          f"head.tail_dims={list(self.tail_dims)}: expected "
+          f"{model.num_bands - 1} widths, one per tail band of "
+          f"model.num_bands={model.num_bands}")
 
   def check_train(self, train: Any) -> None:
     if train.loss != "full" or train.label_smoothing:
@@ -76,6 +94,12 @@ class TreeSoftmaxConfig(HeadConfig):
           f"head.name='tree_softmax': trains its exact loss only; set "
           f"train.loss='full' (got {train.loss!r}) and train.label_smoothing"
           f"=0 (got {train.label_smoothing})")
+
+
+class _Whole(NamedTuple):
+  """The two sections `layout` reads, where a head gets them apart."""
+  model: Any
+  head: Any
 
 
 class Layout(NamedTuple):
@@ -92,21 +116,27 @@ class Layout(NamedTuple):
     return 0 if j == 0 else self.cutoffs[j - 1]
 
 
-def layout(model_cfg: Any) -> Layout:
+def layout(cfg: Any) -> Layout:
+  """The band layout of a whole config (the model's bands; output widths
+  from `head.tail_dims` when given)."""
+  model_cfg = cfg.model
   if model_cfg.num_bands < 2:
     raise JaxrecError("head.name='tree_softmax': needs model.num_bands >= 2 "
                       f"(got {model_cfg.num_bands})")
   bands.check_cutoffs(model_cfg.band_cutoffs, model_cfg.num_bands,
                       model_cfg.num_items)
+  cfg.head.check_model(model_cfg)
+  dims = bands.band_dims(model_cfg.embed_dim, model_cfg.num_bands,
+                         model_cfg.band_dims)
+  if cfg.head.tail_dims:
+    dims = (dims[0], *cfg.head.tail_dims)
   return Layout(tuple(model_cfg.band_cutoffs),
                 bands.band_sizes(model_cfg.band_cutoffs, model_cfg.num_items),
-                bands.band_dims(model_cfg.embed_dim, model_cfg.num_bands,
-                                model_cfg.band_dims))
+                dims)
 
 
 def init(cfg: TreeSoftmaxConfig, model_cfg: Any, rng: jax.Array) -> Params:
-  del cfg
-  lay = layout(model_cfg)
+  lay = layout(_Whole(model_cfg, cfg))
   c = model_cfg.embed_dim
   width = lay.sizes[0] + lay.num_tail
   keys = jax.random.split(rng, 1 + 2 * lay.num_tail)
@@ -225,7 +255,7 @@ def loss(params: Params, cfg: Any, h: jax.Array, targets: jax.Array,
   """Masked mean -log p(target): the head softmax plus the target's band."""
   del rng, sampler
   cfg.head.check_train(cfg.train)
-  lay = layout(cfg.model)
+  lay = layout(cfg)
   head = params["head"]
   h, targets, mask = common.flatten(h, targets, mask)
   head_ce = chunked_softmax.softmax_cross_entropy(
@@ -246,7 +276,7 @@ class ScoreContext(NamedTuple):
 
 
 def prepare(params: Params, cfg: Any, h: jax.Array) -> ScoreContext:
-  lay = layout(cfg.model)
+  lay = layout(cfg)
   head = params["head"]
   lse = [band_logsumexp(head[f"band_{j}"], h, lay.sizes[j],
                         cfg.train.loss_chunk)
@@ -257,7 +287,7 @@ def prepare(params: Params, cfg: Any, h: jax.Array) -> ScoreContext:
 def _log_probs_of(params: Params, cfg: Any, ctx: ScoreContext,
                   ids: jax.Array) -> jax.Array:
   """log p of `ids`: [size] shared by the batch, or [B, N] per row."""
-  lay = layout(cfg.model)
+  lay = layout(cfg)
   head = params["head"]
   band = bands.band_of(ids, lay.cutoffs)
   head_index = jnp.clip(ids, 0, lay.sizes[0] - 1)
@@ -293,7 +323,7 @@ def item_scores(params: Params, cfg: Any, ctx: ScoreContext,
 def full_log_probs(params: Params, cfg: Any, h: jax.Array) -> jax.Array:
   """log p of every item [B, V] in one piece (top-N's full computation and
   the test reference; small catalogues only)."""
-  lay = layout(cfg.model)
+  lay = layout(cfg)
   head = params["head"]
   hl = head_log_probs(head, h)
   parts = [hl[:, :lay.sizes[0]]]
@@ -329,7 +359,7 @@ def top_n(params: Params, cfg: Any, h: jax.Array, n: int,
   outside `jax.jit`.
   """
   hl, scores, ids = _head_top_n(params, cfg, h, n)
-  lay = layout(cfg.model)
+  lay = layout(cfg)
   if early_exit:
     # On the host, from [B, n-1] tokens and [B] thresholds: reading top_k's
     # values on device made XLA's CPU TopK fall back to a full sort (40x).
@@ -346,7 +376,7 @@ def top_n(params: Params, cfg: Any, h: jax.Array, n: int,
 @functools.partial(jax.jit, static_argnums=(1, 3))
 def _head_top_n(params: Params, cfg: Any, h: jax.Array, n: int):
   """hl and the head items' top n."""
-  lay = layout(cfg.model)
+  lay = layout(cfg)
   hl = head_log_probs(params["head"], h)
   scores, ids = _padded_top_k(hl[:, :lay.sizes[0]], n)
   return hl, scores, ids
@@ -356,7 +386,7 @@ def _head_top_n(params: Params, cfg: Any, h: jax.Array, n: int):
 def _merge_bands(params: Params, cfg: Any, h: jax.Array, hl: jax.Array,
                  scores: jax.Array, ids: jax.Array, n: int,
                  bands_kept: tuple[int, ...]):
-  lay = layout(cfg.model)
+  lay = layout(cfg)
   head = params["head"]
   cand_scores, cand_ids = [scores], [ids]
   for j in bands_kept:
