@@ -76,8 +76,12 @@ SHOWN = ("ndcg@10", "hr@10", "mrr@5")
 
 
 def base_config(s: dict[str, Any], seed: int) -> dict[str, Any]:
+  """The raw config every arm starts from; `s["bands"]` (from the band
+  flags) is kept beside it for the arms built on bands."""
   return {
-      "model": {"embed_dim": s["embed_dim"], "num_blocks": s["num_blocks"]},
+      "bands": s.get("bands", {}),
+      "model": {"embed_dim": s["embed_dim"], "num_blocks": s["num_blocks"],
+                "dropout": s.get("dropout", 0.2)},
       "data": {"source": s["data"], "max_len": s["max_len"],
                "min_user_count": 1, "min_item_count": 1},
       "train": {"batch_size": s["batch_size"], "steps": s["steps"],
@@ -88,8 +92,14 @@ def base_config(s: dict[str, Any], seed: int) -> dict[str, Any]:
 def arm_config(base: dict[str, Any], arm: str,
                width: int | None = None) -> config_lib.Config:
   raw = json.loads(json.dumps(base))
+  overrides = raw.pop("bands")
   for section, values in ARMS[arm].items():
     raw.setdefault(section, {}).update(values)
+  uses_bands = "num_bands" in raw["model"]
+  for section, values in overrides.items():
+    if uses_bands and (section == "model" or raw.get("head", {}).get(
+        "name") == "tree_softmax"):
+      raw[section].update(values)
   if width is not None:
     raw["model"]["embed_dim"] = width
   return config_lib.from_dict(raw, f"arm {arm}").validate()
@@ -235,7 +245,7 @@ def topn_cell(t: dict[str, Any]) -> str:
 
 def table(results: dict[str, Any]) -> str:
   arms = results["arms"]
-  ref = arms["nextitnet"]
+  ref = arms.get("nextitnet")  # Absent from a run of other arms only.
   lines = ["| arm | params | compression | " + " | ".join(
       f"test {m}" for m in SHOWN) + " | NDCG@10 vs nextitnet | train s | "
            "tokens/s | top-20 ms per query, full / early exit: batch 512 ; "
@@ -245,11 +255,15 @@ def table(results: dict[str, Any]) -> str:
     r = arms[arm]
     topn = " ; ".join(topn_cell(t) for t in (r["topn_ms"],
                                               r["topn_ms"]["batch_1"]))
+    compression = ratio = "n/a"
+    if ref:
+      compression = f"{ref['params'] / r['params']:.2f}x"
+      ratio = f"{100 * r['test']['ndcg@10'] / ref['test']['ndcg@10']:.1f}%"
     lines.append(
-        f"| {arm} | {r['params']:,} | {ref['params'] / r['params']:.2f}x | "
+        f"| {arm} | {r['params']:,} | {compression} | "
         + " | ".join(f"{r['test'][m]:.4f}" for m in SHOWN)
-        + f" | {100 * r['test']['ndcg@10'] / ref['test']['ndcg@10']:.1f}% | "
-        f"{r['train_time_s']:.0f} | {r['tokens_per_s']:,.0f} | {topn} |")
+        + f" | {ratio} | {r['train_time_s']:.0f} | "
+        f"{r['tokens_per_s']:,.0f} | {topn} |")
   return "\n".join(lines)
 
 
@@ -273,6 +287,25 @@ def targets(results: dict[str, Any]) -> dict[str, bool]:
   }
 
 
+def ints(text: str) -> list[int]:
+  return [int(x) for x in text.split(",")]
+
+
+def floats(text: str) -> list[float]:
+  return [float(x) for x in text.split(",")]
+
+
+def band_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+  """{section: {field: value}} from the band flags given."""
+  model = {name: value for name, value in (
+      ("band_shares", args.band_shares), ("num_bands", args.num_bands),
+      ("band_dims", args.band_dims)) if value is not None}
+  out = {"model": model} if model else {}
+  if args.tail_dims is not None:
+    out["head"] = {"tail_dims": args.tail_dims}
+  return out
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", required=True)
@@ -286,6 +319,17 @@ def main() -> None:
                       "large --steps, each arm trains to its own plateau")
   parser.add_argument("--data", help="override the data source")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--embed-dim", type=int, help="override C (every arm)")
+  parser.add_argument("--dropout", type=float,
+                      help="override the dropout (every arm; default 0.2)")
+  parser.add_argument("--band-shares", type=floats,
+                      help="arms with bands: model.band_shares, e.g. 0.6")
+  parser.add_argument("--num-bands", type=int,
+                      help="arms with bands: model.num_bands")
+  parser.add_argument("--band-dims", type=ints,
+                      help="arms with bands: model.band_dims, e.g. 32,16,4")
+  parser.add_argument("--tail-dims", type=ints,
+                      help="tree-softmax arms: head.tail_dims, e.g. 4,2")
   parser.add_argument("--retime", action="store_true",
                       help="re-measure speed (top-20 latency, training "
                       "tokens/s) of the runs already in OUT, keeping their "
@@ -308,6 +352,11 @@ def main() -> None:
       s["patience"] = args.patience
     if args.data:
       s["data"] = args.data
+    if args.embed_dim:
+      s["embed_dim"] = args.embed_dim
+    if args.dropout is not None:
+      s["dropout"] = args.dropout
+    s["bands"] = band_overrides(args)
   os.makedirs(args.out, exist_ok=True)
   base = base_config(s, args.seed)
   data = pipeline.load_data(arm_config(base, "nextitnet").data)

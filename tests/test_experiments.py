@@ -221,10 +221,15 @@ def test_cprec_writes_every_arm_targets_and_plot(tmp_path, monkeypatch):
   # The three arms the targets need (every arm runs the same code path).
   arms = ("nextitnet", "cprec", "small_nextitnet")
   run_script(monkeypatch, "cprec", tmp_path, "--arms", ",".join(arms),
-             CPU=tiny)
+             "--band-dims", "8,4,2", "--tail-dims", "2,1", CPU=tiny)
   with open(tmp_path / "results.json") as f:
     results = json.load(f)
   assert set(results["arms"]) == set(arms)
+  # Band flags reach the arms built on bands, and only those.
+  cprec = results["arms"]["cprec"]
+  assert (cprec["model"]["band_dims"], cprec["head"]["tail_dims"]) == (
+      [8, 4, 2], [2, 1])
+  assert results["arms"]["nextitnet"]["model"]["band_dims"] == []
   for arm in results["arms"].values():
     assert arm["params"] == sum(arm["params_by_subtree"].values())
     assert np.isfinite(arm["test"]["ndcg@10"]) and arm["tokens_per_s"] > 0
