@@ -11,10 +11,9 @@ one token per tail band; a tail band has its own small softmax:
   head/band_j/bias        [k_j]
 
 d_j is the model's band width (`model.band_dims`, the input embedding's)
-unless `head.tail_dims` gives the output tables their own: the input side
-must tell a rare item from its neighbours to follow it, while a tail band's
-output only ranks items inside the band, behind `log P(band)`, so it needs
-less width (RESULTS.md, CpRec).
+unless `head.tail_dims` gives the output tables their own widths (ours, not
+the paper's; on the synthetic catalogue narrower output tables than input
+ones cost accuracy: RESULTS.md, CpRec band widths).
 
   log p(i) = hl[i]                                     i in the head
            = hl[token_j] + log_softmax(h Q_j F_j^T + b_j)[i - c_j]   i in band j
