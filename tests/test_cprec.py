@@ -49,7 +49,7 @@ def hidden(batch=23, seed=1):
 def reference_log_probs(params, cfg, h):
   """Brute force, written from the paper's formula: [B, V] log p."""
   head = params["head"]
-  lay = ts.layout(cfg)
+  lay = ts.layout(cfg.model, cfg.head)
   logits = h @ head["head_kernel"].T + head["head_bias"]
   logits = logits.at[:, 0].set(-jnp.inf)
   hl = logits - jax.scipy.special.logsumexp(logits, axis=1, keepdims=True)
@@ -257,7 +257,7 @@ def test_early_exit_top_n_equals_the_full_computation(n):
 def test_early_exit_skips_bands_that_cannot_reach_the_top_n_and_stays_exact():
   cfg = make_cfg(band_cutoffs=[30, 40, 50])  # 29 head items: tau is finite.
   params, h = init(cfg), hidden(batch=40)
-  lay = ts.layout(cfg)
+  lay = ts.layout(cfg.model, cfg.head)
   # Push two band tokens far down: their items cannot reach any top 20.
   bias = params["head"]["head_bias"]
   params["head"]["head_bias"] = bias.at[lay.sizes[0]:lay.sizes[0] + 2].add(

@@ -95,12 +95,6 @@ class TreeSoftmaxConfig(HeadConfig):
           f"=0 (got {train.label_smoothing})")
 
 
-class _Whole(NamedTuple):
-  """The two sections `layout` reads, where a head gets them apart."""
-  model: Any
-  head: Any
-
-
 class Layout(NamedTuple):
   """The static band layout of a model config."""
   cutoffs: tuple[int, ...]  # c_1..c_{n-1}
@@ -115,27 +109,26 @@ class Layout(NamedTuple):
     return 0 if j == 0 else self.cutoffs[j - 1]
 
 
-def layout(cfg: Any) -> Layout:
-  """The band layout of a whole config (the model's bands; output widths
-  from `head.tail_dims` when given)."""
-  model_cfg = cfg.model
+def layout(model_cfg: Any, head_cfg: TreeSoftmaxConfig) -> Layout:
+  """The model's bands, with output widths from `head.tail_dims` when
+  given."""
   if model_cfg.num_bands < 2:
     raise JaxrecError("head.name='tree_softmax': needs model.num_bands >= 2 "
                       f"(got {model_cfg.num_bands})")
   bands.check_cutoffs(model_cfg.band_cutoffs, model_cfg.num_bands,
                       model_cfg.num_items)
-  cfg.head.check_model(model_cfg)
+  head_cfg.check_model(model_cfg)
   dims = bands.band_dims(model_cfg.embed_dim, model_cfg.num_bands,
                          model_cfg.band_dims)
-  if cfg.head.tail_dims:
-    dims = (dims[0], *cfg.head.tail_dims)
+  if head_cfg.tail_dims:
+    dims = (dims[0], *head_cfg.tail_dims)
   return Layout(tuple(model_cfg.band_cutoffs),
                 bands.band_sizes(model_cfg.band_cutoffs, model_cfg.num_items),
                 dims)
 
 
 def init(cfg: TreeSoftmaxConfig, model_cfg: Any, rng: jax.Array) -> Params:
-  lay = layout(_Whole(model_cfg, cfg))
+  lay = layout(model_cfg, cfg)
   c = model_cfg.embed_dim
   width = lay.sizes[0] + lay.num_tail
   keys = jax.random.split(rng, 1 + 2 * lay.num_tail)
@@ -254,7 +247,7 @@ def loss(params: Params, cfg: Any, h: jax.Array, targets: jax.Array,
   """Masked mean -log p(target): the head softmax plus the target's band."""
   del rng, sampler
   cfg.head.check_train(cfg.train)
-  lay = layout(cfg)
+  lay = layout(cfg.model, cfg.head)
   head = params["head"]
   h, targets, mask = common.flatten(h, targets, mask)
   head_ce = chunked_softmax.softmax_cross_entropy(
@@ -275,7 +268,7 @@ class ScoreContext(NamedTuple):
 
 
 def prepare(params: Params, cfg: Any, h: jax.Array) -> ScoreContext:
-  lay = layout(cfg)
+  lay = layout(cfg.model, cfg.head)
   head = params["head"]
   lse = [band_logsumexp(head[f"band_{j}"], h, lay.sizes[j],
                         cfg.train.loss_chunk)
@@ -286,7 +279,7 @@ def prepare(params: Params, cfg: Any, h: jax.Array) -> ScoreContext:
 def _log_probs_of(params: Params, cfg: Any, ctx: ScoreContext,
                   ids: jax.Array) -> jax.Array:
   """log p of `ids`: [size] shared by the batch, or [B, N] per row."""
-  lay = layout(cfg)
+  lay = layout(cfg.model, cfg.head)
   head = params["head"]
   band = bands.band_of(ids, lay.cutoffs)
   head_index = jnp.clip(ids, 0, lay.sizes[0] - 1)
@@ -322,7 +315,7 @@ def item_scores(params: Params, cfg: Any, ctx: ScoreContext,
 def full_log_probs(params: Params, cfg: Any, h: jax.Array) -> jax.Array:
   """log p of every item [B, V] in one piece (top-N's full computation and
   the test reference; small catalogues only)."""
-  lay = layout(cfg)
+  lay = layout(cfg.model, cfg.head)
   head = params["head"]
   hl = head_log_probs(head, h)
   parts = [hl[:, :lay.sizes[0]]]
@@ -358,7 +351,7 @@ def top_n(params: Params, cfg: Any, h: jax.Array, n: int,
   outside `jax.jit`.
   """
   hl, scores, ids = _head_top_n(params, cfg, h, n)
-  lay = layout(cfg)
+  lay = layout(cfg.model, cfg.head)
   if early_exit:
     # On the host, from [B, n-1] tokens and [B] thresholds: reading top_k's
     # values on device made XLA's CPU TopK fall back to a full sort (40x).
@@ -375,7 +368,7 @@ def top_n(params: Params, cfg: Any, h: jax.Array, n: int,
 @functools.partial(jax.jit, static_argnums=(1, 3))
 def _head_top_n(params: Params, cfg: Any, h: jax.Array, n: int):
   """hl and the head items' top n."""
-  lay = layout(cfg)
+  lay = layout(cfg.model, cfg.head)
   hl = head_log_probs(params["head"], h)
   scores, ids = _padded_top_k(hl[:, :lay.sizes[0]], n)
   return hl, scores, ids
@@ -385,7 +378,7 @@ def _head_top_n(params: Params, cfg: Any, h: jax.Array, n: int):
 def _merge_bands(params: Params, cfg: Any, h: jax.Array, hl: jax.Array,
                  scores: jax.Array, ids: jax.Array, n: int,
                  bands_kept: tuple[int, ...]):
-  lay = layout(cfg)
+  lay = layout(cfg.model, cfg.head)
   head = params["head"]
   cand_scores, cand_ids = [scores], [ids]
   for j in bands_kept:
