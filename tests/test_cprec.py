@@ -264,8 +264,38 @@ def test_early_exit_skips_bands_that_cannot_reach_the_top_n_and_stays_exact():
       -30.0)
   _, ids, scored = ts.top_n(params, cfg, h, 20)
   _, full_ids, _ = ts.top_n(params, cfg, h, 20, early_exit=False)
-  np.testing.assert_array_equal(np.asarray(scored), [False, False, True])
+  assert scored.shape == (40, 3)
+  assert not scored[:, :2].any()
   np.testing.assert_array_equal(ids, full_ids)
+
+
+def test_early_exit_searches_a_band_only_for_the_rows_it_can_reach():
+  cfg = make_cfg(band_cutoffs=[30, 40, 50])
+  params, h = init(cfg), hidden(batch=40)
+  lay = ts.layout(cfg.model, cfg.head)
+  full = ts.full_log_probs(params, cfg, h).at[:, 0].set(-jnp.inf)
+  tau = jax.lax.top_k(full[:, :lay.sizes[0]], 20)[0][:, -1]
+  for j, (lo, hi) in enumerate(zip((30, 40, 50), (40, 50, V))):
+    band_best = full[:, lo:hi].max(axis=1)
+    _, _, scored = ts.top_n(params, cfg, h, 20)
+    np.testing.assert_array_equal(scored[:, j], np.asarray(band_best >= tau))
+
+
+@pytest.mark.parametrize("batch", [1, 3, 17, 40])
+def test_early_exit_is_exact_bit_for_bit_when_only_some_rows_search_a_band(
+    batch):
+  cfg = make_cfg(band_cutoffs=[30, 40, 50])
+  params, h = init(cfg), hidden(batch=batch, seed=batch)
+  lay = ts.layout(cfg.model, cfg.head)
+  # Raise the band tokens until some rows, not all, reach each band.
+  params["head"]["head_bias"] = params["head"]["head_bias"].at[
+      lay.sizes[0]:].add(2.0)
+  scores, ids, scored = ts.top_n(params, cfg, h, 20)
+  full_scores, full_ids, _ = ts.top_n(params, cfg, h, 20, early_exit=False)
+  if batch >= 17:
+    assert 0 < scored.mean() < 1
+  np.testing.assert_array_equal(ids, full_ids)
+  np.testing.assert_array_equal(scores, full_scores)
 
 
 def test_metrics_from_the_early_exit_top_20_equal_full_ranking_metrics():

@@ -31,12 +31,14 @@ never raw tail logits.
 - Full-ranking evaluation (`prepare` + `tile_scores`): exact normalised
   log-probabilities of every item; each band's normaliser is a logsumexp
   over item tiles, computed once per batch.
-- Exact early-exit top-N (`top_n`): let tau be the N-th best head-item
-  log-probability; a band's items all score at most its token's
-  log-probability, so a band whose token is below tau for every row of the
-  batch is never computed. The result equals the full computation. It
-  fires only where a band's whole mass is below the N-th head item's
-  probability (many small tail bands, confident rows, small batches).
+- Exact early-exit top-N (`top_n`): let tau be a row's N-th best head-item
+  log-probability. A tail band's best item for that row (its token plus
+  max logit minus the band's normaliser, cheap to get) either reaches tau
+  or the band cannot enter the row's top N; `top_k`, the costly part, runs
+  only on the (row, band) pairs that reach it. The result equals the full
+  computation bit for bit. The paper's bound, the band token alone, fires
+  only where a band's whole mass is below tau, which a band holding a
+  fifth of the mass never is.
 """
 from __future__ import annotations
 
@@ -333,64 +335,126 @@ def _padded_top_k(scores: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
   return jax.lax.top_k(scores, n)
 
 
-def top_n(params: Params, cfg: Any, h: jax.Array, n: int,
-          early_exit: bool = True
-          ) -> tuple[jax.Array, jax.Array, np.ndarray]:
-  """The n most probable items: (log-probs [B, n], ids [B, n], scored [n-1]).
-
-  `scored[j-1]` says whether tail band j was computed. With `early_exit`,
-  band j is skipped when its token's log-probability is below the n-th best
-  head item's for every row of the batch: each of its items scores at most
-  its token, so none can enter any row's top n, and the result equals
-  `early_exit=False` exactly, ties broken by id.
-
-  The exit is decided on the host between two jitted programs (one sync per
-  batch): a skipped band is not in the second program at all. A `lax.cond`
-  per band would keep one program but measured 3x slower than computing
-  every band on a 2-core CPU, so it was not kept. Not traceable: call it
-  outside `jax.jit`.
-  """
-  hl, scores, ids = _head_top_n(params, cfg, h, n)
-  lay = layout(cfg.model, cfg.head)
-  if early_exit:
-    # On the host, from [B, n-1] tokens and [B] thresholds: reading top_k's
-    # values on device made XLA's CPU TopK fall back to a full sort (40x).
-    tokens = np.asarray(hl[:, lay.sizes[0]:])
-    scored = np.any(tokens >= np.asarray(scores[:, n - 1:n]), axis=0)
-  else:
-    scored = np.ones(lay.num_tail, bool)
-  bands_kept = tuple(j + 1 for j in range(lay.num_tail) if scored[j])
-  best, best_ids = _merge_bands(params, cfg, h, hl, scores, ids, n,
-                                bands_kept)
-  return best, best_ids, scored
+class _Scored(NamedTuple):
+  """Every band's logits and normaliser, and the head items' top n."""
+  hl: jax.Array  # [B, k_0 + n - 1]
+  scores: jax.Array  # [B, n] the head items' top n log-probabilities
+  ids: jax.Array  # [B, n]
+  logits: tuple[jax.Array, ...]  # [B, k_j] per tail band
+  lse: tuple[jax.Array, ...]  # [B] per tail band
+  best: jax.Array  # [B, n - 1] each band's best item's log-probability
 
 
-@functools.partial(jax.jit, static_argnums=(1, 3))
-def _head_top_n(params: Params, cfg: Any, h: jax.Array, n: int):
-  """hl and the head items' top n."""
-  lay = layout(cfg.model, cfg.head)
-  hl = head_log_probs(params["head"], h)
-  scores, ids = _padded_top_k(hl[:, :lay.sizes[0]], n)
-  return hl, scores, ids
-
-
-@functools.partial(jax.jit, static_argnums=(1, 6, 7))
-def _merge_bands(params: Params, cfg: Any, h: jax.Array, hl: jax.Array,
-                 scores: jax.Array, ids: jax.Array, n: int,
-                 bands_kept: tuple[int, ...]):
-  lay = layout(cfg.model, cfg.head)
+def _score(params: Params, lay: Layout, h: jax.Array, n: int) -> _Scored:
   head = params["head"]
-  cand_scores, cand_ids = [scores], [ids]
-  for j in bands_kept:
+  hl = head_log_probs(head, h)
+  scores, ids = _padded_top_k(hl[:, :lay.sizes[0]], n)
+  logits, lse, best = [], [], []
+  for j in range(1, lay.num_tail + 1):
+    z = band_logits(head[f"band_{j}"], h)
+    norm = jax.nn.logsumexp(z, axis=-1)
     token = hl[:, lay.sizes[0] + j - 1]
-    s, i = _padded_top_k(band_log_probs(head[f"band_{j}"], h, token), n)
-    cand_scores.append(s)
-    cand_ids.append(i + lay.start(j))
+    logits.append(z)
+    lse.append(norm)
+    # Bit for bit the log-probability `_merge` gives the band's top item.
+    best.append(token + (jnp.max(z, axis=-1) - norm))
+  return _Scored(hl, scores, ids, tuple(logits), tuple(lse),
+                 jnp.stack(best, axis=1))
+
+
+def _merge(lay: Layout, n: int, s: _Scored,
+           rows: tuple[Any, ...]) -> tuple[jax.Array, jax.Array]:
+  """The top n over the head's and the chosen rows of each band's top n.
+
+  rows[j-1] is band j's rows: `...` every row, None none, or an index
+  array (padding entries >= B, dropped).
+  """
+  batch = s.scores.shape[0]
+  cand_scores, cand_ids = [s.scores], [s.ids]
+  for j, r in enumerate(rows, start=1):
+    if r is None:
+      continue
+    pick = (lambda x: x) if r is ... else (
+        lambda x: jnp.take(x, r, axis=0, mode="clip"))
+    token = pick(s.hl[:, lay.sizes[0] + j - 1])[:, None]
+    log_p = token + (pick(s.logits[j - 1]) - pick(s.lse[j - 1])[:, None])
+    top, ids = _padded_top_k(log_p, n)
+    ids = ids + lay.start(j)
+    if r is not ...:  # Back to [B, n]; unscored rows never win.
+      top = jnp.full((batch, n), -jnp.inf, top.dtype).at[r].set(
+          top, mode="drop")
+      ids = jnp.zeros((batch, n), ids.dtype).at[r].set(ids, mode="drop")
+    cand_scores.append(top)
+    cand_ids.append(ids)
   # Candidates are in id order between bands, and top_k prefers the lower
   # index among ties, so ties break by id as in the full computation.
   best, pos = jax.lax.top_k(jnp.concatenate(cand_scores, axis=1), n)
   return best, jnp.take_along_axis(jnp.concatenate(cand_ids, axis=1), pos,
                                    axis=1)
+
+
+def _bucket(rows: np.ndarray, batch: int) -> np.ndarray | None:
+  """Row indices padded with `batch` to a power of two (few programs to
+  compile), or None for no row."""
+  if not rows.size:
+    return None
+  size = min(1 << (rows.size - 1).bit_length(), batch)
+  return np.pad(rows, (0, size - rows.size), constant_values=batch)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _score_jit(params: Params, cfg: Any, h: jax.Array, n: int) -> _Scored:
+  return _score(params, layout(cfg.model, cfg.head), h, n)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _merge_jit(lay: Layout, n: int, s: _Scored, rows: tuple[Any, ...]):
+  return _merge(lay, n, s, rows)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _merge_all_jit(lay: Layout, n: int, s: _Scored):
+  return _merge(lay, n, s, (...,) * lay.num_tail)
+
+
+def top_n(params: Params, cfg: Any, h: jax.Array, n: int,
+          early_exit: bool = True
+          ) -> tuple[jax.Array, jax.Array, np.ndarray]:
+  """The n most probable items: (log-probs [B, n], ids [B, n], scored
+  [B, n-1]), ties broken by id.
+
+  `scored[b, j-1]` says whether tail band j was searched for row b. The
+  full computation (`early_exit=False`) runs `top_k` over every band for
+  every row. On CPU `top_k` is most of the cost, and a band's logits and
+  normaliser are cheap ([B, d_j] x [d_j, k_j] with small d_j; BENCHMARKS.md,
+  CpRec early exit).
+
+  With `early_exit`, every band's logits and normaliser are computed, which
+  gives each row's best item in the band, token + max z - logsumexp z,
+  exactly. A band can put an item into a row's top n only if that best
+  item reaches the row's n-th best head item (on a tie the head item's
+  lower id wins), so `top_k` runs only on the rows where it does, gathered
+  into a power-of-two bucket. The result equals the full computation bit
+  for bit: both read the same logits and normalisers (one program computes
+  them) and apply the same ops to each row.
+
+  The decision is taken on the host between two jitted programs (one sync
+  per batch): a `lax.cond` per band measured 3x slower than computing
+  every band on a 2-core CPU, and reading `top_k`'s values on device in
+  the same program made XLA's CPU TopK fall back to a full sort.
+  Not traceable: call it outside `jax.jit`.
+  """
+  lay = layout(cfg.model, cfg.head)
+  s = _score_jit(params, cfg, h, n)
+  if not early_exit:
+    return (*_merge_all_jit(lay, n, s),
+            np.ones((h.shape[0], lay.num_tail), bool))
+  scored = np.asarray(s.best) >= np.asarray(s.scores[:, n - 1:n])
+  rows = tuple(_bucket(np.flatnonzero(scored[:, j]), h.shape[0])
+               for j in range(lay.num_tail))
+  if all(r is None for r in rows):
+    return s.scores, s.ids, scored
+  return (*_merge_jit(lay, n, s, rows), scored)
 
 
 def top_n_ranks(params: Params, cfg: Any, h: jax.Array, targets: jax.Array,
