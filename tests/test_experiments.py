@@ -234,7 +234,11 @@ def test_cprec_writes_every_arm_targets_and_plot(tmp_path, monkeypatch):
     assert arm["params"] == sum(arm["params_by_subtree"].values())
     assert np.isfinite(arm["test"]["ndcg@10"]) and arm["tokens_per_s"] > 0
     assert arm["topn_ms"]["full_ms"] > 0
-  assert results["arms"]["cprec"]["topn_ms"]["exact"] is True
+  topn = results["arms"]["cprec"]["topn_ms"]
+  assert topn["exact"] is True and topn["batch_1"]["exact"] is True
+  assert len(topn["skipped_share_by_band"]) == 2  # One per tail band.
+  assert set(results["top20_compared"]["batch_1"]) == {
+      "nextitnet_full", "cprec_full", "cprec_early_exit"}
   assert set(results["targets"]) >= {"cprec_4x_fewer_params",
                                      "early_exit_exact"}
   assert (tmp_path / "accuracy_vs_params.png").exists()

@@ -425,9 +425,10 @@ def top_n(params: Params, cfg: Any, h: jax.Array, n: int,
 
   `scored[b, j-1]` says whether tail band j was searched for row b. The
   full computation (`early_exit=False`) runs `top_k` over every band for
-  every row. On CPU `top_k` is most of the cost, and a band's logits and
-  normaliser are cheap ([B, d_j] x [d_j, k_j] with small d_j; BENCHMARKS.md,
-  CpRec early exit).
+  every row. On CPU `top_k` is the costly part, and a band's logits and
+  normaliser are cheap ([B, d_j] x [d_j, k_j] with small d_j): skipping
+  `top_k` on half the (row, band) pairs made the search 1.4x faster
+  (BENCHMARKS.md, CpRec early exit).
 
   With `early_exit`, every band's logits and normaliser are computed, which
   gives each row's best item in the band, token + max z - logsumexp z,
