@@ -82,7 +82,7 @@ ARMS = {
 TOP_N = 20
 # Latency is the fastest of this many passes over the timing batches, full
 # and early exit interleaved. Across arms it stays noisy on the 2-core
-# machine (the same flat-softmax program took 9-22 ms per batch in
+# machine (the same flat-softmax program took 8-22 ms per batch in
 # different arms), so compare full and early exit within an arm.
 TIMING_PASSES = 5
 SHOWN = ("ndcg@10", "hr@10", "mrr@5")
@@ -137,9 +137,9 @@ def by_subtree(params: Any) -> dict[str, int]:
 
 
 def top20_calls(params, cfg) -> dict[str, Any]:
-  """An arm's top-20 queries, as functions of the input ids: `full` (every
-  item scored) and, for the tree head, `early_exit`. The backbone runs
-  outside, so only the head's search is timed."""
+  """An arm's top-20 queries, as functions of the last hidden states h:
+  `full` (every item scored) and, for the tree head, `early_exit`. The
+  backbone runs outside, so only the head's search is timed."""
   if cfg.head.name == "tree_softmax":
     calls = {"full": lambda h: tree_softmax.top_n(params, cfg, h, TOP_N,
                                                   early_exit=False),

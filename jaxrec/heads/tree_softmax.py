@@ -36,9 +36,9 @@ never raw tail logits.
   max logit minus the band's normaliser, cheap to get) either reaches tau
   or the band cannot enter the row's top N; `top_k`, the costly part, runs
   only on the (row, band) pairs that reach it. The result equals the full
-  computation bit for bit. The paper's bound, the band token alone, fires
+  computation bit for bit. The band token alone (our first bound) skips
   only where a band's whole mass is below tau, which a band holding a
-  fifth of the mass never is.
+  fifth of the mass never is (RESULTS.md, CpRec at C=64).
 """
 from __future__ import annotations
 
@@ -342,7 +342,7 @@ class _Scored(NamedTuple):
   ids: jax.Array  # [B, n]
   logits: tuple[jax.Array, ...]  # [B, k_j] per tail band
   lse: tuple[jax.Array, ...]  # [B] per tail band
-  best: jax.Array  # [B, n - 1] each band's best item's log-probability
+  best: jax.Array  # [B, tail bands] each band's best item's log-prob
 
 
 def _score(params: Params, lay: Layout, h: jax.Array, n: int) -> _Scored:
@@ -421,7 +421,7 @@ def top_n(params: Params, cfg: Any, h: jax.Array, n: int,
           early_exit: bool = True
           ) -> tuple[jax.Array, jax.Array, np.ndarray]:
   """The n most probable items: (log-probs [B, n], ids [B, n], scored
-  [B, n-1]), ties broken by id.
+  [B, tail bands]), ties broken by id.
 
   `scored[b, j-1]` says whether tail band j was searched for row b. The
   full computation (`early_exit=False`) runs `top_k` over every band for
