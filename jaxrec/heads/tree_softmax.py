@@ -337,7 +337,7 @@ def _padded_top_k(scores: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
 
 class _Scored(NamedTuple):
   """Every band's logits and normaliser, and the head items' top n."""
-  hl: jax.Array  # [B, k_0 + n - 1]
+  hl: jax.Array  # [B, k_0 + tail bands]
   scores: jax.Array  # [B, n] the head items' top n log-probabilities
   ids: jax.Array  # [B, n]
   logits: tuple[jax.Array, ...]  # [B, k_j] per tail band
