@@ -31,5 +31,11 @@ setup(
         "test": ["pytest", "pytest-xdist", "tensorboardX", "flatbuffers", "pyarrow",
                  "treescope", "nbclient", "nbformat", "ipykernel"],
     },
-    entry_points={"console_scripts": ["jaxrec=jaxrec.cli:main"]},
+    entry_points={
+        "console_scripts": ["jaxrec=jaxrec.cli:main"],
+        # What fills the registries (jaxrec.config.load_plugins); an outside
+        # package adds a backbone, head or method by declaring its own.
+        "jaxrec.plugins": ["models = jaxrec.models", "heads = jaxrec.heads",
+                           "methods = jaxrec.methods"],
+    },
 )

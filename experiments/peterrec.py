@@ -37,7 +37,7 @@ from absl import logging as absl_logging
 from jaxrec import config as config_lib
 from jaxrec.data import transfer
 from jaxrec.training import loop
-from jaxrec.transfer import peterrec
+from jaxrec.methods.peterrec import finetune as peterrec
 
 absl_logging.set_verbosity(absl_logging.ERROR)
 

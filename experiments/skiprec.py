@@ -47,8 +47,9 @@ from jaxrec import heads
 from jaxrec import models
 from jaxrec.data import pipeline, synthetic
 from jaxrec.data.sequences import Interactions
-from jaxrec.skip import policy
-from jaxrec.tasks import ranking
+from jaxrec.methods.skiprec import policy, skipping
+from jaxrec.methods.skiprec.config import SkipRecConfig
+from jaxrec import ranking
 from jaxrec.surgery.checkpoint import save_start_checkpoint
 from jaxrec.training import loop, state
 
@@ -117,9 +118,20 @@ def base_config(s: dict[str, Any], seed: int) -> config_lib.Config:
 
 def skip_config(cfg: config_lib.Config, s: dict[str, Any],
                 lam: float) -> config_lib.Config:
-  model = dataclasses.replace(cfg.model, skip="gumbel", skip_lambda=lam)
   train = dataclasses.replace(cfg.train, steps=s["skip_steps"])
-  return cfg.replace(model=model, train=train)
+  return cfg.with_method(SkipRecConfig(mode="gumbel", lam=lam)).replace(
+      train=train)
+
+
+def gated_hidden(params, cfg: config_lib.Config, ids, gates,
+                 mode: str = "masked"):
+  """Hidden states under `gates` [L, B] (None: every block), skipping by
+  `mode`; a model without a policy runs SkipRec's gate slot with them."""
+  if gates is None:
+    return models.hidden_states(params, cfg, ids)
+  if cfg.method(SkipRecConfig.NAME) is None:
+    cfg = cfg.with_method(SkipRecConfig())
+  return skipping.hidden_states(params, cfg, ids, mode, gates)
 
 
 # ----------------------------------------------------------------- timing
@@ -131,8 +143,7 @@ def scorer(cfg: config_lib.Config, mode: str):
   head = heads.get(cfg.head.name)
 
   def score(params, ids, gates):
-    h = models.hidden_states(params, cfg, ids, gates=gates,
-                             skipping=mode)[:, -1]
+    h = gated_hidden(params, cfg, ids, gates, mode)[:, -1]
     ctx = head.prepare(params, cfg, h)
     return head.tile_scores(params, cfg, ctx, 0, cfg.model.num_items)
 
@@ -196,7 +207,7 @@ def metrics(params, cfg, kind: str, data, usage: float, seed: int
   @jax.jit
   def ranks_and_usage(params, inputs, targets):
     gates = gates_of(params, inputs)
-    h = models.hidden_states(params, cfg, inputs, gates=gates)[:, -1]
+    h = gated_hidden(params, cfg, inputs, gates)[:, -1]
     ctx = head.prepare(params, cfg, h)
     ranks = ranking.target_ranks(
         lambda start, size: head.tile_scores(params, cfg, ctx, start, size),

@@ -1,12 +1,21 @@
 """Configuration: one dataclass per section, help text beside every field.
 
-A run's `Config` has four sections:
+A run's `Config` has five sections:
 
-  model  the backbone's own config, chosen by `model.name` from the registry
-         in `jaxrec.models` (e.g. `NextItNetConfig`, `SASRecConfig`);
-  head   the output head's config, chosen by `head.name` (`jaxrec.heads`);
-  data   `DataConfig`: source, protocol, processing;
-  train  `TrainConfig`: optimisation, evaluation, checkpointing.
+  model    the backbone's own config (architecture only), chosen by
+           `model.name` from the registry in `jaxrec.models` (e.g.
+           `NextItNetConfig`, `SASRecConfig`);
+  head     the output head's config, chosen by `head.name` (`jaxrec.heads`);
+  methods  the active methods (`jaxrec.methods`), each with its own config
+           (a `MethodConfig`): `{skiprec: {lam: 0.5}, peterrec: {...}}`;
+  data     `DataConfig`: source, protocol, processing;
+  train    `TrainConfig`: optimisation, evaluation, checkpointing.
+
+This module imports no backbone, head or method: their packages register
+their config classes here (`register_class`) when they load, and a name
+not registered yet loads the plug-in packages first (`load_plugins`: the
+`jaxrec.plugins` entry points that setup.py declares, and any outside
+package's), so the layers stay one-way (config < models, heads < methods).
 
 A config file (YAML or JSON) holds these sections; command-line flags,
 generated from the fields (`jaxrec.cli.flags`), override it. Every field is
@@ -21,15 +30,18 @@ fails with a one-line `JaxrecError` naming the option before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 from jaxrec.errors import JaxrecError
+from jaxrec.nn import bands
 
-CONFIG_VERSION = 2
+# 3: the methods' options moved from `model.*` into `methods.<name>`.
+CONFIG_VERSION = 3
 TASKS = ("auto", "cold_start", "profile")
 # PeterRec's downstream files (`jaxrec.data.transfer`), read by finetune.
 TRANSFER_SOURCES = ("cold_start", "profile")
@@ -122,9 +134,31 @@ class BackboneConfig:
       choice("model.special_tokens", token, SPECIAL_TOKENS)
     self.validate_bands()
 
+  def capabilities(self) -> frozenset[str]:
+    """What this backbone, so configured, promises the methods
+    (`jaxrec.method_api`): `block_stack` (blocks are one tree with a
+    leading axis under `params["blocks"]`, run by `scan_blocks`),
+    `residual_gate` (a gate of 0 at the `branch` slot makes a block the
+    identity), `slot:NAME` (the block calls that slot), `row_local_blocks`
+    (a block's rows do not interact, so a subset of rows can run alone)."""
+    return frozenset()
+
+  def uncompressed_fields(self) -> dict[str, Any]:
+    """Field values that undo this backbone's layer sharing (the
+    reference of a compression ratio)."""
+    return {}
+
+  def derived(self) -> dict[str, Any]:
+    """Values the config implies that a description should show."""
+    return {}
+
+  def capability_hint(self, missing: list[str]) -> str:
+    """The option that would give the `missing` capabilities, if any."""
+    del missing
+    return ""
+
   def validate_bands(self) -> None:
     """Band options: shares, cutoffs (against V once known), dims."""
-    from jaxrec.nn import bands  # pylint: disable=import-outside-toplevel
     require(self.num_bands >= 1, "model.num_bands", self.num_bands, ">= 1")
     bands.check_shares(self.band_shares)
     if self.band_cutoffs:
@@ -243,9 +277,8 @@ class TrainConfig:
   sampler: str = option("log_uniform", "uniform | log_uniform | unigram "
                         "(sampled softmax)")
   task: str = option("auto", "what the run optimises: auto (next_item; "
-                     "masked_item for a bidirectional model; skiprec for "
-                     "a model with a policy) | cold_start | profile "
-                     "(PeterRec transfer, set by jaxrec finetune)")
+                     "masked_item for a bidirectional model) | cold_start | "
+                     "profile (PeterRec transfer, set by jaxrec finetune)")
   frozen_from: str = option("", "run directory whose checkpoint holds this "
                             "run's frozen leaves (set by jaxrec finetune); "
                             "checkpoints then store only the trainable "
@@ -315,17 +348,117 @@ class TrainConfig:
     choice("train.select_metric", self.select_metric, METRIC_NAMES)
 
 
-# ------------------------------------------------- the registries' configs
+# ------------------------------------------------------------ methods
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+  """The options of one method (a paper's idea applied to a backbone);
+  each method's config extends it and is registered with its `Method`
+  (`jaxrec.method_api`). Class attributes say what the method is:
+
+  NAME      its key under `methods:` and in the param tree;
+  PHASE     composition order: grow 10, compress 20, skip 30, patch 40;
+  VERSION   of this config's layout (`upgrade` brings older ones here);
+  CLAIMS    exclusive features (two active methods claiming one clash);
+  FLAGS     field -> command-line flag, where it is not `--NAME-FIELD`;
+  LEGACY    old `model.<field>` (config version 2) -> this config's field;
+  SWITCH    (field, value): the flag that turns the method off with that
+            value (`--skip none`).
+  """
+  NAME: ClassVar[str] = ""
+  PHASE: ClassVar[int] = 50
+  VERSION: ClassVar[int] = 1
+  CLAIMS: ClassVar[frozenset[str]] = frozenset()
+  FLAGS: ClassVar[dict[str, str]] = {}
+  LEGACY: ClassVar[dict[str, str]] = {}
+  SWITCH: ClassVar[tuple[str, Any] | None] = None
+
+  def requires(self, cfg: "Config") -> frozenset[str]:
+    """The backbone capabilities this method needs under `cfg`."""
+    del cfg
+    return frozenset()
+
+  def validate(self) -> None:
+    """Refuses bad values of this method's own options."""
+
+  def check(self, cfg: "Config") -> None:
+    """Refuses what does not fit the rest of the run's config."""
+    del cfg
+
+  @classmethod
+  def legacy_active(cls, model: dict[str, Any]) -> bool:
+    """Whether a version-2 `model` section had this method on."""
+    return any(old in model for old in cls.LEGACY)
+
+  @classmethod
+  def upgrade(cls, values: dict[str, Any], version: int) -> dict[str, Any]:
+    """This method's section, from its stored `version` to VERSION."""
+    del version
+    return values
+
+
+# -------------------------------------------- the registries' config classes
+
+# Filled by the packages that own the classes (jaxrec.models, jaxrec.heads,
+# jaxrec.methods, outside plug-ins) as they load; read by name here.
+_CLASSES: dict[str, dict[str, type]] = {"model": {}, "head": {},
+                                        "methods": {}}
+PLUGIN_GROUP = "jaxrec.plugins"
+_plugins_loaded = False
+
+
+def register_class(section: str, name: str, cls: type) -> None:
+  """Makes `cls` the config class of `section` entry `name`."""
+  known = _CLASSES[section]
+  if name in known and known[name] is not cls:
+    raise AssertionError(f"{section} {name!r} is registered twice")
+  known[name] = cls
+
+
+def load_plugins() -> None:
+  """Imports every package declared under the `jaxrec.plugins` entry
+  points (jaxrec's own backbones, heads and methods, and outside ones),
+  once; each registers what it defines. A checkout that was not installed
+  declares none: then this says how to install it."""
+  global _plugins_loaded
+  if _plugins_loaded:
+    return
+  _plugins_loaded = True
+  found = importlib.metadata.entry_points(group=PLUGIN_GROUP)
+  if not found:
+    raise JaxrecError(f"no {PLUGIN_GROUP} entry points: jaxrec is not "
+                      "installed (pip install -e . in its checkout)")
+  for entry in found:
+    entry.load()
+
+
+def class_names(section: str) -> tuple[str, ...]:
+  load_plugins()
+  return tuple(_CLASSES[section])
+
+
+def config_class(section: str, name: str, option_name: str) -> type:
+  """The registered config class; a one-line error names the option."""
+  known = _CLASSES[section]
+  if name not in known:
+    load_plugins()
+  if name not in known:
+    raise JaxrecError(f"{option_name}={name!r}: expected one of "
+                      f"{list(known)}")
+  return known[name]
 
 
 def model_config_class(name: str) -> type:
-  from jaxrec import models  # pylint: disable=import-outside-toplevel
-  return models.get(name, option="model.name").config
+  return config_class("model", name, "model.name")
 
 
 def head_config_class(name: str) -> type:
-  from jaxrec import heads  # pylint: disable=import-outside-toplevel
-  return heads.get(name, option="head.name").config
+  return config_class("head", name, "head.name")
+
+
+def method_config_class(name: str) -> type:
+  return config_class("methods", name, "methods")
 
 
 def _default_model() -> BackboneConfig:
@@ -336,7 +469,7 @@ def _default_head() -> HeadConfig:
   return head_config_class(HeadConfig.name)()
 
 
-SECTIONS = ("model", "head", "data", "train")
+SECTIONS = ("model", "head", "methods", "data", "train")
 # Sections whose class is chosen by their `name` field.
 NAMED_SECTIONS = {"model": model_config_class, "head": head_config_class}
 FIXED_SECTIONS = {"data": DataConfig, "train": TrainConfig}
@@ -344,17 +477,41 @@ FIXED_SECTIONS = {"data": DataConfig, "train": TrainConfig}
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+  """A whole run's config. `methods` is a tuple of MethodConfigs in phase
+  order (hashable, so a Config can be a static jit argument)."""
   model: Any = dataclasses.field(default_factory=_default_model)
   head: Any = dataclasses.field(default_factory=_default_head)
   data: DataConfig = DataConfig()
   train: TrainConfig = TrainConfig()
+  methods: tuple[Any, ...] = ()
+
+  def __post_init__(self):
+    ordered = tuple(sorted(self.methods, key=lambda m: (m.PHASE, m.NAME)))
+    object.__setattr__(self, "methods", ordered)
+
+  def method(self, name: str) -> Any:
+    """The active method `name`'s config, or None."""
+    for m in self.methods:
+      if m.NAME == name:
+        return m
+    return None
+
+  def with_method(self, method: MethodConfig) -> "Config":
+    """This config with `method` active (replacing its earlier options)."""
+    return self.replace(methods=tuple(
+        m for m in self.methods if m.NAME != method.NAME) + (method,))
+
+  def without_method(self, name: str) -> "Config":
+    return self.replace(methods=tuple(m for m in self.methods
+                                      if m.NAME != name))
 
   def validate(self) -> "Config":
-    for name in SECTIONS:
+    for name in ("model", "head", "data", "train"):
       require_finite(getattr(self, name), name)
       getattr(self, name).validate()
     self.head.check_train(self.train)
     self.head.check_model(self.model)
+    self.validate_methods()
     if self.train.train_top_blocks and self.model.source_map() is not None:
       raise JaxrecError(
           f"train.train_top_blocks={self.train.train_top_blocks}: the model "
@@ -366,6 +523,28 @@ class Config:
                         "'full' (an adaptive embedding has no [V, C] table "
                         "to tie)")
     return self
+
+  def validate_methods(self) -> None:
+    """Each method's options, the capabilities it needs from the backbone,
+    and exclusive claims: one line naming method, capability and backbone."""
+    has = self.model.capabilities()
+    claimed: dict[str, str] = {}
+    for m in self.methods:
+      require_finite(m, f"methods.{m.NAME}")
+      m.validate()
+      missing = sorted(m.requires(self) - has)
+      if missing:
+        raise JaxrecError(
+            f"methods.{m.NAME}: backbone {self.model.name!r} (so "
+            f"configured) lacks {', '.join(missing)}"
+            + _capability_hint(self.model, missing))
+      for feature in m.CLAIMS:
+        if feature in claimed:
+          raise JaxrecError(f"methods.{m.NAME} and methods."
+                            f"{claimed[feature]} both claim {feature}; "
+                            "use one of them")
+        claimed[feature] = m.NAME
+      m.check(self)
 
   def uses_bands(self) -> bool:
     """Whether the model or the head is built on frequency bands."""
@@ -379,7 +558,6 @@ class Config:
     model = self.model.fit_data(num_items, max_len)
     cfg = self.replace(model=model)
     if cfg.uses_bands() and not model.band_cutoffs:
-      from jaxrec.nn import bands  # pylint: disable=import-outside-toplevel
       if item_counts is None:
         raise JaxrecError("model.band_cutoffs: empty, and no training "
                           "counts to resolve band_shares from")
@@ -392,12 +570,20 @@ class Config:
 
   def to_dict(self) -> dict[str, Any]:
     out: dict[str, Any] = {name: section_to_dict(getattr(self, name))
-                           for name in SECTIONS}
+                           for name in SECTIONS if name != "methods"}
+    out["methods"] = {m.NAME: {**section_to_dict(m), "version": m.VERSION}
+                      for m in self.methods}
     out["version"] = CONFIG_VERSION
     return out
 
   def replace(self, **sections: Any) -> "Config":
     return dataclasses.replace(self, **sections)
+
+
+def _capability_hint(model: Any, missing: list[str]) -> str:
+  """What to change, where the backbone can say (`capability_hint`)."""
+  text = model.capability_hint(missing)
+  return f": {text}" if text else ""
 
 
 def section_to_dict(section: Any) -> dict[str, Any]:
@@ -417,8 +603,8 @@ def section_class(section: str, values: dict[str, Any]) -> type:
 def from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
   """Builds a Config from nested dicts; unknown keys name `origin`.
 
-  Version-1 dicts (jaxrec 0.1: one NextItNet config with
-  `model.tie_embeddings`) are upgraded first.
+  Dicts of older versions (1: jaxrec 0.1; 2: methods' options in `model`)
+  are upgraded first.
   """
   if not isinstance(raw, dict):
     raise JaxrecError(f"{origin}: expected a mapping with sections "
@@ -434,9 +620,31 @@ def from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
     if not isinstance(values, dict):
       raise JaxrecError(f"{origin}: {name}: expected a mapping, got "
                         f"{values!r}")
-    parts[name] = section_from_dict(section_class(name, values), values,
-                                    f"{origin}: {name}")
+    if name == "methods":
+      parts[name] = methods_from_dict(values, f"{origin}: methods")
+    else:
+      parts[name] = section_from_dict(section_class(name, values), values,
+                                      f"{origin}: {name}")
   return Config(**parts)
+
+
+def methods_from_dict(raw: dict[str, Any], origin: str) -> tuple[Any, ...]:
+  """`{name: {field: value, version: N}}` -> MethodConfigs; a method
+  stored by a newer jaxrec is refused (its options could mean more)."""
+  out = []
+  for name, values in raw.items():
+    cls = config_class("methods", str(name), origin)
+    values = dict(values or {})
+    if not isinstance(raw[name] or {}, dict):
+      raise JaxrecError(f"{origin}.{name}: expected a mapping, got "
+                        f"{raw[name]!r}")
+    version = values.pop("version", cls.VERSION)
+    if not isinstance(version, int) or version > cls.VERSION:
+      raise JaxrecError(f"{origin}.{name}: version {version!r}; this jaxrec "
+                        f"reads versions up to {cls.VERSION}")
+    values = cls.upgrade(values, version)
+    out.append(section_from_dict(cls, values, f"{origin}.{name}"))
+  return tuple(out)
 
 
 def upgrade(raw: dict[str, Any], origin: str) -> dict[str, Any]:
@@ -445,16 +653,33 @@ def upgrade(raw: dict[str, Any], origin: str) -> dict[str, Any]:
   version = raw.get("version", CONFIG_VERSION)
   if version == CONFIG_VERSION:
     return raw
-  if version != 1:
+  if version not in (1, 2):
     raise JaxrecError(f"{origin}: config version {version!r}; this jaxrec "
-                      f"reads versions 1 and {CONFIG_VERSION}")
+                      f"reads versions 1 to {CONFIG_VERSION}")
   raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
-  model = raw.setdefault("model", {})
-  model["name"] = "nextitnet"
-  raw["head"] = {"name": "softmax",
-                 "tie_embeddings": bool(model.pop("tie_embeddings", False))}
+  if version == 1:
+    model = raw.setdefault("model", {})
+    model["name"] = "nextitnet"
+    raw["head"] = {"name": "softmax",
+                   "tie_embeddings": bool(model.pop("tie_embeddings", False))}
+  raw["methods"] = _methods_from_model(raw.setdefault("model", {}))
   raw["version"] = CONFIG_VERSION
   return raw
+
+
+def _methods_from_model(model: dict[str, Any]) -> dict[str, Any]:
+  """Version 2 -> 3: each registered method takes its old `model.*`
+  fields (`LEGACY`) out of the model section; a method that was on keeps
+  them as `methods.<name>`, one that was off drops them."""
+  load_plugins()
+  out = {}
+  for name, cls in _CLASSES["methods"].items():
+    active = cls.legacy_active(model)
+    values = {new: model.pop(old) for old, new in cls.LEGACY.items()
+              if old in model}
+    if active:
+      out[name] = values
+  return out
 
 
 def section_from_dict(cls: type, values: dict[str, Any], origin: str) -> Any:

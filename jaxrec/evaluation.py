@@ -12,12 +12,12 @@ import jax
 import numpy as np
 
 from jaxrec import config as config_lib
-from jaxrec import models, tasks
+from jaxrec import method_api, models, tasks
 from jaxrec.config import Config
+from jaxrec.data import pipeline
 from jaxrec.data import vocabulary as vocab_lib
 from jaxrec.errors import JaxrecError
-from jaxrec.skip import policy
-from jaxrec.tasks import ranking
+from jaxrec import ranking
 from jaxrec.training import checkpoints
 from jaxrec.training import state as state_lib
 from jaxrec.training.loop import evaluate_params, jit_rank_fn
@@ -48,8 +48,7 @@ def evaluate_checkpoint(run_dir: str, source: str | None = None,
   cfg.validate()
   task = tasks.for_config(cfg)
   if task.NAME == "transfer":  # A fine-tuning's downstream file.
-    from jaxrec.transfer import peterrec  # pylint: disable=import-outside-toplevel
-    data = peterrec.load_task_data(cfg, run_dir)
+    data = tasks.transfer.load_task_data(cfg, run_dir)
   else:
     data = _sequence_data(run_dir, meta, cfg, data_cfg, source)
   outputs = cfg.head.num_outputs(cfg.model)
@@ -74,10 +73,9 @@ def evaluate_checkpoint(run_dir: str, source: str | None = None,
                                         rank_fn)
     out[f"popularity_{name}"] = ranking.popularity_metrics(
         data.item_counts, inputs, targets, mask_history)
-    if policy.enabled(cfg):
-      # SkipRec: blocks computed / (blocks x users) under the argmax gates.
-      out.setdefault("block_usage", {})[name] = float(np.mean(
-          policy.block_usage(params, cfg, inputs, cfg.train.eval_batch_size)))
+  # What the active methods measure (SkipRec: blocks computed / (blocks x
+  # users) under the argmax gates).
+  out.update(method_api.report(params, cfg, data))
   return out
 
 
@@ -85,7 +83,6 @@ def _sequence_data(run_dir: str, meta: dict[str, Any], cfg: Config,
                    data_cfg: config_lib.DataConfig,
                    source: str | None) -> Any:
   """The run's sequence data (or another version of it, `source`)."""
-  from jaxrec.data import pipeline  # pylint: disable=import-outside-toplevel
   vocab = None
   if source:  # Another data version: number its items the run's way.
     vocab = vocab_lib.find(run_dir)
@@ -126,8 +123,7 @@ def describe_model(cfg: Config) -> str:
   """One line: backbone, its options, head."""
   model = dict(config_lib.section_to_dict(cfg.model))
   name = model.pop("name")
-  if hasattr(cfg.model, "block_dilations"):
-    model["dilations"] = list(cfg.model.block_dilations())
+  model.update(cfg.model.derived())
   head = dict(config_lib.section_to_dict(cfg.head))
   return (f"{name} ({', '.join(f'{k}={v}' for k, v in model.items())}); "
           f"head {head.pop('name')} "
@@ -146,8 +142,8 @@ def param_shapes(run_dir: str, kind: str | None = None
   if "params" not in state:
     raise JaxrecError(f"{origin}: checkpoint state holds no params")
   params = state["params"]
-  if checkpoints.is_legacy(opened.meta):
-    params = checkpoints.convert_legacy_params(params)
+  if state_lib.saved_layout_differs(opened.meta, cfg):
+    params = state_lib.convert_saved_params(params, opened.meta, cfg)
   if cfg.train.frozen_from:  # The frozen leaves' shapes are the config's.
     params = state_lib.graft(params, state_lib.frozen_params(
         models.abstract_params(cfg), cfg))
@@ -160,7 +156,8 @@ def describe_checkpoint(run_dir: str, kind: str | None = None) -> str:
   shapes come from the checkpoint's metadata (`param_shapes`)."""
   kind = kind or checkpoints.default_kind(run_dir)
   params, cfg, meta = param_shapes(run_dir, kind)
-  converted = ", converted" if checkpoints.is_legacy(meta) else ""
+  converted = (", converted" if state_lib.saved_layout_differs(meta, cfg)
+               else "")
   lines = [f"{run_dir} ({kind} checkpoint, step {meta['step']}, format "
            f"{meta['format']}{converted})",
            f"model: {describe_model(cfg)}",

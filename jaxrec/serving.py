@@ -30,6 +30,7 @@ from jaxrec import heads, tasks
 from jaxrec.config import Config
 from jaxrec.data import vocabulary as vocab_lib
 from jaxrec.errors import JaxrecError, reported_as
+from jaxrec.training.state import load_params
 
 EXPORT_FORMAT = "jaxrec.export/1"
 # Members of an exported zip (see `export_topk`).
@@ -125,8 +126,6 @@ class Predictor:
   """Top-k recommendations of a run's checkpoint, in raw item ids."""
 
   def __init__(self, run_dir: str, kind: str | None = None):
-    # pylint: disable-next=import-outside-toplevel
-    from jaxrec.training.state import load_params
     self.params, self.cfg, self.meta = load_params(run_dir, kind)
     if self.cfg.train.task != "auto":
       raise JaxrecError(f"{run_dir}: a fine-tuning ({self.cfg.train.task}) "

@@ -17,7 +17,7 @@ import pytest
 
 from jaxrec import heads, models
 from jaxrec.config import Config, TrainConfig
-from jaxrec.nn.stack import gather_blocks
+from plan_helpers import gate_plan
 from jaxrec.surgery import growth
 from jaxrec.training import checkpoints, loop, optim
 from jaxrec.training import state as state_lib
@@ -43,10 +43,13 @@ def trained_like(cfg, seed=0):
       x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "unroll", "source"))
-def hidden(params, ids, gates=None, *, cfg, unroll=False, source=None):
-  return models.hidden_states(params, cfg, ids, unroll=unroll,
-                              source=source, gates=gates)
+@functools.partial(jax.jit, static_argnames=("cfg", "unroll"))
+def hidden(params, ids, gates=None, *, cfg, unroll=False):
+  if gates is None:
+    return models.hidden_states(params, cfg, ids, unroll=unroll)
+  return models.get(cfg.model.name).apply(params, cfg.model, ids,
+                                          plan=gate_plan(gates),
+                                          unroll=unroll)
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -111,31 +114,11 @@ def test_scanned_stack_equals_unrolled(name):
 
 
 @pytest.mark.parametrize("name", BACKBONES)
-def test_identity_source_map_is_the_plain_stack(name):
+def test_branch_slot_gates_of_one_change_nothing_and_zero_skip_blocks(name):
+  """The `residual_gate` capability (every backbone here has it with
+  residual="alpha"): a zero at the branch slot is a zero residual gate."""
   cfg = tiny(name)
-  params = trained_like(cfg)
-  np.testing.assert_array_equal(
-      hidden(params, ids(), cfg=cfg),
-      hidden(params, ids(), cfg=cfg, source=tuple(range(L))))
-
-
-@pytest.mark.parametrize("name", BACKBONES)
-def test_a_shared_stack_equals_its_untied_gather(name):
-  """Two stored blocks run as (0, 0, 1, 1) == four stored blocks gathered."""
-  cfg = tiny(name)
-  params = trained_like(cfg)
-  source = (0, 0, 1, 1)
-  shared = dict(params, blocks=jax.tree.map(lambda a: a[:2],
-                                            params["blocks"]))
-  untied = dict(params, blocks=gather_blocks(shared["blocks"], source))
-  np.testing.assert_allclose(hidden(shared, ids(), cfg=cfg, source=source),
-                             hidden(untied, ids(), cfg=cfg),
-                             rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", BACKBONES)
-def test_gates_of_one_change_nothing_and_zero_gates_skip_blocks(name):
-  cfg = tiny(name)
+  assert "residual_gate" in cfg.model.capabilities()
   params = trained_like(cfg)
   x = ids()
   ones, zeros = jnp.ones((L, 3)), jnp.zeros((L, 3))

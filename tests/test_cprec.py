@@ -17,7 +17,7 @@ from jaxrec.heads import tree_softmax as ts
 from jaxrec.models.nextitnet import NextItNetConfig
 from jaxrec.nn import bands, embedding
 from jaxrec.surgery import growth, sharing
-from jaxrec.tasks import ranking
+from jaxrec import ranking
 
 V, C = 61, 16
 # Long-tailed training counts in id order, as the pipeline makes them.

@@ -603,7 +603,7 @@ def test_grow_times_beyond_memory_is_refused(trained, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("text,names", [
-    (b"version: 3\n", "config version 3"),
+    (b"version: 4\n", "config version 4"),
     (b"model:\n  num_blocks: 2  # caf\xe9\n", "c.yaml:2: not UTF-8"),
 ])
 def test_an_unreadable_config_file_is_refused_naming_it(tmp_path, capsys,

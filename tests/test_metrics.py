@@ -6,7 +6,7 @@ import pytest
 from jaxrec import config
 from jaxrec.heads import softmax
 from jaxrec.heads.softmax import SoftmaxConfig
-from jaxrec.tasks import ranking
+from jaxrec import ranking
 
 CFG = config.Config(head=SoftmaxConfig())
 

@@ -20,18 +20,17 @@ from jaxrec.tasks import masked_item
 from jaxrec.tasks import transfer as transfer_task
 from jaxrec.training import checkpoints, loop, optim
 from jaxrec.training import state as state_lib
-from jaxrec.transfer import peterrec
-
-PLACEMENTS = ("serial", "serial_top", "parallel", "block_parallel")
-
+from jaxrec.methods.peterrec import finetune as peterrec
+from jaxrec.methods.peterrec.config import PLACEMENTS, PeterRecConfig
 
 def model_cfg(**kw):
   base = dict(num_items=30, embed_dim=8, num_blocks=2, dropout=0.0)
   return config.model_config_class("nextitnet")(**{**base, **kw})
 
 
-def full_cfg(**kw):
-  return config.Config(model=model_cfg(**kw))
+def full_cfg(patch="none", **kw):
+  methods = () if patch == "none" else (PeterRecConfig(placement=patch),)
+  return config.Config(model=model_cfg(**kw), methods=methods)
 
 
 def active(params, value=0.7):
@@ -105,10 +104,10 @@ def test_a_patched_network_computes_exactly_what_the_pretrained_one_did(
   else:
     np.testing.assert_array_equal(patched, plain)
   # And the patch is live: a non-zero `up` changes the output.
-  name = sorted(k for k in params["blocks"] if k.startswith("patch"))[0]
+  name = sorted(params["peterrec"])[0]
   moved = jax.tree.map(lambda a: a, params)
-  moved["blocks"][name]["up"]["bias"] = jnp.ones_like(
-      params["blocks"][name]["up"]["bias"])
+  moved["peterrec"][name]["up"]["bias"] = jnp.ones_like(
+      params["peterrec"][name]["up"]["bias"])
   assert not np.allclose(models.hidden_states(moved, cfg, ids),
                          models.hidden_states(params, cfg, ids))
 
@@ -116,20 +115,21 @@ def test_a_patched_network_computes_exactly_what_the_pretrained_one_did(
 def test_patches_are_block_axis_leaves_that_grow_with_the_blocks():
   cfg = full_cfg(patch="serial")
   params = models.init_params(cfg, jax.random.key(0))
-  for leaf in jax.tree.leaves(params["blocks"]["patch1"]):
+  for leaf in jax.tree.leaves(params["peterrec"]["patch1"]):
     assert leaf.shape[0] == 2
-  assert params["blocks"]["patch1"]["down"]["kernel"].shape == (2, 8, 2)
+  assert params["peterrec"]["patch1"]["down"]["kernel"].shape == (2, 8, 2)
   deep, deep_cfg = growth.stack(params, cfg, "adjacent", "paper",
                                 rng=jax.random.key(1))
   assert deep_cfg.model.num_blocks == 4
-  np.testing.assert_array_equal(deep["blocks"]["patch2"]["down"]["kernel"],
-                                params["blocks"]["patch2"]["down"]["kernel"]
+  np.testing.assert_array_equal(deep["peterrec"]["patch2"]["down"]["kernel"],
+                                params["peterrec"]["patch2"]["down"]["kernel"]
                                 [np.array([0, 0, 1, 1])])
 
 
 def test_patches_are_refused_on_a_model_that_shares_blocks():
-  with pytest.raises(JaxrecError, match="model.patch='serial'.*shares"):
-    model_cfg(num_blocks=4, patch="serial", share="cross_block").validate()
+  with pytest.raises(JaxrecError, match="methods.peterrec: .*own_blocks.*"
+                     "shares blocks"):
+    full_cfg(num_blocks=4, patch="serial", share="cross_block").validate()
 
 
 # ------------------------------------------------------- masked pretraining
@@ -254,8 +254,8 @@ def test_a_bidirectional_representation_adds_both_cls_states():
 def preset_params(preset):
   arm = peterrec.PRESETS[preset]
   cfg = config.Config(
-      model=model_cfg(patch="serial" if arm.patches else "none",
-                      special_tokens=("cls", "unk")),
+      model=model_cfg(special_tokens=("cls", "unk")),
+      methods=(PeterRecConfig(),) if arm.patches else (),
       head=config.head_config_class("softmax")(num_classes=5),
       train=config.TrainConfig(freeze=arm.frozen,
                                train_top_blocks=arm.top_blocks))
@@ -264,7 +264,7 @@ def preset_params(preset):
 
 def test_presets_train_what_the_paper_names():
   head_and_tokens = 5 * 8 + 5 + 2 * 8
-  counts = {p: peterrec.param_counts(*preset_params(p))["trainable_params"]
+  counts = {p: transfer_task.param_counts(*preset_params(p))["trainable_params"]
             for p in peterrec.PRESETS}
   conv = 3 * 8 * 8 + 8  # One conv layer of one block.
   assert counts["fine_cls"] == head_and_tokens
@@ -276,7 +276,7 @@ def test_presets_train_what_the_paper_names():
   assert counts["fine_all"] == models.count_params(params)
   params, cfg = preset_params("peter_zero")
   assert counts["peter_zero"] == models.count_params(params)
-  backbone = peterrec.param_counts(params, cfg)["backbone_params"]
+  backbone = transfer_task.param_counts(params, cfg)["backbone_params"]
   assert backbone == 30 * 8 + 2 * (2 * conv + 4 * 8 + 1)
 
 
@@ -339,7 +339,7 @@ def test_frozen_leaves_stay_bit_for_bit_and_are_not_stored(world, peter_run):
   raw, _ = checkpoints.restore(opened.mngr, opened.step)
   stored = {optim.path_name(p) for p, _ in
             jax.tree_util.tree_leaves_with_path(raw["params"])}
-  assert stored and all(s.startswith(("blocks/patch", "blocks/ln2", "head",
+  assert stored and all(s.startswith(("peterrec/", "blocks/ln2", "head",
                                       "tokens/")) for s in stored), stored
   # ... and the optimizer holds no moments for the frozen ones.
   sizes = sum(np.size(x) for x in jax.tree.leaves(raw["opt_state"]))

@@ -12,6 +12,7 @@ from jaxrec import config, models
 from jaxrec.errors import JaxrecError
 from jaxrec.heads.softmax import SoftmaxConfig
 from jaxrec.models.sasrec import SASRecBlock, SASRecConfig
+from plan_helpers import gate_plan
 from jaxrec.nn.attention import CausalSelfAttention
 
 # Left-padded: two padding slots in the first row, none in the second.
@@ -40,16 +41,17 @@ def init(cfg, key):
   return models.init_params(cfg, key)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "train", "source"))
-def _hidden(params, ids, gates, rng, *, cfg, train, source):
-  return models.hidden_states(params, cfg, ids, train=train, rng=rng,
-                              source=source, gates=gates)
+@functools.partial(jax.jit, static_argnames=("cfg", "train"))
+def _hidden(params, ids, gates, rng, *, cfg, train):
+  if gates is None:
+    return models.hidden_states(params, cfg, ids, train=train, rng=rng)
+  return models.get(cfg.model.name).apply(params, cfg.model, ids, train=train,
+                                          rng=rng, plan=gate_plan(gates))
 
 
-def hidden(params, cfg, ids=IDS, *, gates=None, rng=None, train=False,
-           source=None):
+def hidden(params, cfg, ids=IDS, *, gates=None, rng=None, train=False):
   return np.asarray(_hidden(params, jnp.asarray(ids), gates, rng, cfg=cfg,
-                            train=train, source=source))
+                            train=train))
 
 
 # --------------------------------------------------------- numpy oracle
@@ -226,7 +228,8 @@ def test_gate_zero_skips_the_block_per_sequence():
   # Sequence 0 skips block 0; sequence 1 runs both.
   gated = hidden(params, cfg, gates=jnp.array([[0.0, 1.0], [1.0, 1.0]]))
   top_only = dataclasses.replace(cfg.model, num_blocks=1)
-  skipped = hidden(params, cfg.replace(model=top_only), source=(1,))
+  top = dict(params, blocks=jax.tree.map(lambda a: a[1:], params["blocks"]))
+  skipped = hidden(top, cfg.replace(model=top_only))
   np.testing.assert_allclose(gated[0], skipped[0], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(gated[1], hidden(params, cfg)[1], rtol=1e-5,
                              atol=1e-5)

@@ -13,21 +13,31 @@ from jaxrec import cli
 from jaxrec import config as config_lib
 from jaxrec import models
 from jaxrec.errors import JaxrecError
-from jaxrec.skip import attach, policy
+from jaxrec.methods.skiprec import attach, policy, skipping, training
 from jaxrec.surgery import growth
-from jaxrec.tasks import skiprec
+from jaxrec.tasks import next_item
 from jaxrec.training import state as state_lib
 
 V, C, L, T, B = 31, 16, 6, 12, 9
 
 
 def make_cfg(**model):
+  """A SkipRec config from model fields and SkipRec's version-2 names
+  (`skip_lambda`, ...), read through the config upgrade."""
   model.setdefault("embed_dim", C)
   model.setdefault("num_blocks", L)
   model.setdefault("skip", "gumbel")
   model.setdefault("dropout", 0.0)
-  cfg = config_lib.from_dict({"model": model})
+  cfg = config_lib.from_dict({"version": 2, "model": model})
   return cfg.fit_data(V, T, None).validate()
+
+
+def opts(cfg):
+  return cfg.method("skiprec")
+
+
+def gated(params, cfg, x, gates):
+  return models.hidden_states(params, cfg, x, sides={"skiprec": gates})
 
 
 def init(cfg, seed=0):
@@ -55,12 +65,13 @@ def batch_of(seed=1):
 
 def test_policy_is_its_own_subtree_with_a_head_row_per_block():
   params = init(make_cfg(skip_policy_dim=8))
-  pol = params["policy"]
+  pol = params["skiprec"]
   assert pol["embedding"].shape == (V, 8)
   assert pol["blocks"]["conv1"]["kernel"].shape[0] == 2
   assert pol["head"]["kernel"].shape == (L, 8, 2)
   assert pol["head"]["bias"].shape == (L, 2)
-  z = policy.logits(pol, make_cfg(skip_policy_dim=8).model, ids())
+  cfg = make_cfg(skip_policy_dim=8)
+  z = policy.logits(pol, cfg.model, opts(cfg), ids())
   assert z.shape == (B, L, 2)
 
 
@@ -93,11 +104,11 @@ def test_gumbel_samples_keep_with_the_softmax_probability():
 def test_inference_gates_are_the_argmax_without_noise():
   cfg = make_cfg()
   params = init(cfg)
-  params["policy"]["head"]["bias"] = jnp.zeros((L, 2)).at[::2, 1].set(5.0)
+  params["skiprec"]["head"]["bias"] = jnp.zeros((L, 2)).at[::2, 1].set(5.0)
   g1 = policy.inference_gates(params, cfg, ids())
   g2 = policy.inference_gates(params, cfg, ids())
   np.testing.assert_array_equal(g1, g2)
-  z = policy.logits(params["policy"], cfg.model, ids())
+  z = policy.logits(params["skiprec"], cfg.model, opts(cfg), ids())
   np.testing.assert_array_equal(
       g1, (z[..., 1] > z[..., 0]).astype(np.float32).T)
   assert set(np.asarray(g1[::2]).ravel()) == {1.0}
@@ -106,8 +117,8 @@ def test_inference_gates_are_the_argmax_without_noise():
 def test_confine_flag_reproduces_the_official_sigmoid_trap():
   cfg = make_cfg(skip_confine=True)
   params = init(cfg)
-  params["policy"]["head"]["bias"] = jnp.full((L, 2), 50.0).at[:, 0].set(-50)
-  z = policy.logits(params["policy"], cfg.model, ids())
+  params["skiprec"]["head"]["bias"] = jnp.full((L, 2), 50.0).at[:, 0].set(-50)
+  z = policy.logits(params["skiprec"], cfg.model, opts(cfg), ids())
   keep = jax.nn.softmax(z, -1)[..., 1]
   assert float(keep.max()) <= 0.7311 and float(keep.min()) >= 0.268
 
@@ -120,22 +131,22 @@ def test_a_skipped_block_is_the_identity_and_kept_blocks_unchanged():
   params = init(cfg)
   x = ids()
   gates = jnp.ones((L, B)).at[2].set(0.0)
-  got = models.hidden_states(params, cfg, x, gates=gates)
+  got = gated(params, cfg, x, gates)
   no_block_2 = dict(params, blocks=dict(
       params["blocks"], alpha=params["blocks"]["alpha"].at[2].set(0.0)))
-  want = models.hidden_states(no_block_2, cfg, x, gates=jnp.ones((L, B)))
+  want = gated(no_block_2, cfg, x, jnp.ones((L, B)))
   np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 def test_gradient_reaches_the_policy_through_the_gates():
   cfg = make_cfg()
   params = init(cfg)
-  grads = jax.grad(lambda p: skiprec.loss(p, cfg, batch_of(),
+  grads = jax.grad(lambda p: next_item.loss(p, cfg, batch_of(),
                                           jax.random.key(0)))(params)
-  head = grads["policy"]["head"]
+  head = grads["skiprec"]["head"]
   assert float(jnp.abs(head["kernel"]).sum()) > 0
   assert float(jnp.abs(head["bias"]).sum()) > 0
-  assert float(jnp.abs(grads["policy"]["embedding"]).sum()) > 0
+  assert float(jnp.abs(grads["skiprec"]["embedding"]).sum()) > 0
   assert float(jnp.abs(grads["blocks"]["conv1"]["kernel"]).sum()) > 0
 
 
@@ -143,13 +154,13 @@ def test_usage_penalty_adds_lambda_times_mean_gate():
   cfg0, cfg1 = make_cfg(), make_cfg(skip_lambda=0.7)
   params = init(cfg0)
   key = jax.random.key(4)
-  diff = (skiprec.loss(params, cfg1, batch_of(), key)
-          - skiprec.loss(params, cfg0, batch_of(), key))
-  inputs = batch_of()["inputs"]
-  read, _ = skiprec.split_masks(cfg0, inputs)
-  z = policy.logits(params["policy"], cfg0.model, inputs, read)
-  k_gate = jax.random.split(key, 3)[2]
-  usage = policy.gumbel_gates(z, k_gate, cfg0.model.skip_tau).mean()
+  diff = (next_item.loss(params, cfg1, batch_of(), key)
+          - next_item.loss(params, cfg0, batch_of(), key))
+  # The same forward pass the loss made (its model key), so the same gates.
+  _, aux = models.forward(params, cfg0, batch_of()["inputs"], train=True,
+                          rng=jax.random.split(key)[0])
+  usage = aux["skiprec"]["gates"].mean()
+  assert 0 < float(usage) <= 1
   np.testing.assert_allclose(diff, 0.7 * usage, rtol=1e-5)
 
 
@@ -157,15 +168,15 @@ def test_policy_never_reads_the_targets_it_is_trained_on():
   cfg = make_cfg()
   params = init(cfg)
   inputs = ids()
-  read, scored = skiprec.split_masks(cfg, inputs)
-  z = policy.logits(params["policy"], cfg.model, inputs, read)
+  read, scored = training.split_masks(opts(cfg), inputs)
+  z = policy.logits(params["skiprec"], cfg.model, opts(cfg), inputs, read)
   # Change every input at or after the first scored position (those are
   # the scored targets, shifted by one): the logits must not move.
   first = jnp.argmax(scored, axis=1)[:, None]
   later = jnp.arange(T)[None] > first
   changed = jnp.where(later & (inputs != 0), (inputs % (V - 1)) + 1, inputs)
-  z2 = policy.logits(params["policy"], cfg.model, changed,
-                     skiprec.split_masks(cfg, changed)[0])
+  z2 = policy.logits(params["skiprec"], cfg.model, opts(cfg), changed,
+                     training.split_masks(opts(cfg), changed)[0])
   np.testing.assert_allclose(z, z2, atol=1e-6)
   assert bool((scored & (inputs != 0)).any(1).all())
 
@@ -173,17 +184,17 @@ def test_policy_never_reads_the_targets_it_is_trained_on():
 def test_rl_variant_trains_backbone_and_policy():
   cfg = make_cfg(skip="rl", skip_rl_penalty=0.5)
   params = init(cfg)
-  grads = jax.grad(lambda p: skiprec.loss(p, cfg, batch_of(),
+  grads = jax.grad(lambda p: next_item.loss(p, cfg, batch_of(),
                                           jax.random.key(2)))(params)
   assert float(jnp.abs(grads["blocks"]["conv1"]["kernel"]).sum()) > 0
-  assert np.isfinite(float(jnp.abs(grads["policy"]["head"]["kernel"]).sum()))
+  assert np.isfinite(float(jnp.abs(grads["skiprec"]["head"]["kernel"]).sum()))
 
 
 @pytest.mark.parametrize("bad,msg", [
-    ({"skip": "always"}, "model.skip="),
-    ({"skip_tau": 0.0}, "model.skip_tau="),
-    ({"skip_lambda": -1.0}, "model.skip_lambda="),
-    ({"share": "cross_block"}, "model.skip='gumbel'"),
+    ({"skip": "always"}, "methods.skiprec.mode="),
+    ({"skip_tau": 0.0}, "methods.skiprec.tau="),
+    ({"skip_lambda": -1.0}, "methods.skiprec.lam="),
+    ({"share": "cross_block"}, "methods.skiprec: backbone 'nextitnet'"),
 ])
 def test_bad_skip_options_fail_in_one_line_naming_the_option(bad, msg):
   with pytest.raises(JaxrecError, match=msg) as e:
@@ -202,8 +213,7 @@ def test_real_skipping_equals_the_masked_pass(mode, batch):
   x = ids(batch=batch)
   gates = jax.random.bernoulli(jax.random.key(5), 0.5, (L, batch))
   gates = gates.at[1].set(False).at[3].set(True).astype(jnp.float32)
-  run = jax.jit(lambda p, g, m: models.hidden_states(p, cfg, x, gates=g,
-                                                     skipping=m),
+  run = jax.jit(lambda p, g, m: skipping.hidden_states(p, cfg, x, m, g),
                 static_argnums=2)
   np.testing.assert_allclose(run(params, gates, mode),
                              run(params, gates, "masked"), atol=1e-5)
@@ -216,7 +226,6 @@ def test_compaction_computes_only_the_keeping_rows():
     calls.append(x.shape[0])  # Traced once per bucket branch.
     return x + p * inputs[:, None]
 
-  from jaxrec.nn import skipping
   run = skipping.compacted(block, lambda g: g, lambda _, g: g, buckets=(2, 8))
   x = jnp.arange(8.0)[:, None] * jnp.ones((8, 3))
   gate = jnp.zeros(8).at[5].set(1.0)
@@ -237,12 +246,12 @@ def test_policy_head_rows_follow_the_stackrec_index_map():
     deep, deep_cfg = growth.stack(params, cfg, method, "preserve",
                                   rng=jax.random.key(0))
     idx = np.asarray(growth.index_map(method, 4))
-    assert deep_cfg.model.skip == "gumbel" and deep_cfg.model.num_blocks == 8
+    assert opts(deep_cfg).mode == "gumbel" and deep_cfg.model.num_blocks == 8
     for leaf in ("kernel", "bias"):
-      np.testing.assert_array_equal(deep["policy"]["head"][leaf],
-                                    params["policy"]["head"][leaf][idx])
-    np.testing.assert_array_equal(deep["policy"]["embedding"],
-                                  params["policy"]["embedding"])
+      np.testing.assert_array_equal(deep["skiprec"]["head"][leaf],
+                                    params["skiprec"]["head"][leaf][idx])
+    np.testing.assert_array_equal(deep["skiprec"]["embedding"],
+                                  params["skiprec"]["embedding"])
     models.check_params(deep, deep_cfg)
 
 
@@ -251,10 +260,10 @@ def test_grown_policy_gives_fresh_blocks_fresh_rows():
   params = init(cfg)
   deep, deep_cfg = growth.stack(params, cfg, "random_top", "full",
                                 rng=jax.random.key(0))
-  fresh = models.init_params(deep_cfg, jax.random.key(0))["policy"]["head"]
-  np.testing.assert_array_equal(deep["policy"]["head"]["kernel"][:4],
-                                params["policy"]["head"]["kernel"])
-  np.testing.assert_array_equal(deep["policy"]["head"]["kernel"][4:],
+  fresh = models.init_params(deep_cfg, jax.random.key(0))["skiprec"]["head"]
+  np.testing.assert_array_equal(deep["skiprec"]["head"]["kernel"][:4],
+                                params["skiprec"]["head"]["kernel"])
+  np.testing.assert_array_equal(deep["skiprec"]["head"]["kernel"][4:],
                                 fresh["kernel"][4:])
 
 
@@ -266,10 +275,10 @@ def test_add_policy_keeps_the_backbone_and_copies_its_embedding():
   plain = plain.fit_data(V, T, None).validate()
   params = models.init_params(plain, jax.random.key(0))
   new, cfg = attach.add_policy(params, plain, jax.random.key(1),
-                               skip="gumbel", skip_lambda=0.1)
+                               mode="gumbel", lam=0.1)
   models.check_params(new, cfg)
-  assert cfg.model.skip_lambda == 0.1
-  np.testing.assert_array_equal(new["policy"]["embedding"],
+  assert opts(cfg).lam == 0.1
+  np.testing.assert_array_equal(new["skiprec"]["embedding"],
                                 params["item_embedding"]["embedding"])
   for name in ("item_embedding", "blocks", "head"):
     assert new[name] is params[name]
@@ -288,7 +297,7 @@ def test_skiprec_trains_from_a_run_evaluates_and_inspects_through_the_cli(
                    "--skip", "gumbel", "--skip-lambda", "0.5", "--steps", "2",
                    "--eval-every", "2", *common]) == 0
   _, cfg, _ = state_lib.load_params(run)
-  assert cfg.model.skip == "gumbel" and cfg.model.skip_lambda == 0.5
+  assert opts(cfg).mode == "gumbel" and opts(cfg).lam == 0.5
   with open(os.path.join(run, "metrics.json"), encoding="utf-8") as f:
     metrics = json.load(f)
   assert 0.0 <= metrics["block_usage"]["test"] <= 1.0
@@ -299,8 +308,8 @@ def test_skiprec_trains_from_a_run_evaluates_and_inspects_through_the_cli(
       metrics["block_usage"]["test"])
   assert cli.main(["inspect", run]) == 0
   text = capsys.readouterr().out
-  assert "policy/head/kernel" in text and "policy total" in text
-  assert "op=add_policy" in text
+  assert "skiprec/head/kernel" in text and "skiprec total" in text
+  assert "op=attach" in text and "method=skiprec" in text
 
 
 def test_attach_checkpoint_saves_a_start_that_train_init_from_reads(
@@ -312,9 +321,9 @@ def test_attach_checkpoint_saves_a_start_that_train_init_from_reads(
   save_start_checkpoint(base, plain, models.init_params(plain,
                                                         jax.random.key(0)),
                         "fingerprint", [])
-  cfg = attach.attach_checkpoint(base, start, skip="gumbel", skip_lambda=0.2)
+  cfg = attach.attach_checkpoint(base, start, mode="gumbel", lam=0.2)
   params, loaded, meta = state_lib.load_params(start)
-  assert loaded.model.skip == "gumbel" and loaded.model.skip_lambda == 0.2
+  assert opts(loaded).mode == "gumbel" and opts(loaded).lam == 0.2
   assert loaded == cfg and meta["lineage"][-1]["op"] == "add_policy"
   assert meta["data_fingerprint"] == "fingerprint"
   models.check_params(params, loaded)

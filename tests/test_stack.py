@@ -41,9 +41,11 @@ def test_scan_applies_position_i_with_stored_block_i_and_static_i():
   for i, s in enumerate((1.0, 2.0) * (L // 2)):
     expected = block(jax.tree.map(lambda a, i=i: a[i], params), expected, s,
                      None)
-  np.testing.assert_allclose(run(params, x), expected, rtol=1e-6)
+  # Eager ops against one compiled scan: XLA may fuse tanh differently
+  # (measured up to 1.4e-6 relative on this CPU), so not bit for bit.
+  np.testing.assert_allclose(run(params, x), expected, rtol=1e-5)
   np.testing.assert_allclose(run(params, x, unroll=True), expected,
-                             rtol=1e-6)
+                             rtol=1e-5)
 
 
 def test_source_map_runs_the_gathered_blocks():

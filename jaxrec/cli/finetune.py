@@ -16,8 +16,8 @@ DATA_FIELDS = ("valid_fraction", "test_fraction", "split_seed")
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
-  from jaxrec.models.nextitnet import PLACEMENTS  # pylint: disable=import-outside-toplevel
-  from jaxrec.transfer import peterrec  # pylint: disable=import-outside-toplevel
+  from jaxrec.methods.peterrec.config import PLACEMENTS  # pylint: disable=import-outside-toplevel
+  from jaxrec.methods.peterrec import finetune as peterrec  # pylint: disable=import-outside-toplevel
   p = sub.add_parser(
       "finetune", help="fine-tune a pretrained run on a downstream task "
       "(PeterRec)", description="Fine-tune a pretrained NextItNet (causal "
@@ -35,8 +35,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                  help="the downstream file")
   p.add_argument("--out", required=True, metavar="DIR", help="run directory")
   p.add_argument("--preset", default="peter", choices=list(peterrec.PRESETS),
-                 help="what trains (see jaxrec/transfer/peterrec.py)")
-  p.add_argument("--placement", default="serial", choices=PLACEMENTS[1:],
+                 help="what trains (see jaxrec/methods/peterrec/finetune.py)")
+  p.add_argument("--placement", default="serial", choices=PLACEMENTS,
                  help="where PeterRec's patches go (peter, peter_zero)")
   p.add_argument("--train-ln1", action="store_true",
                  help="peter: also train each block's first LayerNorm")
@@ -51,7 +51,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-  from jaxrec.transfer import peterrec  # pylint: disable=import-outside-toplevel
+  from jaxrec.methods.peterrec import finetune as peterrec  # pylint: disable=import-outside-toplevel
   cfg = flags.config_from_args(args)
   result = peterrec.finetune(
       args.pretrained, args.task, args.data_path, args.out, args.preset,

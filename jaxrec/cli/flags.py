@@ -4,8 +4,11 @@ Every field of every section has a flag (`num_blocks` -> `--num-blocks`;
 `model.name` is `--model`, `head.name` `--head`, `data.source` `--data`)
 whose help is the field's own (`jaxrec.config.option`). The model and head
 sections take the fields of every registered backbone and head; a flag the
-chosen one lacks is refused in one line. Three layers, later ones winning:
-the dataclass defaults, `--config FILE`, flags.
+chosen one lacks is refused in one line. A method's fields have the flags
+its config names (`--skip-lambda` -> `methods.skiprec.lam`) or
+`--METHOD-FIELD`; giving one turns that method on, and its switch value
+(`--skip none`) turns it off. Three layers, later ones winning: the
+dataclass defaults, `--config FILE`, flags.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import dataclasses
 from typing import Any
 
 from jaxrec import config as config_lib
-from jaxrec import heads, models
+from jaxrec import heads, method_api, models
 from jaxrec.errors import JaxrecError
 
 ALIASES = {("model", "name"): "--model", ("head", "name"): "--head",
@@ -27,6 +30,8 @@ def section_classes(section: str) -> list[type]:
     return [models.get(n).config for n in models.names()]
   if section == "head":
     return [heads.get(n).config for n in heads.names()]
+  if section == "methods":
+    return [method_api.get(n).config for n in method_api.names()]
   return [config_lib.FIXED_SECTIONS[section]]
 
 
@@ -36,12 +41,23 @@ def flag_for(section: str, field_name: str) -> str:
                      "--" + field_name.replace("_", "-"))
 
 
+def method_flag(cls: type, field_name: str) -> str:
+  """A method field's flag: its config's FLAGS entry, or --METHOD-FIELD."""
+  return cls.FLAGS.get(field_name,
+                       f"--{cls.NAME}-{field_name}".replace("_", "-"))
+
+
 def fields_by_flag() -> dict[str, tuple[str, str, list[tuple[type, Any]]]]:
-  """flag -> (section, field name, [(class, field)...] that have it)."""
+  """flag -> (section, field name, [(class, field)...] that have it); a
+  method's field is keyed `methods.NAME.FIELD`."""
   out: dict[str, tuple[str, str, list]] = {}
   for section in config_lib.SECTIONS:
     for cls in section_classes(section):
       for field in dataclasses.fields(cls):
+        if section == "methods":
+          out[method_flag(cls, field.name)] = (
+              section, f"{cls.NAME}.{field.name}", [(cls, field)])
+          continue
         flag = flag_for(section, field.name)
         entry = out.setdefault(flag, (section, field.name, []))
         if entry[0] != section:
@@ -98,7 +114,7 @@ def config_from_args(args: argparse.Namespace) -> config_lib.Config:
   cfg = config_lib.from_dict(raw, origin=origin)
   parts = {}
   flags = fields_by_flag()
-  for section in config_lib.SECTIONS:
+  for section in ("model", "head", "data", "train"):
     current = getattr(cfg, section)
     own = {f.name: f for f in dataclasses.fields(current)}
     updates = {}
@@ -112,4 +128,28 @@ def config_from_args(args: argparse.Namespace) -> config_lib.Config:
             f"{', '.join(flag_for(section, n) for n in own)})")
       updates[name] = config_lib.coerce(own[name], value, flag)
     parts[section] = dataclasses.replace(current, **updates)
-  return config_lib.Config(**parts)
+  return _methods_from_args(args, flags, config_lib.Config(
+      **parts, methods=cfg.methods))
+
+
+def _methods_from_args(args: argparse.Namespace, flags: dict,
+                       cfg: config_lib.Config) -> config_lib.Config:
+  """Method flags: each turns its method on (with the options the file
+  gave it), its SWITCH value turns it off."""
+  updates: dict[str, dict[str, Any]] = {}
+  for flag, (section, key, owners) in flags.items():
+    value = getattr(args, f"{section}.{key}", None)
+    if section != "methods" or value is None:
+      continue
+    cls, field = owners[0]
+    updates.setdefault(cls.NAME, {})[field.name] = config_lib.coerce(
+        field, value, flag)
+  for name, values in updates.items():
+    cls = method_api.get(name).config
+    switch = cls.SWITCH
+    if switch is not None and values.get(switch[0]) == switch[1]:
+      cfg = cfg.without_method(name)
+      continue
+    current = cfg.method(name) or cls()
+    cfg = cfg.with_method(dataclasses.replace(current, **values))
+  return cfg

@@ -59,8 +59,9 @@ def run(args: argparse.Namespace) -> None:
       args.src, args.out, args.method, args.preset, times=args.times,
       dilations=args.dilations, top=args.top, seed=args.seed,
       map_opt_state=args.map_opt_state, kind=args.source)
-  dilations = (f", dilations {list(cfg.model.block_dilations())}"
-               if hasattr(cfg.model, "block_dilations") else "")
+  derived = cfg.model.derived()
+  dilations = (f", dilations {derived['dilations']}"
+               if "dilations" in derived else "")
   print(f"grew {args.src} -> {args.out}: {src.model.num_blocks} -> "
         f"{cfg.model.num_blocks} blocks, {_count(src):,} -> "
         f"{_count(cfg):,} params ({args.method}, {args.preset}{dilations})")

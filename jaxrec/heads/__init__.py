@@ -27,36 +27,27 @@ A head is one module with a config dataclass (extending
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
-
+from jaxrec import config as config_lib
 from jaxrec.errors import JaxrecError
+from jaxrec.heads import softmax, tree_softmax
+from jaxrec.heads.head import Head
 
+__all__ = ["Head", "get", "names"]
 
-@dataclasses.dataclass(frozen=True)
-class Head:
-  name: str
-  config: type
-  init: Callable[..., Any]
-  loss: Callable[..., Any]
-  tile_scores: Callable[..., Any]
-  item_scores: Callable[..., Any]
-  prepare: Callable[..., Any] = lambda params, cfg, h: h
-  sharded_ranks: Callable[..., Any] | None = None
-
-
-def _registry() -> dict[str, Head]:
-  # pylint: disable-next=import-outside-toplevel
-  from jaxrec.heads import softmax, tree_softmax
-  return {h.name: h for h in (softmax.HEAD, tree_softmax.HEAD)}
+_HEADS = {h.name: h for h in (softmax.HEAD, tree_softmax.HEAD)}
+for _head in _HEADS.values():
+  config_lib.register_class("head", _head.name, _head.config)
 
 
 def names() -> tuple[str, ...]:
-  return tuple(_registry())
+  """Every head, the plug-in packages loaded first."""
+  config_lib.load_plugins()
+  return tuple(_HEADS)
 
 
 def get(name: str, option: str = "head.name") -> Head:
-  heads = _registry()
-  if name not in heads:
-    raise JaxrecError(f"{option}={name!r}: expected one of {list(heads)}")
-  return heads[name]
+  if name not in _HEADS:
+    config_lib.load_plugins()
+  if name not in _HEADS:
+    raise JaxrecError(f"{option}={name!r}: expected one of {list(_HEADS)}")
+  return _HEADS[name]

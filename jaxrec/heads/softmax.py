@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxrec import sharding
+from jaxrec import ranking, sharding
 from jaxrec.config import HeadConfig, option, require
 from jaxrec.errors import JaxrecError
-from jaxrec.heads import Head
+from jaxrec.heads.head import Head
 from jaxrec.heads import chunked_softmax, sampled_softmax
 from jaxrec.nn.conv import weight_init
 
@@ -115,8 +115,6 @@ def sharded_ranks(params: Params, cfg: Any, h: jax.Array, targets: jax.Array,
   (`ranking.target_ranks` with the shard's id offset) and the target's
   score and the counts ahead of it are summed over `model`, so no device
   holds the whole table or a [B, V] score matrix."""
-  # pylint: disable-next=import-outside-toplevel
-  from jaxrec.tasks import ranking
   w, b = weights(params, cfg)
   v = w.shape[0]
   rows = v // sharding.model_shards()

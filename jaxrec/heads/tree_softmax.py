@@ -52,7 +52,7 @@ import numpy as np
 
 from jaxrec.config import HeadConfig, option, require
 from jaxrec.errors import JaxrecError
-from jaxrec.heads import Head
+from jaxrec.heads.head import Head
 from jaxrec.heads import chunked_softmax
 from jaxrec.heads import softmax_common as common
 from jaxrec.nn import bands

@@ -6,47 +6,71 @@ the backbone's tree plus `head` (the output head's params, `jaxrec.heads`):
 
   params = models.init_params(cfg, rng)          # cfg: a jaxrec Config
   h = models.hidden_states(params, cfg, ids)     # [B, T, C] float32
+  h, aux = models.forward(params, cfg, ids, train=True, rng=key)
+
+Active methods (`cfg.methods`, `jaxrec.method_api`) add their subtrees at
+init and their side inputs and slot code to every forward pass; the
+backbone sees only a `BlockPlan`, never a method's name.
 
 Adding a backbone: write `models/NAME.py` (config, block, init, apply,
-surgery rules; `sasrec.py` is the worked example) and add its `BACKBONE`
-to `_BACKBONES` below.
+surgery rules; `sasrec.py` is the worked example) and `register` its
+`BACKBONE` (below for the zoo's own; from anywhere for yours).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import chex
 import jax
 import numpy as np
 
+from jaxrec import config as config_lib
+from jaxrec import heads, method_api
 from jaxrec.errors import JaxrecError, first_line
 from jaxrec.models import nextitnet, sasrec
 from jaxrec.models.backbone import Backbone, Params, SurgeryRules
 from jaxrec.nn import embedding
-from jaxrec.skip import policy
 
-__all__ = ["Backbone", "Params", "SurgeryRules", "get", "names",
-           "init_params", "hidden_states", "check_params", "require_fit",
-           "count_params", "abstract_params", "uncompressed",
+__all__ = ["Backbone", "Params", "SurgeryRules", "get", "names", "register",
+           "init_params", "forward", "hidden_states", "check_params",
+           "require_fit", "count_params", "abstract_params", "uncompressed",
            "compression_ratio"]
 
-_BACKBONES = {b.name: b for b in (nextitnet.BACKBONE, sasrec.BACKBONE)}
+_BACKBONES: dict[str, Backbone] = {}
+
+
+def register(backbone: Backbone) -> Backbone:
+  """Adds a backbone (and its config class) to the registry."""
+  if backbone.name in _BACKBONES:
+    raise AssertionError(f"backbone {backbone.name!r} is registered twice")
+  _BACKBONES[backbone.name] = backbone
+  config_lib.register_class("model", backbone.name, backbone.config)
+  return backbone
+
+
+register(nextitnet.BACKBONE)
+register(sasrec.BACKBONE)
 
 
 def names() -> tuple[str, ...]:
+  """Every backbone, the plug-in packages loaded first."""
+  config_lib.load_plugins()
   return tuple(_BACKBONES)
 
 
 def get(name: str, option: str = "model.name") -> Backbone:
   """The registered backbone `name`; a one-line error names the option."""
   if name not in _BACKBONES:
+    config_lib.load_plugins()
+  if name not in _BACKBONES:
     raise JaxrecError(f"{option}={name!r}: expected one of {list(names())}")
   return _BACKBONES[name]
 
 
 def init_params(cfg: Any, rng: jax.Array) -> Params:
-  """A fresh model: the backbone's tree plus `head`."""
-  from jaxrec import heads  # pylint: disable=import-outside-toplevel
+  """A fresh model: the backbone's tree plus `head`, then every active
+  method's subtree (`method_api.init`)."""
   cfg.model.validate()
   if cfg.model.num_items < 2:
     raise ValueError(f"model.num_items={cfg.model.num_items}: set it from "
@@ -57,23 +81,33 @@ def init_params(cfg: Any, rng: jax.Array) -> Params:
   if cfg.model.special_tokens:
     params["tokens"] = embedding.init_tokens(cfg.model,
                                              jax.random.fold_in(rng, 11))
-  if policy.enabled(cfg):
-    # A key of its own, so adding a policy leaves the other leaves as they were.
-    params["policy"] = policy.init(cfg.model, jax.random.fold_in(rng, 10))
-  return params
+  return method_api.init(params, cfg, jax.random.fold_in(rng, 12))
+
+
+def forward(params: Params, cfg: Any, ids: jax.Array, *, train: bool = False,
+            rng: jax.Array | None = None, sides: Any = None,
+            wrap: Any = None, unroll: bool = False
+            ) -> tuple[jax.Array, dict[str, Any]]:
+  """ids [B, T] -> (hidden states [B, T, C] float32, aux by method).
+
+  The active methods' side inputs (`sides` overrides some, by method
+  name) and slot code run inside the backbone's block scan; `wrap`
+  replaces the scanned block function (`method_api.BlockPlan`); `unroll`
+  runs the stack as a Python loop (the test oracle). `train` switches
+  dropout (and the methods' training behaviour) on and needs `rng`.
+  """
+  k_plan = None if rng is None else jax.random.fold_in(rng, 1)
+  plan, aux = method_api.block_plan(params, cfg, ids, train=train,
+                                    rng=k_plan, sides=sides, wrap=wrap)
+  h = get(cfg.model.name).apply(params, cfg.model, ids, train=train, rng=rng,
+                                plan=plan, unroll=unroll)
+  return h, aux
 
 
 def hidden_states(params: Params, cfg: Any, ids: jax.Array,
                   **kwargs: Any) -> jax.Array:
-  """The backbone's apply: ids [B, T] -> hidden states [B, T, C] (float32).
-
-  Keyword arguments (train, rng, source, gates, unroll) go to the backbone.
-  A model with a SkipRec policy (`model.skip`) and no `gates` given runs
-  with the policy's deterministic inference gates.
-  """
-  if policy.enabled(cfg) and kwargs.get("gates") is None:
-    kwargs["gates"] = policy.inference_gates(params, cfg, ids)
-  return get(cfg.model.name).apply(params, cfg.model, ids, **kwargs)
+  """`forward`'s hidden states alone (evaluation, serving)."""
+  return forward(params, cfg, ids, **kwargs)[0]
 
 
 def abstract_params(cfg: Any) -> Params:
@@ -109,11 +143,8 @@ def count_params(tree: Any) -> int:
 def uncompressed(cfg: Any) -> Any:
   """The config with CpRec's compressions undone: a full embedding, no
   sharing, a flat softmax head (the reference of a compression ratio)."""
-  import dataclasses  # pylint: disable=import-outside-toplevel
-  from jaxrec import heads  # pylint: disable=import-outside-toplevel
-  model = dataclasses.replace(cfg.model, embedding="full")
-  if hasattr(model, "share"):
-    model = dataclasses.replace(model, share="none", block_source=())
+  model = dataclasses.replace(cfg.model, embedding="full",
+                              **cfg.model.uncompressed_fields())
   head = cfg.head
   if head.uses_bands:
     head = heads.get("softmax").config()

@@ -7,11 +7,15 @@ scores. A backbone is one module with:
 - a config dataclass extending `jaxrec.config.BackboneConfig`;
 - `init(cfg, rng) -> params`: a plain nested dict; every leaf of a block
   stack has a leading block axis (made by vmapping the block's init);
-- `apply(params, cfg, ids, *, train, rng, source, gates, unroll) -> h`:
-  `train` switches dropout on (keys from `rng`); `source` is a static map
-  from run position to stored block (`jaxrec.nn.stack`); `gates` [L, B]
-  scale each block's residual branch per sequence (1 keeps, 0 skips);
-  `unroll` runs the stack as a Python loop (the test oracle);
+- `apply(params, cfg, ids, *, train, rng, plan, unroll) -> h`:
+  `train` switches dropout on (keys from `rng`); `plan` (a
+  `jaxrec.method_api.BlockPlan`) carries the active methods' per-position
+  side inputs into the block scan and their code to the slots each block
+  calls (`plan.at(slot, x_in, x_out, side_i)`); `unroll` runs the stack as
+  a Python loop (the test oracle);
+- `capabilities()` on its config: what it promises the methods
+  (`block_stack`, `residual_gate`, `slot:NAME`, ...), so a method that
+  needs more is refused in one line;
 - `surgery`: which subtrees are block stacks and which block leaves are
   norms and gates, for growth and freezing;
 - `grown_config(cfg, sources, carry)`: the config of a model whose run

@@ -10,30 +10,20 @@ The param tree (`init(cfg, rng)`), a plain nested dict:
   blocks/conv2/{kernel,bias} [L, k, C, C], [L, C]   dilation 2d
   blocks/ln2/{scale,bias}    [L, C]
   blocks/alpha               [L]          only for residual="alpha"
-  blocks/patch*/{down,up}/{kernel,bias}   PeterRec patches (model.patch)
   tokens/{mask,cls}          [C]          special tokens (model.special_tokens)
 
-Block (official StackRec `nextitnet_residual_block_alpha`, post-norm):
+Block (official StackRec `nextitnet_residual_block_alpha`, post-norm), with
+the slots where methods act (`jaxrec.method_api`: PeterRec's patches at
+layer1/layer2 or branch, SkipRec's gate at branch):
 
-  x -> conv(k, d) -> LayerNorm -> ReLU -> conv(k, 2d) -> LayerNorm -> ReLU
-    -> dropout -> x + gate * alpha * h
-                                (alpha learned, init 0; gate per sequence,
-                                 1 unless a skipping policy passes gates)
+  z = x -> conv(k, d) -> [layer1] -> LayerNorm -> ReLU
+        -> conv(k, 2d) -> [layer2] -> LayerNorm -> ReLU -> dropout
+        -> alpha * h -> [branch] -> x + h
+                                (alpha learned, init 0)
 
 `causal=False` makes both convs centred (GRec's encoder: a position sees
 (k-1)d/2 items on each side), trained as masked item prediction
 (`jaxrec.tasks.masked_item`).
-
-PeterRec patches (`model.patch`, `jaxrec.nn.patch`) are block leaves, so
-they scan, grow and shard with the blocks:
-
-  serial          conv1 -> P1 -> LN1 ... conv2 -> P2 -> LN2 (P = z + branch)
-  serial_top      only conv2 -> P2 -> LN2
-  parallel        conv1(x) + branch1(x), conv2(h) + branch2(h)
-  block_parallel  x + alpha * h(x) + branch(x): beside the whole block
-                  (the paper's fully parallel placement, reported poor)
-
-Every branch starts at zero, so a patched model equals its source.
 
 Dilations are config: a cycle of first-conv dilations ([1, 4] gives conv
 dilations 1,2,4,8,1,2,4,8,...), or one per block to pin each (StackRec's
@@ -64,19 +54,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from typing import Any
+
 from jaxrec.config import BackboneConfig, choice, option, require
-from jaxrec.errors import JaxrecError
+from jaxrec.method_api import BlockPlan
 from jaxrec.models.backbone import Backbone, Params, SurgeryRules
 from jaxrec.nn import embedding
-from jaxrec.nn import skipping as skipping_lib
 from jaxrec.nn.conv import CausalConv
 from jaxrec.nn.dropout import input_dropout
 from jaxrec.nn.norm import LayerNorm
-from jaxrec.nn.patch import Patch
 from jaxrec.nn.stack import scan_blocks
 
 FRESH = -1
-PLACEMENTS = ("none", "serial", "serial_top", "parallel", "block_parallel")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,34 +98,6 @@ class NextItNetConfig(BackboneConfig):
                         "centred convs seeing both sides, trained as masked "
                         "item prediction (GRec's encoder, PeterRec's masked "
                         "pretraining)")
-  # PeterRec (jaxrec/transfer): patches inside frozen pretrained blocks.
-  patch: str = option("none", "PeterRec model patches: none | serial | "
-                      "serial_top | parallel | block_parallel")
-  patch_dim: int = option(0, "PeterRec patch bottleneck width H (0: C/4)")
-  # SkipRec (jaxrec/skip): a per-user policy gating each block.
-  skip: str = option("none", "SkipRec block skipping: none | gumbel "
-                     "(straight-through Gumbel policy, trained jointly) | "
-                     "rl (self-critical REINFORCE policy)")
-  skip_lambda: float = option(0.0, "SkipRec usage penalty: loss += lambda * "
-                              "mean(gate) (0: the official Gumbel variant)")
-  skip_tau: float = option(10.0, "SkipRec Gumbel-softmax temperature (the "
-                           "soft backward pass; the hard sample ignores it)")
-  skip_policy_dim: int = option(0, "SkipRec policy width (0: embed_dim)")
-  skip_train_split: str = option(
-      "half", "SkipRec training: half (the policy reads the first half of "
-      "each training row, the loss scores the second half, so no gate "
-      "depends on a target it is trained on) | all (official: the policy "
-      "reads the whole row, early positions' gates see later items)")
-  skip_confine: bool = option(False, "SkipRec: the official code's sigmoid "
-                              "before the softmax, which confines keep "
-                              "probabilities to [0.269, 0.731]")
-  skip_init_embedding: bool = option(
-      True, "SkipRec: a policy added to a trained backbone starts from its "
-      "item embedding (the official --use_pre; needs a full embedding and "
-      "skip_policy_dim 0)")
-  skip_rl_penalty: float = option(0.1, "SkipRec rl: reward = hit@5 - "
-                                  "penalty * share of blocks used")
-
   def __post_init__(self):
     # A bidirectional model trains masked: it needs the MASK token.
     if not self.causal and "mask" not in self.special_tokens:
@@ -168,8 +129,31 @@ class NextItNetConfig(BackboneConfig):
   def is_causal(self) -> bool:
     return self.causal
 
-  def patch_width(self) -> int:
-    return self.patch_dim or max(1, self.embed_dim // 4)
+  def capabilities(self) -> frozenset[str]:
+    """Slots layer1/layer2 (after each conv) and branch; the residual
+    gate holds for both residuals (x + g * h is x at g = 0); whole
+    blocks share no state across rows, so rows can run alone."""
+    caps = {"block_stack", "slot:layer1", "slot:layer2", "slot:branch",
+            "residual_gate", "row_local_blocks"}
+    if self.source_map() is None:
+      caps.add("own_blocks")  # Every run position has its own block.
+    if self.causal:
+      caps.add("causal")
+    return frozenset(caps)
+
+  def capability_hint(self, missing: list[str]) -> str:
+    if "own_blocks" in missing:
+      return (f"it shares blocks (model.share={self.share!r}); untie it "
+              "first (jaxrec.surgery.sharing.untie)")
+    if "causal" in missing:
+      return "it is bidirectional (model.causal=False)"
+    return ""
+
+  def derived(self) -> dict[str, Any]:
+    return {"dilations": list(self.block_dilations())}
+
+  def uncompressed_fields(self) -> dict[str, Any]:
+    return {"share": "none", "block_source": ()}
 
   def split_norms(self) -> bool:
     """Whether norms and gates live per position beside shared convs."""
@@ -189,38 +173,10 @@ class NextItNetConfig(BackboneConfig):
     require(self.layer_norm_eps > 0, "model.layer_norm_eps",
             self.layer_norm_eps, "> 0")
     self.validate_sharing()
-    self.validate_skip()
-    self.validate_transfer()
-
-  def validate_transfer(self) -> None:
-    choice("model.patch", self.patch, PLACEMENTS)
-    require(self.patch_dim >= 0, "model.patch_dim", self.patch_dim,
-            ">= 0 (0: embed_dim / 4)")
-    if self.patch != "none" and self.source_map() is not None:
-      raise JaxrecError(f"model.patch={self.patch!r}: patches live in the "
-                        "blocks, and this model shares blocks (model.share="
-                        f"{self.share!r}); untie it first "
-                        "(jaxrec.surgery.sharing.untie)")
     if not self.causal:
       require(self.kernel_size % 2 == 1, "model.kernel_size",
               self.kernel_size, "an odd width for causal=False (a centred "
               "window)")
-      if self.skip != "none":
-        raise JaxrecError(f"model.skip={self.skip!r}: SkipRec needs a "
-                          "causal model (model.causal=True)")
-
-  def validate_skip(self) -> None:
-    choice("model.skip", self.skip, ("none", "gumbel", "rl"))
-    choice("model.skip_train_split", self.skip_train_split, ("half", "all"))
-    require(self.skip_lambda >= 0, "model.skip_lambda", self.skip_lambda,
-            ">= 0")
-    require(self.skip_tau > 0, "model.skip_tau", self.skip_tau, "> 0")
-    require(self.skip_policy_dim >= 0, "model.skip_policy_dim",
-            self.skip_policy_dim, ">= 0 (0: embed_dim)")
-    if self.skip != "none" and self.source_map() is not None:
-      raise JaxrecError(f"model.skip={self.skip!r}: SkipRec does not support "
-                        f"shared blocks (model.share={self.share!r}); untie "
-                        "the model first (jaxrec.surgery.sharing.untie)")
 
   def validate_sharing(self) -> None:
     l = self.num_blocks
@@ -242,14 +198,21 @@ class NextItNetConfig(BackboneConfig):
               "an even depth for share='adjacent_block'")
 
 
+def _no_slot(name: str, x_in: jax.Array, x_out: jax.Array) -> jax.Array:
+  del name, x_in
+  return x_out
+
+
 class NextItNetBlock(nn.Module):
-  """One residual block on the float32 residual stream x [B, T, C]."""
+  """One residual block on the float32 residual stream x [B, T, C];
+  `slot(name, x_in, x_out)` runs the methods' code at each slot."""
   cfg: NextItNetConfig
   dilation: int
 
   @nn.compact
-  def __call__(self, x: jax.Array, gate: jax.Array | None = None, *,
+  def __call__(self, x: jax.Array, slot: Any = None, *,
                deterministic: bool = True) -> jax.Array:
+    slot = slot or _no_slot
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     c, k, d = cfg.embed_dim, cfg.kernel_size, self.dilation
     conv1 = CausalConv(c, k, d, cfg.causal, name="conv1")
@@ -260,29 +223,14 @@ class NextItNetBlock(nn.Module):
     ln2 = (ln1 if shared and cfg.share_leaves == "all"
            else LayerNorm(cfg.layer_norm_eps, name="ln2"))
     z = x.astype(dtype)
-    h = jax.nn.relu(ln1(self.patched(conv1, z, None, 1)))
+    h = jax.nn.relu(ln1(slot("layer1", z, conv1(z, None))))
     h = h.astype(dtype)
-    h = jax.nn.relu(ln2(self.patched(conv2, h, 2 * d, 2)))
+    h = jax.nn.relu(ln2(slot("layer2", h, conv2(h, 2 * d))))
     h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
     if cfg.residual == "alpha":
       # Each new block starts as the identity (ReZero, dynamical isometry).
       h = self.param("alpha", nn.initializers.zeros, ()) * h
-    if gate is not None:
-      h = gate[:, None, None] * h
-    if cfg.patch == "block_parallel":
-      h = h + Patch(cfg.patch_width(), residual=False, name="patch")(z)
-    return x + h
-
-  def patched(self, conv: nn.Module, z: jax.Array, dilation: int | None,
-              layer: int) -> jax.Array:
-    """conv(z) with the block's PeterRec patch of that layer, if any."""
-    placement, width = self.cfg.patch, self.cfg.patch_width()
-    out = conv(z, dilation)
-    if placement == "serial" or (placement == "serial_top" and layer == 2):
-      return Patch(width, name=f"patch{layer}")(out)
-    if placement == "parallel":
-      return out + Patch(width, residual=False, name=f"patch{layer}")(z)
-    return out
+    return x + slot("branch", z, h)
 
 
 def init(cfg: NextItNetConfig, rng: jax.Array) -> Params:
@@ -311,15 +259,11 @@ def split_block_leaves(blocks: Params) -> tuple[Params, Params]:
 
 def apply(params: Params, cfg: NextItNetConfig, ids: jax.Array, *,
           train: bool = False, rng: jax.Array | None = None,
-          source: tuple[int, ...] | None = None,
-          gates: jax.Array | None = None, unroll: bool = False,
-          skipping: str = "masked") -> jax.Array:
+          plan: BlockPlan = BlockPlan(), unroll: bool = False) -> jax.Array:
   """Item ids [B, T] -> hidden states [B, T, C] (float32).
 
-  With `train` and `model.dropout` > 0, dropout draws from `rng`.
-  `skipping` (with `gates`): masked computes every block; cond and
-  compact really skip the work of gated-off blocks (`jaxrec.nn.skipping`)
-  with the same outputs.
+  With `train` and `model.dropout` > 0, dropout draws from `rng`. `plan`
+  carries the methods' side inputs and slot code (`jaxrec.method_api`).
   """
   dropping = train and cfg.dropout > 0
   if dropping and rng is None:
@@ -333,24 +277,20 @@ def apply(params: Params, cfg: NextItNetConfig, ids: jax.Array, *,
   x = x * (ids != 0)[..., None]
 
   def block(p, x, dilation, inputs):
-    key, gate, norms = inputs
+    key, side, norms = inputs["key"], inputs["side"], inputs["norms"]
     return NextItNetBlock(cfg, dilation).apply(
-        {"params": p if norms is None else {**p, **norms}}, x, gate,
+        {"params": p if norms is None else {**p, **norms}}, x,
+        lambda name, x_in, x_out: plan.at(name, x_in, x_out, side),
         deterministic=key is None,
         rngs=None if key is None else {"dropout": key})
 
-  # A caller's source map runs on top of the config's sharing map.
-  shared = cfg.source_map()
-  if shared is not None:
-    source = shared if source is None else tuple(shared[i] for i in source)
-  norms = params.get("block_norms")
-  if gates is not None and skipping != "masked":
-    block = skipping_lib.wrap(block, skipping, lambda inputs: inputs[1],
-                              lambda inputs, g: (inputs[0], g, inputs[2]))
+  if plan.wrap is not None:
+    block = plan.wrap(block)
   return scan_blocks(block, params["blocks"], x,
-                     statics=cfg.block_dilations(), source=source,
-                     xs=(block_keys, gates, norms), remat=cfg.remat,
-                     unroll=unroll)
+                     statics=cfg.block_dilations(), source=cfg.source_map(),
+                     xs={"key": block_keys, "side": plan.side,
+                         "norms": params.get("block_norms")},
+                     remat=cfg.remat, unroll=unroll)
 
 
 def grown_config(cfg: NextItNetConfig, sources: tuple[int, ...],

@@ -20,15 +20,18 @@ The param tree (`init(cfg, rng)`), a plain nested dict:
 
 Input: item_embedding[ids] * sqrt(C) + position_embedding[slot], dropout,
 padding zeroed. Block, in the official order (the authors' TF code and
-pmixer/SASRec.pytorch), with g the per-sequence gate (1 unless a skipping
-policy passes gates):
+pmixer/SASRec.pytorch), with the slots where methods act
+(`jaxrec.method_api`): layer1 after attention, layer2 after the
+feed-forward, and B = the branch slot on each residual branch:
 
   q  = LN_attn(x)
-  a  = attention(queries=q, keys/values=x)     causal, padding keys masked
-  residual="official":  x1 = q + g*a;  f = LN_ffn(x1);  x2 = f + g*ffn(f)
-  residual="alpha":     x1 = x + g*alpha_attn*a
-                        x2 = x1 + g*alpha_ffn*ffn(LN_ffn(x1))
+  a  = [layer1](attention(queries=q, keys/values=x))  causal, padding masked
+  residual="official":  x1 = q + B(a);  f = LN_ffn(x1);  x2 = f + B(F(f))
+  residual="alpha":     x1 = x + B(alpha_attn*a)
+                        x2 = x1 + B(alpha_ffn*F(LN_ffn(x1)))
   out = x2 * (ids != 0)                        padding positions zeroed
+
+  F(f) = [layer2](ffn(f))
 
   ffn(f) = dropout(Dense_out(ReLU(dropout(Dense_in(f)))))
 
@@ -47,7 +50,8 @@ Where this differs from the official code:
   the alpha block is pre-LN with ReZero-style scalar gates, initialised to
   0, so a fresh block is exactly the identity and StackRec's `preserve`
   growth keeps the function of the model it grows. With "official", a gate
-  of 0 drops the branches but not the LayerNorms: it is not a skip.
+  of 0 at the branch slot drops the branches but not the LayerNorms: it is
+  not a skip, so only "alpha" offers the `residual_gate` capability.
 """
 from __future__ import annotations
 
@@ -57,8 +61,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from typing import Any
+
 from jaxrec.config import BackboneConfig, choice, option, require
 from jaxrec.errors import JaxrecError
+from jaxrec.method_api import BlockPlan
 from jaxrec.models.backbone import Backbone, Params, SurgeryRules
 from jaxrec.nn.attention import CausalSelfAttention, dense_init
 from jaxrec.nn import embedding
@@ -105,6 +112,25 @@ class SASRecConfig(BackboneConfig):
                         f"expected 0 or at least data.max_len={max_len}")
     return fitted
 
+  def capabilities(self) -> frozenset[str]:
+    """Slots layer1 (attention out), layer2 (feed-forward out) and branch;
+    a residual gate only with residual='alpha' (the official residual
+    keeps LN_attn(x) and LN_ffn in a gated-off block)."""
+    caps = {"block_stack", "own_blocks", "causal", "slot:layer1",
+            "slot:layer2", "slot:branch"}
+    if self.residual == "alpha":
+      caps.add("residual_gate")
+    return frozenset(caps)
+
+  def capability_hint(self, missing: list[str]) -> str:
+    if "residual_gate" in missing:
+      return ("with --residual official a gated-off block still applies "
+              "its LayerNorms, so it is not skipped; use --residual alpha")
+    if "row_local_blocks" in missing:
+      return ("its blocks read the batch's padding mask, so rows cannot "
+              "run apart; use skipping 'cond' or 'masked'")
+    return ""
+
   def validate(self) -> None:
     super().validate()
     require(self.num_heads >= 1, "model.num_heads", self.num_heads, ">= 1")
@@ -126,11 +152,13 @@ class SASRecBlock(nn.Module):
   cfg: SASRecConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, real: jax.Array,
-               gate: jax.Array | None = None, *,
+  def __call__(self, x: jax.Array, real: jax.Array, slot: Any = None, *,
                deterministic: bool = True) -> jax.Array:
-    """x [B, T, C] float32, real [B, T] bool (not padding), gate [B] or
-    None -> [B, T, C] float32. Dropout draws from the 'dropout' rngs."""
+    """x [B, T, C] float32, real [B, T] bool (not padding), `slot(name,
+    x_in, x_out)` the methods' code (None: none) -> [B, T, C] float32.
+    Dropout draws from the 'dropout' rngs."""
+    if slot is None:
+      slot = lambda name, x_in, x_out: x_out  # pylint: disable=unnecessary-lambda-assignment
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
 
     def dropout(h):
@@ -142,21 +170,21 @@ class SASRecBlock(nn.Module):
       h = nn.relu(dropout(h))
       h = nn.Dense(cfg.embed_dim, dtype=dtype, kernel_init=dense_init,
                    name="ffn_out")(h)
-      return dropout(h).astype(jnp.float32)
+      return slot("layer2", f, dropout(h).astype(jnp.float32))
 
     def branch(h, alpha_name):
-      # The gates of "alpha" and the per-sequence gate both scale only the
-      # branch, so either at 0 leaves the residual stream untouched.
+      # The gates of "alpha" and the branch slot's (SkipRec's) both scale
+      # only the branch, so either at 0 leaves the residual stream as is.
       if cfg.residual == "alpha":
         h = self.param(alpha_name, nn.initializers.zeros, ()) * h
-      return h if gate is None else gate[:, None, None] * h
+      return slot("branch", x, h)
 
     q = LayerNorm(cfg.layer_norm_eps, name="ln_attn")(x)
     # Keys and values read the un-normalised stream, as the official code.
     a = CausalSelfAttention(
         num_heads=cfg.num_heads, dropout_rate=cfg.dropout, dtype=dtype,
         name="attention")(q, x, real, deterministic=deterministic)
-    a = branch(a.astype(jnp.float32), "alpha_attn")
+    a = branch(slot("layer1", q, a.astype(jnp.float32)), "alpha_attn")
     ln_ffn = LayerNorm(cfg.layer_norm_eps, name="ln_ffn")
     if cfg.residual == "official":
       f = ln_ffn(q + a)
@@ -191,12 +219,12 @@ def init(cfg: SASRecConfig, rng: jax.Array) -> Params:
 
 def apply(params: Params, cfg: SASRecConfig, ids: jax.Array, *,
           train: bool = False, rng: jax.Array | None = None,
-          source: tuple[int, ...] | None = None,
-          gates: jax.Array | None = None, unroll: bool = False) -> jax.Array:
+          plan: BlockPlan = BlockPlan(), unroll: bool = False) -> jax.Array:
   """Item ids [B, T] -> hidden states [B, T, C] (float32).
 
   `train` switches dropout on and then needs `rng`; without it the model is
-  deterministic and needs no key.
+  deterministic and needs no key. `plan` carries the methods' side inputs
+  and slot code (`jaxrec.method_api`).
   """
   if train and rng is None:
     raise ValueError("sasrec: train=True needs an rng key for dropout")
@@ -219,14 +247,19 @@ def apply(params: Params, cfg: SASRecConfig, ids: jax.Array, *,
 
   def block(p, x, static, inputs):
     del static  # No positional statics: every block is the same program.
-    key, gate = inputs
+    key, side = inputs["key"], inputs["side"]
     return SASRecBlock(cfg).apply(
-        {"params": p}, x, real, gate, deterministic=key is None,
+        {"params": p}, x, real,
+        lambda name, x_in, x_out: plan.at(name, x_in, x_out, side),
+        deterministic=key is None,
         rngs=None if key is None else {"dropout": key})
 
+  if plan.wrap is not None:
+    block = plan.wrap(block)
   x = scan_blocks(block, params["blocks"], x,
-                  statics=(None,) * cfg.num_blocks, source=source,
-                  xs=(block_keys, gates), remat=cfg.remat, unroll=unroll)
+                  statics=(None,) * cfg.num_blocks,
+                  xs={"key": block_keys, "side": plan.side},
+                  remat=cfg.remat, unroll=unroll)
   return LayerNorm(cfg.layer_norm_eps).apply({"params": params["final_norm"]},
                                              x)
 

@@ -96,7 +96,6 @@ def save_start_checkpoint(out_dir: str, cfg: Config, params: models.Params,
   when `vocab` is given. Refuses a directory that already holds
   checkpoints, and returns only once the checkpoint is on disk.
   """
-  from jaxrec.training.loop import Progress  # pylint: disable=import-outside-toplevel
   rundir.refuse_existing_checkpoints(out_dir)
   state = state_lib.init_state(params,
                                state_lib.optimizer_for(cfg, params)[0])
@@ -105,7 +104,7 @@ def save_start_checkpoint(out_dir: str, cfg: Config, params: models.Params,
   meta = checkpoints.make_meta(
       cfg, data_fingerprint, 0, lineage,
       vocabulary=None if vocab is None else vocab.meta(),
-      progress=dataclasses.asdict(Progress()))
+      progress=dataclasses.asdict(state_lib.Progress()))
   os.makedirs(out_dir, exist_ok=True)
   if vocab is not None:  # Before the checkpoint: a checkpoint naming a
     vocab.save(out_dir)  # vocabulary never lacks its file.

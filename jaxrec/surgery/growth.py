@@ -69,7 +69,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec import models
+from jaxrec import method_api, models
 from jaxrec.config import Config
 from jaxrec.errors import JaxrecError
 from jaxrec.surgery.checkpoint import apply_to_checkpoint
@@ -80,7 +80,6 @@ from jaxrec.training.optim import path_name
 Params = dict[str, Any]
 FRESH = -1  # Index-map entry of a deep block that gets fresh params.
 HEAD = "head"  # The output head's subtree, which `paper` re-initialises.
-POLICY = "policy"  # SkipRec's policy: per-block head rows follow the map.
 METHODS = ("adjacent", "cross", "random_top", "embed_only")
 PRESETS = ("paper", "preserve", "full")
 DILATION_POLICIES = ("position", "carry")
@@ -160,10 +159,14 @@ def gather_blocks(blocks: Params, idx: tuple[int, ...],
 
 
 def grow_tree(tree: Params, plan: Plan, fresh: Params | None,
-              rules: models.SurgeryRules) -> Params:
+              rules: models.SurgeryRules,
+              method_stacks: tuple[str, ...] = ()) -> Params:
   """Applies one plan to a params-shaped tree (params or an Adam moment).
 
   `fresh` is a fresh deep tree; None means zeros (the moments of new params).
+  `method_stacks` are the active methods' block-axis subtrees (paths such
+  as `skiprec/head`, `peterrec`): their rows follow the backbone's index
+  map (a fresh block gets fresh rows, zeros for a moment).
   """
   out = {}
   for name, sub in tree.items():
@@ -171,25 +174,26 @@ def grow_tree(tree: Params, plan: Plan, fresh: Params | None,
     if name in rules.stacks:
       out[name] = _grow_blocks(sub, plan.for_stack(name, rules), fresh_sub,
                                rules)
-    elif name == POLICY:  # SkipRec: one head row per block follows it.
-      out[name] = grow_policy(sub, plan.index_map,
-                              None if fresh_sub is None else fresh_sub)
     elif plan.preset == "paper" and name == HEAD:
       out[name] = (fresh_sub if fresh_sub is not None
                    else jax.tree.map(jnp.zeros_like, sub))
     else:
       out[name] = sub
+  for path in method_stacks:
+    out = _grow_at(out, path.split("/"), plan.index_map, fresh)
   return out
 
 
-def grow_policy(policy: Params, idx: tuple[int, ...],
-                fresh: Params | None) -> Params:
-  """A SkipRec policy after growth: its per-block head rows are gathered by
-  the backbone's index map (a fresh block gets a fresh row, zeros for a
-  moment); its embedding and own blocks are kept."""
-  head = gather_blocks(policy["head"], idx,
-                       None if fresh is None else fresh["head"])
-  return {**policy, "head": head}
+def _grow_at(tree: Params, path: list[str], idx: tuple[int, ...],
+             fresh: Params | None) -> Params:
+  """`tree` with the block-axis subtree at `path` gathered by `idx`."""
+  key = path[0]
+  if key not in tree:
+    return tree
+  fresh_sub = None if fresh is None else fresh[key]
+  if len(path) == 1:
+    return {**tree, key: gather_blocks(tree[key], idx, fresh_sub)}
+  return {**tree, key: _grow_at(tree[key], path[1:], idx, fresh_sub)}
 
 
 def _grow_blocks(blocks: Params, plan: Plan, fresh: Params | None,
@@ -249,7 +253,8 @@ def _grow_params(params: Params, rng: jax.Array, plans: tuple[Plan, ...],
     needs_fresh = plan.preset == "paper" or FRESH in plan.index_map
     key = rng if s == 0 else jax.random.fold_in(rng, s)
     fresh = models.init_params(deep_cfg, key) if needs_fresh else None
-    params = grow_tree(params, plan, fresh, _rules(deep_cfg))
+    params = grow_tree(params, plan, fresh, _rules(deep_cfg),
+                       method_api.stacks(deep_cfg))
   return params
 
 
@@ -274,13 +279,15 @@ def stack_opt_state(opt_state: Any, cfg: Config, method: str,
     plans.append(make_plan(deep.model, method, preset, top))
     deep = deep_config(deep, plans[-1], "position")
   structure = jax.tree.structure(shallow)
-  deep = _grow_moments(opt_state, tuple(plans), _rules(cfg), structure)
+  deep = _grow_moments(opt_state, tuple(plans), _rules(cfg), structure,
+                       method_api.stacks(cfg))
   return place_like(deep, opt_state)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
 def _grow_moments(opt_state: Any, plans: tuple[Plan, ...],
-                  rules: models.SurgeryRules, structure: Any) -> Any:
+                  rules: models.SurgeryRules, structure: Any,
+                  method_stacks: tuple[str, ...]) -> Any:
   def params_like(x):
     return isinstance(x, dict) and jax.tree.structure(x) == structure
 
@@ -288,7 +295,7 @@ def _grow_moments(opt_state: Any, plans: tuple[Plan, ...],
     if not params_like(x):
       return x
     for plan in plans:
-      x = grow_tree(x, plan, None, rules)
+      x = grow_tree(x, plan, None, rules, method_stacks)
     return x
 
   return jax.tree.map(grow, opt_state, is_leaf=params_like)
@@ -314,9 +321,9 @@ def deep_config(cfg: Config, plan: Plan, policy: str) -> Config:
   for NextItNet the dilations by policy)."""
   backbone = models.get(cfg.model.name)
   deep = backbone.grown_config(cfg.model, plan.index_map, policy == "carry")
-  if plan.preset == "preserve" and hasattr(cfg.model, "block_dilations"):
-    _warn_if_moved(plan, cfg.model.block_dilations(),
-                   deep.block_dilations())
+  src_dils, deep_dils = cfg.model.derived(), deep.derived()
+  if plan.preset == "preserve" and "dilations" in src_dils:
+    _warn_if_moved(plan, src_dils["dilations"], deep_dils["dilations"])
   return cfg.replace(model=deep)
 
 
@@ -377,9 +384,10 @@ def check_options(params: Params, cfg: Config, method: str, preset: str,
     if not rules.gates or not gated:
       raise JaxrecError(
           "preset 'preserve' needs a gated residual (model.residual='alpha') "
-          "so a duplicated block can start as the identity; this model has "
-          f"residual={getattr(cfg.model, 'residual', None)!r}: use 'paper' "
-          "or 'full'")
+          "so a duplicated block can start as the identity; this "
+          f"{cfg.model.name} has no gate leaves "
+          f"({', '.join(rules.gates) or 'none declared'}): use 'paper' or "
+          "'full'")
     if method == "embed_only":
       raise JaxrecError("preset 'preserve' cannot keep the function with "
                         "method 'embed_only' (every block is fresh): use "

@@ -6,28 +6,22 @@ A task provides `loss(params, cfg, batch, rng, sampler) -> scalar`,
 step, so a resume replays exactly), and `rank_fn(cfg)` /
 `sampled_rank_fn(cfg)` for evaluation. `next_item` is the sequential
 recommendation task every causal backbone trains on; `masked_item` trains a
-bidirectional one; `skiprec` trains a backbone with a SkipRec policy;
+bidirectional one;
 `transfer` (PeterRec) classifies a user's sequence into a new vocabulary of
 target items (cold start) or classes (profiles).
 """
 
 from typing import Any
 
+from jaxrec.tasks import masked_item, next_item, transfer
+
 
 def for_config(cfg: Any) -> Any:
   """The task a config trains on: `transfer` for `train.task` cold_start or
-  profile; else `skiprec` when the model has a SkipRec policy
-  (`model.skip`), `masked_item` when it is bidirectional, `next_item`."""
-  # pylint: disable=import-outside-toplevel
-  from jaxrec.skip import policy
+  profile; else `masked_item` when the model is bidirectional, else
+  `next_item` (methods act through their hooks, not through a task)."""
   if cfg.train.task != "auto":
-    from jaxrec.tasks import transfer
     return transfer
   if not cfg.model.is_causal():
-    from jaxrec.tasks import masked_item
     return masked_item
-  if policy.enabled(cfg):
-    from jaxrec.tasks import skiprec
-    return skiprec
-  from jaxrec.tasks import next_item
   return next_item

@@ -88,3 +88,4 @@ def sampled_rank_fn(cfg: Any) -> Callable[..., jax.Array]:
 
 
 sampler_for = next_item.sampler_for
+report = next_item.report

@@ -3,7 +3,7 @@
 Training: inputs `row[:-1]`, targets `row[1:]` (autoregressive), padding
 targets masked; the loss is the head's (chunked full softmax or sampled).
 Evaluation: the last position's hidden state ranks the target against every
-item through the head's `tile_scores` (`jaxrec.tasks.ranking`).
+item through the head's `tile_scores` (`jaxrec.ranking`).
 """
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jaxrec import heads, sharding
-from jaxrec import models
+from jaxrec import heads, method_api, models, sharding
 from jaxrec.data import sequences
-from jaxrec.tasks import ranking
+from jaxrec.heads import sampled_softmax
+from jaxrec import ranking
 
 NAME = "next_item"
 
@@ -28,14 +28,19 @@ def batch(data: sequences.SequenceData, step: int, batch_size: int,
 
 def loss(params: models.Params, cfg: Any, batch_arrays: dict[str, jax.Array],
          rng: jax.Array, sampler: Any = None) -> jax.Array:
-  """Masked mean next-item cross entropy over every position of the batch."""
+  """Masked mean next-item cross entropy over every position of the batch
+  (the positions the active methods let it score), plus the methods' loss
+  terms (`jaxrec.method_api`)."""
   k_model, k_head = jax.random.split(rng)
-  h = models.hidden_states(params, cfg, batch_arrays["inputs"], train=True,
-                           rng=k_model)
+  h, aux = models.forward(params, cfg, batch_arrays["inputs"], train=True,
+                          rng=k_model)
   h = h.reshape(-1, cfg.model.embed_dim).astype(cfg.model.dtype)
-  targets = batch_arrays["targets"].reshape(-1)
-  return heads.get(cfg.head.name).loss(params, cfg, h, targets, targets != 0,
-                                       rng=k_head, sampler=sampler)
+  targets = batch_arrays["targets"]
+  mask = method_api.score_mask(aux, targets != 0).reshape(-1)
+  ce = heads.get(cfg.head.name).loss(params, cfg, h, targets.reshape(-1),
+                                     mask, rng=k_head, sampler=sampler)
+  return ce + method_api.total_extra_loss(
+      method_api.loss_terms(params, cfg, aux, batch_arrays))
 
 
 def last_hidden(params: models.Params, cfg: Any,
@@ -89,8 +94,13 @@ def sampler_for(cfg: Any, data: sequences.SequenceData) -> Any:
   """The negative sampler `train.loss=sampled` needs (None for `full`)."""
   if cfg.train.loss != "sampled":
     return None
-  from jaxrec.heads import sampled_softmax  # pylint: disable=import-outside-toplevel
   return sampled_softmax.make_sampler(
       cfg.train.sampler, cfg.head.num_outputs(cfg.model), data.item_counts)
 
 
+
+
+def report(params: models.Params, cfg: Any, data: Any) -> dict[str, Any]:
+  """What the task adds to metrics.json: nothing (methods add theirs)."""
+  del params, cfg, data
+  return {}

@@ -17,9 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrec import heads, models
+from jaxrec import heads, method_api, models
 from jaxrec.data import sequences
+from jaxrec.data import transfer as transfer_data
+from jaxrec.data import vocabulary
 from jaxrec.tasks import next_item
+from jaxrec.training import optim
 
 NAME = "transfer"
 
@@ -55,12 +58,14 @@ def loss(params: models.Params, cfg: Any, batch_arrays: dict[str, jax.Array],
          rng: jax.Array, sampler: Any = None) -> jax.Array:
   """Mean cross entropy of each user's target over the head's outputs."""
   k_model, k_head = jax.random.split(rng)
-  h = models.hidden_states(params, cfg, batch_arrays["inputs"], train=True,
-                           rng=k_model)
+  h, aux = models.forward(params, cfg, batch_arrays["inputs"], train=True,
+                          rng=k_model)
   targets = batch_arrays["targets"]
-  return heads.get(cfg.head.name).loss(
+  ce = heads.get(cfg.head.name).loss(
       params, cfg, read_user(h, cfg, batch_arrays["inputs"]), targets,
       targets != 0, rng=k_head, sampler=sampler)
+  return ce + method_api.total_extra_loss(
+      method_api.loss_terms(params, cfg, aux, batch_arrays))
 
 
 def rank_fn(cfg: Any) -> Callable[..., jax.Array]:
@@ -78,6 +83,36 @@ def report(params: models.Params, cfg: Any,
            data: sequences.SequenceData) -> dict[str, Any]:
   """What metrics.json adds for a fine-tuning: parameter counts (PeterRec's
   claim is about them) and the source ids the vocabulary did not know."""
-  from jaxrec.transfer import peterrec  # pylint: disable=import-outside-toplevel
-  return {**peterrec.param_counts(params, cfg), "task": cfg.train.task,
+  return {**param_counts(params, cfg), "task": cfg.train.task,
           "unknown_source_tokens": data.meta["unknown_source_tokens"]}
+
+
+def param_counts(params: models.Params, cfg: Any) -> dict[str, int]:
+  """`trainable_params` (rows of partly trained stacks counted as trained)
+  and `backbone_params` (item embedding + the backbone's block stacks;
+  methods' subtrees, such as patches, excluded)."""
+  labels = optim.trainable_labels(params, cfg.train.freeze)
+  stacks = models.get(cfg.model.name).surgery.stacks
+  masks = optim.row_masks(params, stacks, cfg.train.train_top_blocks)
+  trainable = backbone = 0
+  for (path, leaf), label in zip(jax.tree_util.tree_leaves_with_path(params),
+                                 jax.tree.leaves(labels)):
+    name = optim.path_name(path)
+    size = int(np.prod(leaf.shape))
+    if label == optim.TRAIN:
+      mask = masks.get(name)
+      trainable += size if mask is None else size // len(mask) * int(
+          mask.sum())
+    if name.split("/")[0] in ("item_embedding", *stacks):
+      backbone += size
+  return {"trainable_params": trainable, "backbone_params": backbone}
+
+
+def load_task_data(cfg: Any, run_dir: str) -> Any:
+  """A fine-tuning run's downstream data, read as when it trained (through
+  the pretraining vocabulary the run keeps in DIR/vocabulary.json)."""
+  _, _, path = cfg.data.source.partition(":")
+  return transfer_data.load(
+      path, cfg.train.task, vocabulary.of_run(run_dir), cfg.data,
+      cfg.data.max_len, cfg.model.is_causal(), cfg.model.token_id("cls"),
+      cfg.model.token_id("unk"))

@@ -31,18 +31,20 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jaxrec import models, tasks
+from jaxrec import method_api, models, tasks
 from jaxrec.config import Config
-from jaxrec.data import sequences
+from jaxrec.data import pipeline, sequences
 from jaxrec.data import vocabulary as vocab_lib
 from jaxrec.errors import Interrupted, JaxrecError
-from jaxrec.skip import attach
-from jaxrec.tasks import next_item, ranking
+from jaxrec.surgery import catalogue
+from jaxrec import ranking
+from jaxrec.tasks import next_item
 from jaxrec.training import checkpoints, interrupts, lock, optim, rundir
 from jaxrec.training.mesh import Sharder, make_mesh
-from jaxrec.training.state import (State, abstract_state, frozen_params,
-                                   graft, init_state, optimizer_for,
-                                   refuse_finetuning, restore_params,
+from jaxrec.training.state import (Progress, State, abstract_state,
+                                   frozen_params, graft, init_state,
+                                   optimizer_for, refuse_finetuning,
+                                   restore_params, saved_layout_differs,
                                    storable)
 
 Task = Any  # A module with batch, loss, rank_fn (jaxrec.tasks).
@@ -123,30 +125,6 @@ def evaluate_params(params: models.Params, cfg: Config, sharder: Sharder,
   return ranking.evaluate(ranks, inputs, targets, batch_size)
 
 
-@dataclasses.dataclass
-class Progress:
-  """What a resume needs besides the arrays: early stopping and the clock."""
-  best_metric: float = -1.0
-  best_step: int = -1
-  evals_since_best: int = 0
-  train_time_s: float = 0.0
-  best_valid: dict[str, float] | None = None
-
-  def record(self, valid: dict[str, float], metric: str, step: int) -> bool:
-    """Takes one validation; True if it is the best so far."""
-    improved = valid[metric] > self.best_metric
-    if improved:
-      self.best_metric, self.best_step = valid[metric], step
-      self.evals_since_best, self.best_valid = 0, valid
-    else:
-      self.evals_since_best += 1
-    return improved
-
-  def stopped(self, patience: int) -> bool:
-    """Early stopping: `patience` validations without a gain (0: never)."""
-    return bool(patience) and self.evals_since_best >= patience
-
-
 def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
           resume: bool = False, init_from: str | None = None,
           init_opt_state: bool = False,
@@ -162,9 +140,11 @@ def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
   optimizer state (from its latest checkpoint, e.g. `jaxrec grow
   --map-opt-state`), else the optimizer starts fresh as in the paper.
   `step_callback(step)` runs after each step (tests use it to kill a run at
-  a chosen moment). `task` defaults to the config's (`tasks.for_config`:
-  SkipRec models train as `tasks.skiprec`). `params` and `lineage` start
-  the run from a prepared tree (a fine-tuning's: `jaxrec.transfer`).
+  a chosen moment). `task` defaults to the config's (`tasks.for_config`).
+  `params` and `lineage` start the run from a prepared tree (a
+  fine-tuning's: `jaxrec.methods.peterrec`). Methods `cfg` asks for that
+  the `init_from` checkpoint lacks are attached to its params
+  (`method_api.attach`: `--init-from TRAINED --skip gumbel`).
 
   With `init_from`, the data is numbered by the checkpoint's vocabulary;
   items it has never seen get fresh rows, and items it has that the data
@@ -196,17 +176,15 @@ def _train_locked(cfg: Config, out_dir: str,
   # meaning the same items on a new data version.
   init_vocab = _init_vocabulary(init_from) if init_from else None
   if data is None:
-    from jaxrec.data import pipeline  # pylint: disable=import-outside-toplevel
     data = pipeline.load_data(cfg.data, vocab=init_vocab,
                               drop_vanished=vanished == "drop")
   lineage: list[dict[str, Any]] = list(prepared_lineage or [])
-  requested_model = cfg.model
   if init_from:
+    requested = cfg
     cfg, lineage, init_params, init_opt = _load_init(
         cfg, init_from, data, init_opt_state, init_vocab)
-    # SkipRec options given for this run add a policy to a plain backbone.
-    cfg, init_params, lineage = attach.policy_if_asked(
-        requested_model, cfg, init_params, lineage, init_opt_state)
+    cfg, init_params, lineage = _with_requested_methods(
+        requested, cfg, init_params, lineage, init_opt_state)
   _check_num_items(cfg, data)
   cfg = cfg.fit_data(data.num_items, data.max_len, data.item_counts)
   cfg.validate()
@@ -375,8 +353,8 @@ def _finish(cfg: Config, out_dir: str, data: sequences.SequenceData,
       "backbone": cfg.model.name, "head": cfg.head.name,
       "data": data.meta,
   }
-  if hasattr(task, "report"):  # E.g. SkipRec's block usage.
-    result.update(task.report(restored["params"], cfg, data))
+  result.update(task.report(restored["params"], cfg, data))
+  result.update(method_api.report(restored["params"], cfg, data))
   if is_primary():
     checkpoints.write_json(os.path.join(out_dir, "metrics.json"), result)
   return result
@@ -410,8 +388,13 @@ def _resume(ckpts: checkpoints.RunCheckpoints, state: State, cfg: Config,
   same format, the same config (the one stored in the checkpoint, not only
   config.json, which may be missing), the same data."""
   def check(meta, origin):
-    rundir.check_same_config(
-        checkpoints.stored_config(meta, origin, legacy_ok=False), cfg, origin)
+    stored = checkpoints.stored_config(meta, origin, legacy_ok=False)
+    if saved_layout_differs(meta, cfg):
+      raise JaxrecError(f"{origin}: written by an older jaxrec whose "
+                        "methods kept their params elsewhere; resuming needs "
+                        "the same layout: start a new run from it with "
+                        "--init-from")
+    rundir.check_same_config(stored, cfg, origin)
     rundir.check_config_file(cfg, ckpts.run_dir)
     if meta.get("data_fingerprint") != data.fingerprint:
       raise JaxrecError(f"{origin}: checkpoint was trained on other data "
@@ -469,7 +452,7 @@ def _load_init(cfg: Config, init_from: str, data: sequences.SequenceData,
   if src.model.num_items != data.num_items:
     raise JaxrecError(f"{init_from}: model has {src.model.num_items} item "
                       f"ids but the data has {data.num_items}")
-  cfg = cfg.replace(model=src.model, head=src.head)
+  cfg = cfg.replace(model=src.model, head=src.head, methods=src.methods)
   lineage = opened.meta["lineage"] + [entry]
   if not with_opt_state:
     return cfg, lineage, restore_params(opened, src, init_from), None
@@ -497,7 +480,6 @@ def _load_init_new_catalogue(cfg: Config, init_from: str,
   """`_load_init` when the data has items the checkpoint never saw, or
   lacks some it had: known rows kept, new rows fresh (see
   `jaxrec.surgery.catalogue`); the counts printed and put in the lineage."""
-  from jaxrec.surgery import catalogue  # pylint: disable=import-outside-toplevel
   catalogue.check_growable(src, init_from)
   if with_opt_state:
     raise JaxrecError(f"--init-opt-state: the data changes {init_from}'s "
@@ -518,8 +500,34 @@ def _load_init_new_catalogue(cfg: Config, init_from: str,
           f"vanished ({growth.get('vanished_policy')}); "
           f"{src.model.num_items - 1} -> {new_src.model.num_items - 1} "
           "items")
-  cfg = cfg.replace(model=new_src.model, head=new_src.head)
+  cfg = cfg.replace(model=new_src.model, head=new_src.head,
+                    methods=new_src.methods)
   return cfg, opened.meta["lineage"] + [entry], params, None
+
+
+def _with_requested_methods(requested: Config, cfg: Config,
+                            params: models.Params, lineage: list,
+                            with_opt_state: bool
+                            ) -> tuple[Config, models.Params, list]:
+  """`--init-from` takes the source's model, head and methods; methods
+  asked for this run would be lost silently. They are applied here: a
+  method the source runs takes this run's options (SkipRec's lambda, tau,
+  ...); one it lacks is attached to its params (`method_api.attach`)."""
+  added = [m for m in requested.methods if cfg.method(m.NAME) is None]
+  for m in requested.methods:
+    cfg = cfg.with_method(m)
+  if not added:
+    return cfg, params, lineage
+  if with_opt_state:
+    raise JaxrecError(f"--init-opt-state: the source has no "
+                      f"{', '.join(m.NAME for m in added)} params, so its "
+                      "optimizer state has no moments for them; drop "
+                      "--init-opt-state")
+  cfg.validate()
+  params = method_api.attach(params, cfg, jax.random.key(cfg.train.seed))
+  return cfg, params, lineage + [
+      {"op": "attach", "method": m.NAME, **dataclasses.asdict(m)}
+      for m in added]
 
 
 def _check_finite(state: State, out: dict,

@@ -7,6 +7,7 @@ checkpoints hold the whole state; `best` ones only the params.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from typing import Any
@@ -16,13 +17,38 @@ import numpy as np
 import jax.numpy as jnp
 import optax
 
-from jaxrec import models
+from jaxrec import config as config_lib
+from jaxrec import method_api, models
 from jaxrec.config import Config
 from jaxrec.errors import JaxrecError
 from jaxrec.training import checkpoints
 from jaxrec.training import optim
 
 State = dict[str, Any]
+
+
+@dataclasses.dataclass
+class Progress:
+  """What a resume needs besides the arrays: early stopping and the clock."""
+  best_metric: float = -1.0
+  best_step: int = -1
+  evals_since_best: int = 0
+  train_time_s: float = 0.0
+  best_valid: dict[str, float] | None = None
+
+  def record(self, valid: dict[str, float], metric: str, step: int) -> bool:
+    """Takes one validation; True if it is the best so far."""
+    improved = valid[metric] > self.best_metric
+    if improved:
+      self.best_metric, self.best_step = valid[metric], step
+      self.evals_since_best, self.best_valid = 0, valid
+    else:
+      self.evals_since_best += 1
+    return improved
+
+  def stopped(self, patience: int) -> bool:
+    """Early stopping: `patience` validations without a gain (0: never)."""
+    return bool(patience) and self.evals_since_best >= patience
 
 
 def optimizer_for(cfg: Config, params: Any,
@@ -118,7 +144,7 @@ def restore_params(opened: checkpoints.Opened, cfg: Config, origin: str,
   (placed by `sharding`); legacy ones are restored as saved, converted and
   checked.
   """
-  if not checkpoints.is_legacy(opened.meta):
+  if not saved_layout_differs(opened.meta, cfg):
     state, _ = checkpoints.restore(
         opened.mngr, opened.step,
         target=abstract_state(cfg, opened.kind, sharding))
@@ -129,7 +155,7 @@ def restore_params(opened: checkpoints.Opened, cfg: Config, origin: str,
   raw, _ = checkpoints.restore(opened.mngr, opened.step)
   if not isinstance(raw, dict) or "params" not in raw:
     raise JaxrecError(f"{origin}: checkpoint state holds no params")
-  params = checkpoints.convert_legacy_params(raw["params"])
+  params = convert_saved_params(raw["params"], opened.meta, cfg)
   models.require_fit(params, cfg, f"{origin}: the converted params")
   if sharding is not None:
     params = jax.device_put(params, sharding)
@@ -160,14 +186,14 @@ def load_params(run_dir: str, kind: str | None = None,
   opened = checkpoints.open_checkpoint(run_dir, kind, step)
   cfg = checkpoints.config_from_meta(opened.meta, run_dir)
   if not params_only:
-    if checkpoints.is_legacy(opened.meta):
+    if saved_layout_differs(opened.meta, cfg):
       raise JaxrecError(f"{run_dir}: params_only=False reads a current "
-                        "checkpoint's state; this one is jaxrec 0.1's")
+                        "checkpoint's state; this one is in an older layout")
     state, _ = checkpoints.restore(
         opened.mngr, opened.step,
         target=abstract_state(cfg, opened.kind, sharding))
     return state, cfg, opened.meta
-  if opened.kind == "latest" and not checkpoints.is_legacy(opened.meta):
+  if opened.kind == "latest" and not saved_layout_differs(opened.meta, cfg):
     target = abstract_state(cfg, "best", sharding or _default_sharding())
     params = checkpoints.restore_subtree(opened.mngr, opened.step, "params",
                                          target["params"])
@@ -177,6 +203,27 @@ def load_params(run_dir: str, kind: str | None = None,
     return params, cfg, opened.meta
   return (restore_params(opened, cfg, run_dir, sharding), cfg,
           opened.meta)
+
+
+def saved_layout_differs(meta: dict[str, Any], cfg: Config) -> bool:
+  """Whether the saved params are laid out otherwise than `cfg` implies:
+  jaxrec 0.1's, or config version 2's with methods whose leaves have moved
+  since (`Method.param_moves`). Such a checkpoint is restored as saved and
+  converted (`convert_saved_params`): Orbax cannot restore into another
+  structure."""
+  version = (meta.get("config") or {}).get("version",
+                                            config_lib.CONFIG_VERSION)
+  moved = version < 3 and any(method_api.get(m.NAME).param_moves
+                              for m in cfg.methods)
+  return checkpoints.is_legacy(meta) or moved
+
+
+def convert_saved_params(params: models.Params, meta: dict[str, Any],
+                         cfg: Config) -> models.Params:
+  """Saved params in the current layout (see `saved_layout_differs`)."""
+  if checkpoints.is_legacy(meta):
+    params = checkpoints.convert_legacy_params(params)
+  return method_api.move_legacy_params(params, cfg.methods)
 
 
 def refuse_finetuning(cfg: Config, origin: str, what: str) -> None:

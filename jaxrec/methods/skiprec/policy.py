@@ -1,18 +1,20 @@
 """SkipRec's policy network (Chen et al., AAAI 2021) and its gates.
 
-The policy is its own subtree `policy` of the model's params:
+The policy is its own subtree `skiprec` of the model's params:
 
-  policy/embedding          [V, P]       its own item embedding (id 0 zeroed)
-  policy/blocks/...         [2, ...]     two alpha-residual NextItNet blocks
-                                         (dilations 1 and 4), width P
-  policy/head/kernel        [L, P, 2]    one row per backbone block: logits
-  policy/head/bias          [L, 2]       (skip, keep) of block l
+  skiprec/embedding         [V, P]       its own item embedding (id 0 zeroed)
+  skiprec/blocks/...        [2, ...]     two alpha-residual NextItNet blocks
+                                         (dilations 1 and 4, kernel 3),
+                                         width P, whatever the backbone
+  skiprec/head/kernel       [L, P, 2]    one row per backbone block: logits
+  skiprec/head/bias         [L, 2]       (skip, keep) of block l
 
 `logits` pools the blocks' output by a masked mean over the positions it may
 read (by default every non-padding one) and maps it to [B, L, 2] logits z.
 Gates [L, B] (1 keeps block l, 0 skips it) go to the backbone as
-per-position inputs of `scan_blocks`, where block l computes
-`x + gate_l * alpha_l * h_l(x)`.
+per-position side inputs of the block scan; the `branch` slot scales block
+l's residual branch by gate_l, so block l computes
+`x + gate_l * alpha_l * h_l(x)` (`jaxrec.methods.skiprec`).
 
 - Training (`gumbel_gates`): straight-through Gumbel-softmax. The forward
   pass is the hard one-hot `onehot(argmax(z + g))` (so a skipped block is
@@ -20,15 +22,14 @@ per-position inputs of `scan_blocks`, where block l computes
   `softmax((z + g) / tau)`. The hard sample does not depend on tau.
 - Inference (`argmax_gates`): deterministic argmax of z, no noise (the
   official code samples at test time, which makes evaluation stochastic).
-- `skip_confine` reproduces the official `softmax(sigmoid(z))`, which keeps
+- `confine` reproduces the official `softmax(sigmoid(z))`, which keeps
   every keep probability inside [0.269, 0.731]; off by default.
 
 The per-block head rows carry a leading block axis, so StackRec growth moves
-them with the backbone's index map (`grow_policy`).
+them with the backbone's index map (the method's `stacks`).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -36,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrec.errors import JaxrecError
+from jaxrec.methods.skiprec.config import SkipRecConfig
+from jaxrec.models import nextitnet
 from jaxrec.nn.conv import weight_init
 
 Params = dict[str, Any]
@@ -48,26 +51,19 @@ POLICY_DILATIONS = (1, 4)  # Two residual blocks, as the official policy.
 KEEP_BIAS = 1.0
 
 
-def enabled(cfg: Any) -> bool:
-  """Whether a Config's model carries a SkipRec policy."""
-  return getattr(cfg.model, "skip", "none") != "none"
-
-
-def policy_config(model_cfg: Any) -> Any:
+def policy_config(model_cfg: Any, mcfg: SkipRecConfig
+                  ) -> nextitnet.NextItNetConfig:
   """The NextItNet config of the policy's two blocks (width P, no dropout,
-  no sharing, alpha residual)."""
-  width = model_cfg.skip_policy_dim or model_cfg.embed_dim
-  return dataclasses.replace(
-      model_cfg, embed_dim=width, num_blocks=len(POLICY_DILATIONS),
-      dilations=POLICY_DILATIONS, dropout=0.0, residual="alpha",
-      share="none", block_source=(), skip="none", dtype="float32",
-      remat="none", embedding="full")
+  no sharing, alpha residual), for a backbone of any kind."""
+  return nextitnet.NextItNetConfig(
+      num_items=model_cfg.num_items, embed_dim=mcfg.width(model_cfg),
+      num_blocks=len(POLICY_DILATIONS), dilations=POLICY_DILATIONS,
+      dropout=0.0, residual="alpha")
 
 
-def init(model_cfg: Any, rng: jax.Array) -> Params:
+def init(model_cfg: Any, mcfg: SkipRecConfig, rng: jax.Array) -> Params:
   """A fresh policy subtree for a backbone config."""
-  from jaxrec.models import nextitnet  # pylint: disable=import-outside-toplevel
-  pcfg = policy_config(model_cfg)
+  pcfg = policy_config(model_cfg, mcfg)
   k_emb, k_blocks, k_head = jax.random.split(rng, 3)
   blocks = nextitnet.init(pcfg, k_blocks)["blocks"]
   num_blocks = model_cfg.num_blocks
@@ -79,8 +75,8 @@ def init(model_cfg: Any, rng: jax.Array) -> Params:
           "bias": jnp.zeros((num_blocks, 2)).at[:, KEEP].set(KEEP_BIAS)}}
 
 
-def logits(policy: Params, model_cfg: Any, ids: jax.Array,
-           read: jax.Array | None = None) -> jax.Array:
+def logits(policy: Params, model_cfg: Any, mcfg: SkipRecConfig,
+           ids: jax.Array, read: jax.Array | None = None) -> jax.Array:
   """Keep/skip logits [B, L, 2] of sequences ids [B, T].
 
   `read` [B, T] (bool) says which positions the mean pools (default: the
@@ -88,17 +84,16 @@ def logits(policy: Params, model_cfg: Any, ids: jax.Array,
   only items < c: the training split relies on this to keep each gate off
   the targets it is trained on.
   """
-  from jaxrec.models import nextitnet  # pylint: disable=import-outside-toplevel
   # The policy's two blocks are a small NextItNet over its own embedding.
   x = nextitnet.apply({"item_embedding": {"embedding": policy["embedding"]},
                        "blocks": policy["blocks"]},
-                      policy_config(model_cfg), ids)
+                      policy_config(model_cfg, mcfg), ids)
   present = ids != 0
   mask = (present if read is None else read & present)[..., None]
   pooled = (x * mask).sum(1) / jnp.maximum(mask.sum(1), 1)
   head = policy["head"]
   z = jnp.einsum("bp,lpk->blk", pooled, head["kernel"]) + head["bias"]
-  if model_cfg.skip_confine:
+  if mcfg.confine:
     z = jax.nn.sigmoid(z)  # The official trap, only on request.
   return z
 
@@ -122,7 +117,8 @@ def argmax_gates(z: jax.Array) -> jax.Array:
 
 def inference_gates(params: Params, cfg: Any, ids: jax.Array) -> jax.Array:
   """The gates a trained model runs with on ids [B, T]: [L, B] of 0/1."""
-  return argmax_gates(logits(params["policy"], cfg.model, ids))
+  return argmax_gates(logits(params[SkipRecConfig.NAME], cfg.model,
+                             cfg.method(SkipRecConfig.NAME), ids))
 
 
 def block_usage(params: Params, cfg: Any, inputs: np.ndarray,
@@ -140,17 +136,17 @@ def block_usage(params: Params, cfg: Any, inputs: np.ndarray,
   return np.concatenate(out)
 
 
-def embedding_from_backbone(policy: Params, params: Params,
-                            model_cfg: Any) -> Params:
+def embedding_from_backbone(policy: Params, params: Params, model_cfg: Any,
+                            mcfg: SkipRecConfig) -> Params:
   """The policy with the backbone's item embedding copied in (the official
   `--use_pre`). Refuses what cannot be copied: an adaptive embedding has no
   [V, C] table, and a policy of another width would silently truncate."""
-  width = model_cfg.skip_policy_dim or model_cfg.embed_dim
-  if model_cfg.embedding != "full" or width != model_cfg.embed_dim:
+  if (model_cfg.embedding != "full"
+      or mcfg.width(model_cfg) != model_cfg.embed_dim):
     raise JaxrecError(
-        "SkipRec init_embedding: needs model.embedding='full' and "
-        f"model.skip_policy_dim 0 or {model_cfg.embed_dim} (got "
-        f"{model_cfg.embedding!r}, {model_cfg.skip_policy_dim})")
+        "methods.skiprec.init_embedding: needs model.embedding='full' and "
+        f"methods.skiprec.policy_dim 0 or {model_cfg.embed_dim} (got "
+        f"{model_cfg.embedding!r}, {mcfg.policy_dim})")
   # A copy, not the same buffer: a train step donating both leaves would
   # donate one buffer twice.
   table = params["item_embedding"]["embedding"]

@@ -1,5 +1,5 @@
-"""PeterRec (Yuan et al., SIGIR 2020): fine-tune a pretrained NextItNet for
-a downstream task by training small patches inside the frozen network.
+"""PeterRec's fine-tuning: a pretrained NextItNet, fine-tuned for a
+downstream task by training small patches inside the frozen network.
 
 `finetune(pretrained_dir, task, data_path, out_dir, preset=...)` is the
 whole method; `jaxrec finetune` calls it. Steps:
@@ -8,9 +8,9 @@ whole method; `jaxrec finetune` calls it. Steps:
    its vocabulary; read the downstream file through that vocabulary
    (`jaxrec.data.transfer`).
 2. Build the fine-tuning model: the same backbone plus CLS and UNK input
-   tokens and, for the PeterRec presets, model patches (`model.patch`,
-   `jaxrec.nn.patch`: zero-initialised, so the patched network computes
-   what the pretrained one did); the pretrained softmax is dropped and a
+   tokens and, for the PeterRec presets, model patches
+   (`methods.peterrec`, `patches.py`: zero-initialised, so the patched
+   network computes what the pretrained one did); the pretrained softmax is dropped and a
    new head over the task's outputs added (`head.num_classes`).
 3. Copy every pretrained leaf the new tree has (embedding, blocks, MASK);
    what is new (patches, tokens, head) starts as at init.
@@ -56,8 +56,9 @@ from jaxrec.config import Config, DataConfig, TrainConfig
 from jaxrec.data import transfer as transfer_data
 from jaxrec.data import vocabulary
 from jaxrec.errors import JaxrecError
-from jaxrec.models.nextitnet import PLACEMENTS
-from jaxrec.training import checkpoints, optim
+from jaxrec.methods.peterrec.config import PLACEMENTS, PeterRecConfig
+from jaxrec.tasks import transfer as transfer_task
+from jaxrec.training import checkpoints, loop, optim
 from jaxrec.training import state as state_lib
 
 
@@ -96,9 +97,10 @@ def check_source(cfg: Config, origin: str) -> None:
   if cfg.model.name != "nextitnet":
     raise JaxrecError(f"{origin}: a {cfg.model.name} model; PeterRec "
                       "fine-tunes NextItNet backbones")
-  if cfg.model.skip != "none":
-    raise JaxrecError(f"{origin}: has a SkipRec policy (model.skip="
-                      f"{cfg.model.skip!r}); fine-tune a plain backbone")
+  if cfg.methods:
+    raise JaxrecError(f"{origin}: runs with methods "
+                      f"{[m.NAME for m in cfg.methods]}; fine-tune a plain "
+                      "backbone")
   state_lib.refuse_finetuning(cfg, origin, "PeterRec")
 
 
@@ -110,14 +112,12 @@ def finetune_config(src: Config, task: str, data_path: str, preset: str,
   if preset not in PRESETS:
     raise JaxrecError(f"--preset={preset!r}: expected one of "
                       f"{list(PRESETS)}")
-  if placement not in PLACEMENTS[1:]:
+  if placement not in PLACEMENTS:
     raise JaxrecError(f"--placement={placement!r}: expected one of "
-                      f"{list(PLACEMENTS[1:])}")
+                      f"{list(PLACEMENTS)}")
   arm = PRESETS[preset]
   tokens = tuple(dict.fromkeys((*src.model.special_tokens, "cls", "unk")))
-  model = dataclasses.replace(
-      src.model, special_tokens=tokens,
-      patch=placement if arm.patches else "none")
+  model = dataclasses.replace(src.model, special_tokens=tokens)
   frozen = frozen_patterns(arm, train_ln1)
   train = dataclasses.replace(
       train, task=task, freeze=frozen, train_top_blocks=arm.top_blocks,
@@ -126,7 +126,9 @@ def finetune_config(src: Config, task: str, data_path: str, preset: str,
   data = dataclasses.replace(data, source=f"{task}:{data_path}",
                              max_len=src.data.max_len)
   head = heads.get("softmax").config(num_classes=num_outputs + 1)
-  return Config(model=model, head=head, data=data, train=train).validate()
+  methods = (PeterRecConfig(placement=placement),) if arm.patches else ()
+  return Config(model=model, head=head, data=data, train=train,
+                methods=methods).validate()
 
 
 def transfer_params(pretrained: models.Params, cfg: Config,
@@ -153,37 +155,6 @@ def transfer_params(pretrained: models.Params, cfg: Config,
   return jax.tree_util.tree_map_with_path(take, fresh)
 
 
-def param_counts(params: models.Params, cfg: Config) -> dict[str, int]:
-  """`trainable_params` (rows of partly trained stacks counted as trained)
-  and `backbone_params` (item embedding + blocks, patches excluded)."""
-  labels = optim.trainable_labels(params, cfg.train.freeze)
-  stacks = models.get(cfg.model.name).surgery.stacks
-  masks = optim.row_masks(params, stacks, cfg.train.train_top_blocks)
-  trainable = backbone = 0
-  for (path, leaf), label in zip(jax.tree_util.tree_leaves_with_path(params),
-                                 jax.tree.leaves(labels)):
-    name = optim.path_name(path)
-    size = int(np.prod(leaf.shape))
-    if label == optim.TRAIN:
-      mask = masks.get(name)
-      trainable += size if mask is None else size // len(mask) * int(
-          mask.sum())
-    top = name.split("/")[0]
-    if top == "item_embedding" or (top in stacks and "/patch" not in name):
-      backbone += size
-  return {"trainable_params": trainable, "backbone_params": backbone}
-
-
-def load_task_data(cfg: Config, run_dir: str) -> Any:
-  """A fine-tuning run's downstream data, read as when it trained (through
-  the pretraining vocabulary the run keeps in DIR/vocabulary.json)."""
-  _, _, path = cfg.data.source.partition(":")
-  return transfer_data.load(
-      path, cfg.train.task, vocabulary.of_run(run_dir), cfg.data,
-      cfg.data.max_len, cfg.model.is_causal(), cfg.model.token_id("cls"),
-      cfg.model.token_id("unk"))
-
-
 def finetune(pretrained_dir: str, task: str, data_path: str, out_dir: str,
              preset: str = "peter", placement: str = "serial",
              train: TrainConfig | None = None,
@@ -196,8 +167,6 @@ def finetune(pretrained_dir: str, task: str, data_path: str, out_dir: str,
   `backbone_params` and the source ids the vocabulary did not know).
   `resume` continues a killed fine-tuning exactly; `step_callback` as in
   `jaxrec.training.loop.train`."""
-  from jaxrec.tasks import transfer as transfer_task  # pylint: disable=import-outside-toplevel
-  from jaxrec.training import loop  # pylint: disable=import-outside-toplevel
   train = train or TrainConfig()
   data = data or DataConfig()
   kind = kind or checkpoints.default_kind(pretrained_dir)
@@ -224,7 +193,8 @@ def finetune(pretrained_dir: str, task: str, data_path: str, out_dir: str,
   lineage = meta["lineage"] + [{
       "op": state_lib.FINETUNE_OP, "dir": os.path.abspath(pretrained_dir),
       "kind": kind, "step": meta["step"],
-      "task": task, "preset": preset, "placement": cfg.model.patch,
+      "task": task, "preset": preset,
+      "placement": placement if PRESETS[preset].patches else "none",
       "frozen_fingerprint": state_lib.tree_fingerprint(frozen)}]
   return loop.train(cfg, out_dir, data=downstream, resume=resume,
                     progress_bar=progress_bar, task=transfer_task,

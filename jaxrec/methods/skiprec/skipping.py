@@ -16,6 +16,8 @@ input carries the gates [B] of that block:
   computation exactly.
 
 Both are exact: every row's output equals the masked pass (tested).
+`hidden_states(params, cfg, ids, mode)` runs a SkipRec model that way;
+`compact` needs a backbone whose rows run apart (`row_local_blocks`).
 """
 from __future__ import annotations
 
@@ -24,6 +26,11 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxrec import models
+from jaxrec.errors import JaxrecError
+from jaxrec.methods.skiprec.config import SkipRecConfig
+
+NAME = SkipRecConfig.NAME
 MODES = ("masked", "cond", "compact")
 BlockFn = Callable[[Any, jax.Array, Any, Any], jax.Array]
 GateOf = Callable[[Any], jax.Array]  # Per-position inputs -> gates [B].
@@ -84,3 +91,28 @@ def wrap(block: BlockFn, mode: str, gate_of: GateOf,
   if mode == "compact":
     return compacted(block, gate_of, with_gate)
   raise ValueError(f"skipping={mode!r}: expected one of {list(MODES)}")
+
+
+def hidden_states(params: Any, cfg: Any, ids: jax.Array,
+                  mode: str = "masked",
+                  gates: jax.Array | None = None) -> jax.Array:
+  """A SkipRec model's inference hidden states, skipping gated-off blocks
+  by `mode` (masked computes them all; the outputs are equal). `gates`
+  [L, B] replace the policy's argmax gates."""
+  if mode not in MODES:
+    raise JaxrecError(f"skipping={mode!r}: expected one of {list(MODES)}")
+  if mode == "compact" and "row_local_blocks" not in (
+      cfg.model.capabilities()):
+    raise JaxrecError(f"skipping='compact': backbone {cfg.model.name!r} "
+                      "lacks row_local_blocks: "
+                      + cfg.model.capability_hint(["row_local_blocks"]))
+
+  def gate_of(inputs):
+    return inputs["side"][NAME]
+
+  def with_gate(inputs, gate):
+    return {**inputs, "side": {**inputs["side"], NAME: gate}}
+
+  return models.hidden_states(
+      params, cfg, ids, sides=None if gates is None else {NAME: gates},
+      wrap=lambda block: wrap(block, mode, gate_of, with_gate))

@@ -1,1 +1,0 @@
-"""Transfer learning: PeterRec's patches in a frozen pretrained network."""
