@@ -1,7 +1,7 @@
 """What the three StackRec scenario scripts share: stages, arms, clocks, plots.
 
 An *arm* is a sequence of training stages, possibly joined by growth steps
-(`jaxrec.surgery.growth.grow_checkpoint`); its clock is the sum of the stages'
+(`jaxrec.methods.stackrec.growth.grow_checkpoint`); its clock is the sum of the stages'
 training wall time (`train_time_s` of each run: compile, steps and
 validations) and the growth time. Validation MRR@5 is recorded against that
 clock, so the arms can be compared on one time axis.
@@ -22,7 +22,7 @@ from absl import logging as absl_logging
 from jaxrec import config as config_lib
 from jaxrec import models
 from jaxrec.data import sequences
-from jaxrec.surgery import growth
+from jaxrec.methods.stackrec import growth
 from jaxrec.surgery import heads as head_surgery
 from jaxrec.training import checkpoints
 from jaxrec.training import loop

@@ -18,7 +18,7 @@ import pytest
 from jaxrec import heads, models
 from jaxrec.config import Config, TrainConfig
 from plan_helpers import gate_plan
-from jaxrec.surgery import growth
+from jaxrec.methods.stackrec import growth
 from jaxrec.training import checkpoints, loop, optim
 from jaxrec.training import state as state_lib
 

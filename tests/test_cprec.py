@@ -16,7 +16,7 @@ from jaxrec.errors import JaxrecError
 from jaxrec.heads import tree_softmax as ts
 from jaxrec.models.nextitnet import NextItNetConfig
 from jaxrec.nn import bands, embedding
-from jaxrec.surgery import growth, sharing
+from jaxrec.methods.stackrec import growth, sharing
 from jaxrec import ranking
 
 V, C = 61, 16

@@ -23,7 +23,7 @@ from jaxrec.config import Config, DataConfig, TrainConfig
 from jaxrec.data import pipeline
 from jaxrec.errors import JaxrecError
 from jaxrec.models.nextitnet import NextItNetConfig
-from jaxrec.surgery import growth
+from jaxrec.methods.stackrec import growth
 from jaxrec.tasks import next_item
 from jaxrec.training import checkpoints, loop, optim
 from jaxrec.training import state as state_lib
@@ -354,7 +354,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     from jaxrec import models
     from jaxrec.config import Config
     from jaxrec.models.nextitnet import NextItNetConfig
-    from jaxrec.surgery import growth
+    from jaxrec.methods.stackrec import growth
     assert jax.device_count() == 8, jax.device_count()
     cfg = Config(model=NextItNetConfig(num_items=20, embed_dim=8,
                                        num_blocks=4))

@@ -25,7 +25,7 @@ from jaxrec.evaluation import evaluate_checkpoint
 from jaxrec.models.backbone import Backbone, SurgeryRules
 from jaxrec.nn import embedding
 from jaxrec.nn.stack import scan_blocks
-from jaxrec.surgery import growth
+from jaxrec.methods.stackrec import growth
 from jaxrec.training import loop
 from jaxrec.training import state as state_lib
 

@@ -15,7 +15,7 @@ from jaxrec.data.vocabulary import Vocabulary
 from jaxrec.errors import JaxrecError
 from jaxrec.evaluation import evaluate_checkpoint
 from jaxrec.nn import conv
-from jaxrec.surgery import growth
+from jaxrec.methods.stackrec import growth
 from jaxrec.tasks import masked_item
 from jaxrec.tasks import transfer as transfer_task
 from jaxrec.training import checkpoints, loop, optim

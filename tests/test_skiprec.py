@@ -14,7 +14,7 @@ from jaxrec import config as config_lib
 from jaxrec import models
 from jaxrec.errors import JaxrecError
 from jaxrec.methods.skiprec import attach, policy, skipping, training
-from jaxrec.surgery import growth
+from jaxrec.methods.stackrec import growth
 from jaxrec.tasks import next_item
 from jaxrec.training import state as state_lib
 

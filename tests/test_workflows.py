@@ -440,7 +440,7 @@ def perturbed_tiny_params():
 
 def test_diff_tells_copied_reset_fresh_and_reused_leaves_apart():
   import jax
-  from jaxrec.surgery import growth
+  from jaxrec.methods.stackrec import growth
   params, cfg = perturbed_tiny_params()
   deep, _ = growth.stack(params, cfg, "adjacent", "paper",
                          rng=jax.random.key(0))
@@ -453,7 +453,7 @@ def test_diff_tells_copied_reset_fresh_and_reused_leaves_apart():
 
 def test_diff_of_preserve_shows_the_duplicates_alpha_reset():
   import jax
-  from jaxrec.surgery import growth
+  from jaxrec.methods.stackrec import growth
   params, cfg = perturbed_tiny_params()
   deep, _ = growth.stack(params, cfg, "cross", "preserve",
                          rng=jax.random.key(0))

@@ -7,7 +7,7 @@ from typing import Any
 
 from jaxrec import models
 from jaxrec.errors import JaxrecError
-from jaxrec.surgery import growth
+from jaxrec.methods.stackrec import growth
 from jaxrec.training import checkpoints
 
 
