@@ -69,13 +69,16 @@ ARMS = {
     "nextitnet": {},
     "adaptive_input": {"model": dict(embedding="adaptive", **BANDS)},
     "tree_softmax": {"model": dict(BANDS), "head": {"name": "tree_softmax"}},
-    "share_cross_layer": {"model": {"share": "cross_layer"}},
-    "share_cross_block": {"model": {"share": "cross_block",
-                                    "share_period": SHARE_PERIOD}},
-    "share_adjacent_layer": {"model": {"share": "adjacent_layer"}},
-    "share_adjacent_block": {"model": {"share": "adjacent_block"}},
-    "cprec": {"model": dict(embedding="adaptive", share="cross_block",
-                            share_period=SHARE_PERIOD, **BANDS),
+    "share_cross_layer": {"methods": {"cprec": {"share": "cross_layer"}}},
+    "share_cross_block": {"methods": {"cprec": {"share": "cross_block",
+                                                "period": SHARE_PERIOD}}},
+    "share_adjacent_layer": {"methods": {"cprec": {
+        "share": "adjacent_layer"}}},
+    "share_adjacent_block": {"methods": {"cprec": {
+        "share": "adjacent_block"}}},
+    "cprec": {"model": dict(embedding="adaptive", **BANDS),
+              "methods": {"cprec": {"share": "cross_block",
+                                    "period": SHARE_PERIOD}},
               "head": {"name": "tree_softmax"}},
     "small_nextitnet": {},  # Width set to match cprec (`matched_width`).
 }

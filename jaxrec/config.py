@@ -93,19 +93,6 @@ class BackboneConfig:
       "pretraining) and cls (id V+1, PeterRec's user representation); "
       "params tokens/NAME [C]")
 
-  def source_map(self) -> tuple[int, ...] | None:
-    """Run position -> stored block when blocks are shared (CpRec), else
-    None; a backbone with layer sharing overrides it."""
-    return None
-
-  def stored_blocks(self) -> int:
-    source = self.source_map()
-    return self.num_blocks if source is None else max(source) + 1
-
-  def shares_layers(self) -> bool:
-    """Whether a block's layers share one kernel (CpRec adjacent-layer)."""
-    return False
-
   def is_causal(self) -> bool:
     """Whether position t sees only positions <= t (next-item training);
     a bidirectional backbone overrides it and trains masked."""
@@ -143,9 +130,9 @@ class BackboneConfig:
     (a block's rows do not interact, so a subset of rows can run alone)."""
     return frozenset()
 
-  def uncompressed_fields(self) -> dict[str, Any]:
-    """Field values that undo this backbone's layer sharing (the
-    reference of a compression ratio)."""
+  def layer_pairs(self) -> dict[str, str]:
+    """second -> first of the block's layers that can run one kernel
+    (the `layer_pair` capability: CpRec's layer sharing)."""
     return {}
 
   def derived(self) -> dict[str, Any]:
@@ -364,7 +351,9 @@ class MethodConfig:
   FLAGS     field -> command-line flag, where it is not `--NAME-FIELD`;
   LEGACY    old `model.<field>` (config version 2) -> this config's field;
   SWITCH    (field, value): the flag that turns the method off with that
-            value (`--skip none`).
+            value (`--skip none`);
+  COMPRESSES  whether it is a compression (undone for the reference of a
+            compression ratio, `models.uncompressed`).
   """
   NAME: ClassVar[str] = ""
   PHASE: ClassVar[int] = 50
@@ -373,11 +362,22 @@ class MethodConfig:
   FLAGS: ClassVar[dict[str, str]] = {}
   LEGACY: ClassVar[dict[str, str]] = {}
   SWITCH: ClassVar[tuple[str, Any] | None] = None
+  COMPRESSES: ClassVar[bool] = False
 
   def requires(self, cfg: "Config") -> frozenset[str]:
     """The backbone capabilities this method needs under `cfg`."""
     del cfg
     return frozenset()
+
+  def removes(self, cfg: "Config") -> frozenset[str]:
+    """Capabilities this method takes away from later phases (sharing
+    takes `own_blocks`)."""
+    del cfg
+    return frozenset()
+
+  def removal_hint(self) -> str:
+    """What to do about a capability this method took away."""
+    return ""
 
   def validate(self) -> None:
     """Refuses bad values of this method's own options."""
@@ -512,11 +512,6 @@ class Config:
     self.head.check_train(self.train)
     self.head.check_model(self.model)
     self.validate_methods()
-    if self.train.train_top_blocks and self.model.source_map() is not None:
-      raise JaxrecError(
-          f"train.train_top_blocks={self.train.train_top_blocks}: the model "
-          f"shares blocks (model.share={self.model.share!r}), so no stored "
-          "block is the top one; freeze by path (train.freeze) instead")
     if (self.model.embedding == "adaptive"
         and getattr(self.head, "tie_embeddings", False)):
       raise JaxrecError("head.tie_embeddings=True: needs model.embedding="
@@ -529,15 +524,21 @@ class Config:
     and exclusive claims: one line naming method, capability and backbone."""
     has = self.model.capabilities()
     claimed: dict[str, str] = {}
+    taken: dict[str, Any] = {}  # Capability -> the method that took it.
     for m in self.methods:
       require_finite(m, f"methods.{m.NAME}")
       m.validate()
       missing = sorted(m.requires(self) - has)
       if missing:
+        by = [taken[c] for c in missing if c in taken]
+        hint = (f": {by[0].removal_hint()}" if by
+                else _capability_hint(self.model, missing))
         raise JaxrecError(
             f"methods.{m.NAME}: backbone {self.model.name!r} (so "
-            f"configured) lacks {', '.join(missing)}"
-            + _capability_hint(self.model, missing))
+            f"configured) lacks {', '.join(missing)}{hint}")
+      for c in m.removes(self):
+        taken[c] = m
+      has = has - m.removes(self)
       for feature in m.CLAIMS:
         if feature in claimed:
           raise JaxrecError(f"methods.{m.NAME} and methods."

@@ -35,6 +35,14 @@ freezing by path (`NAME/.*`). Hooks:
       what metrics.json and `jaxrec eval` add (SkipRec's block usage).
   param_moves: ((old path, new path), ...)
       where a config-version-2 checkpoint stored this method's leaves.
+  run_blocks(params, cfg) -> tree [L, ...]
+      the block tree of every run position, when the method stores blocks
+      otherwise (CpRec's sharing: S stored blocks and a map); one method
+      at most (it claims `block_storage`).
+  block_map(cfg) -> (stored block per run position) | None
+      the map behind `run_blocks` (growth keeps a shared model shared).
+  grown(cfg, sources) -> its config after StackRec's growth by `sources`
+      (deep position -> shallow position, -1 fresh).
 
 An `aux` entry `SCORE_MASK` [B, T] restricts which positions the task's
 loss scores (SkipRec trains its policy on the first half of a row and
@@ -43,6 +51,7 @@ scores the second half).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import chex
@@ -84,6 +93,9 @@ class Method:
       lambda params, cfg, aux, batch: {})
   report: Callable[..., dict[str, Any]] = lambda params, cfg, data: {}
   param_moves: tuple[tuple[str, str], ...] = ()
+  run_blocks: Callable[[Params, Any], Params] | None = None
+  block_map: Callable[[Any], tuple[int, ...] | None] = lambda cfg: None
+  grown: Callable[[Any, tuple[int, ...]], Any] | None = None
 
   def attach_fn(self) -> Callable[[Params, Any, jax.Array], Params]:
     return self.init if self.attach is None else self.attach
@@ -162,6 +174,12 @@ class BlockPlan:
   slots: tuple[tuple[str, tuple[tuple[str, SlotFn], ...]], ...] = ()
   side: dict[str, Any] | None = None
   wrap: Callable[[Any], Any] | None = None
+  storage: Callable[[Params], Params] | None = None
+
+  def run_blocks(self, params: Params) -> Params:
+    """The block tree of every run position, [L, ...]: `params["blocks"]`
+    unless a method stores blocks otherwise."""
+    return params["blocks"] if self.storage is None else self.storage(params)
 
   def at(self, slot: str, x_in: jax.Array, x_out: jax.Array,
          side_i: dict[str, Any] | None) -> jax.Array:
@@ -182,7 +200,10 @@ def block_plan(params: Params, cfg: Any, ids: jax.Array, *, train: bool,
   compute its own."""
   side, aux = {}, {}
   by_slot: dict[str, list[tuple[str, SlotFn]]] = {}
+  storage = None
   for method, _ in active(cfg):
+    if method.run_blocks is not None:
+      storage = functools.partial(method.run_blocks, cfg=cfg)
     if sides is not None and method.name in sides:
       tree = sides[method.name]
     else:
@@ -199,7 +220,23 @@ def block_plan(params: Params, cfg: Any, ids: jax.Array, *, train: bool,
     for slot, fn in method.slots(cfg).items():
       by_slot.setdefault(slot, []).append((method.name, fn))
   slots = tuple((slot, tuple(fns)) for slot, fns in by_slot.items())
-  return BlockPlan(slots, side or None, wrap), aux
+  return BlockPlan(slots, side or None, wrap, storage), aux
+
+
+def block_map(cfg: Any) -> tuple[int, ...] | None:
+  """Run position -> stored block of the model's stack, or None when
+  every position has its own block."""
+  for method, _ in active(cfg):
+    source = method.block_map(cfg)
+    if source is not None:
+      return source
+  return None
+
+
+def grown_methods(cfg: Any, sources: tuple[int, ...]) -> tuple[Any, ...]:
+  """The method configs of a model grown by `sources` (StackRec)."""
+  return tuple(mcfg if method.grown is None else method.grown(cfg, sources)
+               for method, mcfg in active(cfg))
 
 
 def score_mask(aux: Mapping[str, Any], mask: jax.Array) -> jax.Array:

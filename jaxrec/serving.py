@@ -8,6 +8,10 @@ raw ids with their scores (the head's: softmax logits, or the tree
 softmax's log-probabilities). A history with no known id cannot be scored
 by the model; it gets the popularity ranking instead, marked as such.
 
+A head with its own exact search (`Head.topk`: the tree softmax's early
+exit, which decides on the host) answers `topk` without `exclude_seen`;
+the export, one traced program, always scans every item tile by tile.
+
 `export_topk(run_dir, path)` writes the same scoring function as a
 `jax.export` serialization, with the params baked in as constants and a
 symbolic batch dimension, next to the vocabulary, in one zip file: a
@@ -122,6 +126,26 @@ class Prediction:
   fallback: str | None  # "popularity" when no id of the history was known.
 
 
+def head_topk_fn(cfg: Config, k: int) -> Callable:
+  """`topk_fn`'s answer through the head's own `topk` (called outside jit:
+  it may decide on the host). Padding is dropped by asking for k + 1."""
+  head = heads.get(cfg.head.name)
+  represent = jax.jit(tasks.for_config(cfg).represent, static_argnums=1)
+
+  @jax.jit
+  def without_padding(scores, ids):
+    scores = jnp.where(ids == 0, -jnp.inf, scores.astype(jnp.float32))
+    top, pos = jax.lax.top_k(scores, k)  # Ties keep the head's order.
+    return jnp.take_along_axis(ids, pos, axis=1).astype(jnp.int32), top
+
+  def topk(params, inputs):
+    scores, ids = head.topk(params, cfg, represent(params, cfg, inputs),
+                            k + 1)
+    return without_padding(scores, ids)
+
+  return topk
+
+
 class Predictor:
   """Top-k recommendations of a run's checkpoint, in raw item ids."""
 
@@ -141,9 +165,15 @@ class Predictor:
     self._fns: dict[tuple[int, bool], Callable] = {}
 
   def _fn(self, k: int, exclude_seen: bool) -> Callable:
+    """(params, inputs) -> (ids, scores): the head's own search where it
+    has one (the tree softmax's exact early exit), else the tile scan."""
     key = (k, exclude_seen)
     if key not in self._fns:
-      self._fns[key] = jax.jit(topk_fn(self.cfg, k, exclude_seen))
+      head = heads.get(self.cfg.head.name)
+      if head.topk is not None and not exclude_seen:
+        self._fns[key] = head_topk_fn(self.cfg, k)
+      else:
+        self._fns[key] = jax.jit(topk_fn(self.cfg, k, exclude_seen))
     return self._fns[key]
 
   def topk(self, histories: Sequence[Sequence[str]], k: int,

@@ -9,14 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrec import cli
+from jaxrec import cli, serving
 from jaxrec import config as config_lib
 from jaxrec import models
 from jaxrec.errors import JaxrecError
 from jaxrec.heads import tree_softmax as ts
 from jaxrec.models.nextitnet import NextItNetConfig
 from jaxrec.nn import bands, embedding
-from jaxrec.methods.stackrec import growth, sharing
+from jaxrec.methods.cprec import sharing
+from jaxrec.methods.stackrec import growth
 from jaxrec import ranking
 
 V, C = 61, 16
@@ -26,10 +27,13 @@ SCHEMES = ("cross_layer", "cross_block", "adjacent_layer", "adjacent_block")
 
 
 def make_cfg(head="tree_softmax", head_options=None, **model):
+  """Model fields, and CpRec's sharing under its version-2 names (`share`,
+  `share_leaves`, ...), read through the config upgrade."""
   model.setdefault("embed_dim", C)
   model.setdefault("num_blocks", 4)
   model.setdefault("num_bands", 4)
-  raw = {"model": model, "head": {"name": head, **(head_options or {})}}
+  raw = {"version": 2, "model": model,
+         "head": {"name": head, **(head_options or {})}}
   cfg = config_lib.from_dict(raw)
   return cfg.fit_data(V, 8, COUNTS).validate()
 
@@ -352,7 +356,7 @@ def test_growing_a_shared_model_composes_maps_without_new_block_arrays():
   params = init(cfg)
   deep, deep_cfg = growth.stack(params, cfg, "adjacent", "full",
                                 rng=jax.random.key(0))
-  assert deep_cfg.model.block_source == (0, 0, 1, 1, 0, 0, 1, 1)
+  assert deep_cfg.method("cprec").block_source == (0, 0, 1, 1, 0, 0, 1, 1)
   for a, b in zip(jax.tree.leaves(params["blocks"]),
                   jax.tree.leaves(deep["blocks"])):
     np.testing.assert_array_equal(a, b)
@@ -377,10 +381,10 @@ def test_preserve_growth_of_a_model_sharing_its_gates_is_refused():
 
 
 @pytest.mark.parametrize("model, option", [
-    ({"share": "cross_block", "share_period": 3}, "model.share_period"),
+    ({"share": "cross_block", "share_period": 3}, "methods.cprec.period"),
     ({"share": "adjacent_block", "num_blocks": 3}, "model.num_blocks"),
-    ({"share": "sideways"}, "model.share"),
-    ({"block_source": [0, 2, 2, 0]}, "model.block_source")])
+    ({"share": "sideways"}, "methods.cprec.share"),
+    ({"block_source": [0, 2, 2, 0]}, "methods.cprec.block_source")])
 def test_bad_sharing_options_are_one_line_errors(model, option):
   with pytest.raises(JaxrecError, match=option):
     make_cfg(head="softmax", **model)
@@ -416,10 +420,31 @@ def test_cprec_run_trains_evaluates_inspects_and_grows_through_the_cli(
   assert cli.main(["grow", "--from", run, "--out", grown, "--method", "adjacent",
                    "--preset", "full"]) == 0
   params, cfg, meta = models_load(grown)
-  assert cfg.model.block_source == (0, 0, 1, 1, 0, 0, 1, 1)
+  assert cfg.method("cprec").block_source == (0, 0, 1, 1, 0, 0, 1, 1)
   assert meta["lineage"][-1]["op"] == "grow"
   assert meta["lineage"][-1]["block_source"] == [0, 0, 1, 1, 0, 0, 1, 1]
   models.check_params(params, cfg)
+
+
+def test_a_tree_softmax_run_serves_through_its_early_exit_exactly():
+  """Predictor uses the head's own top-k (the early exit); its answer
+  equals the tile scan over every item."""
+  predictor = serving.Predictor(os.path.join(
+      os.path.dirname(__file__), "fixtures", "v2_runs", "cprec"))
+  assert predictor.cfg.head.name == "tree_softmax"
+  items = list(predictor.vocab.items[1:])
+  histories = [items[i:i + 7] for i in range(0, len(items) - 7, 4)]
+  early = predictor.topk(histories, k=20)
+  scan = jax.jit(serving.topk_fn(predictor.cfg, 20))
+  inputs, _, _ = serving.encode_histories(predictor.vocab, histories,
+                                          predictor.max_len)
+  ids, scores = scan(predictor.params, inputs)
+  assert len(early) > 8
+  for row, pred in enumerate(early):
+    assert pred.fallback is None
+    assert pred.items == list(predictor.vocab.decode_items(np.asarray(
+        ids[row])))
+    np.testing.assert_allclose(pred.scores, scores[row], rtol=1e-5)
 
 
 def models_load(run_dir):

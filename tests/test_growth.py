@@ -245,7 +245,8 @@ def test_preserve_defaults_to_carry_dilations():
 
 
 def test_preserve_under_position_warns_when_a_live_block_moves():
-  plan = growth.make_plan(NextItNetConfig(num_blocks=4), "adjacent", "preserve", None)
+  plan = growth.make_plan(Config(model=NextItNetConfig(num_blocks=4)),
+                          "adjacent", "preserve", None)
   with pytest.warns(UserWarning, match="dilations='carry'"):
     growth.deep_config(tiny_config(dilations=(1, 4)), plan, "position")
 
@@ -272,14 +273,16 @@ def test_position_policy_keeps_the_dilation_cycle():
 
 
 def test_carry_policy_pins_each_block_to_its_source_dilation():
-  plan = growth.make_plan(NextItNetConfig(num_blocks=4), "adjacent", "paper", None)
+  plan = growth.make_plan(Config(model=NextItNetConfig(num_blocks=4)),
+                          "adjacent", "paper", None)
   deep_cfg = growth.deep_config(tiny_config(dilations=(1, 2, 4, 8)), plan,
                                 "carry")
   assert deep_cfg.model.dilations == (1, 1, 2, 2, 4, 4, 8, 8)
 
 
 def test_carry_gives_fresh_blocks_their_positional_dilation():
-  plan = growth.make_plan(NextItNetConfig(num_blocks=2), "random_top", "paper", None)
+  plan = growth.make_plan(Config(model=NextItNetConfig(num_blocks=2)),
+                          "random_top", "paper", None)
   deep_cfg = growth.deep_config(tiny_config(num_blocks=2, dilations=(1, 2, 4)),
                                 plan, "carry")
   assert deep_cfg.model.dilations == (1, 2, 4, 1)

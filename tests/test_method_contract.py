@@ -77,7 +77,7 @@ def meanmlp_apply(params, cfg, ids, *, train=False, rng=None,
 
   if plan.wrap is not None:
     block = plan.wrap(block)
-  return scan_blocks(block, params["blocks"], x,
+  return scan_blocks(block, plan.run_blocks(params), x,
                      statics=(None,) * cfg.num_blocks,
                      xs={"side": plan.side}, unroll=unroll)
 

@@ -12,6 +12,7 @@ import pytest
 from jaxrec import config as config_lib
 from jaxrec import models
 from jaxrec.errors import JaxrecError
+from jaxrec.methods.cprec.config import CpRecConfig
 from jaxrec.methods.peterrec.config import PLACEMENTS, PeterRecConfig
 from jaxrec.methods.skiprec import skipping
 from jaxrec.methods.skiprec.config import SkipRecConfig
@@ -130,8 +131,10 @@ def test_patches_train_inside_a_frozen_sasrec_and_the_rest_stays_put():
 
 def test_patches_on_a_model_sharing_blocks_are_refused_in_one_line():
   model = config_lib.model_config_class("nextitnet")(
-      num_items=V, embed_dim=8, num_blocks=4, share="cross_block")
-  cfg = config_lib.Config(model=model, methods=(PeterRecConfig(),))
+      num_items=V, embed_dim=8, num_blocks=4)
+  cfg = config_lib.Config(model=model,
+                          methods=(PeterRecConfig(), CpRecConfig()))
   with pytest.raises(JaxrecError, match="methods.peterrec: backbone "
-                     "'nextitnet'.*lacks own_blocks.*shares blocks"):
+                     "'nextitnet'.*lacks own_blocks: methods.cprec shares "
+                     "blocks"):
     cfg.validate()

@@ -33,3 +33,4 @@ def test_a_version_2_patched_finetuning_re_evaluates_to_its_test_metrics():
   out = evaluate_checkpoint(os.path.join(RUNS, "peterrec"), source=source,
                             split="test")
   assert out["test"] == pytest.approx(recorded("peterrec")["test"], abs=1e-6)
+

@@ -19,7 +19,11 @@ A head is one module with a config dataclass (extending
   XLA partitions `tile_scores` as it sees fit);
 - `prepare(params, cfg, h) -> context` (optional): what scoring needs per
   batch, computed once (the tree softmax's band normalisers); evaluation
-  passes the context as `h` to `tile_scores` and `item_scores`.
+  passes the context as `h` to `tile_scores` and `item_scores`;
+- `topk(params, cfg, h, k) -> (scores [B, k], ids [B, k])` (optional): the
+  head's own exact top-k search over every output id (padding included),
+  called outside `jax.jit` (it may decide on the host: the tree softmax's
+  early exit); serving uses it where it can (`jaxrec.serving`).
 
 `params` is the whole model tree (a tied head reads the item embedding);
 `cfg` the whole Config. Adding a head: write `heads/NAME.py` and add its

@@ -15,3 +15,4 @@ class Head:
   item_scores: Callable[..., Any]
   prepare: Callable[..., Any] = lambda params, cfg, h: h
   sharded_ranks: Callable[..., Any] | None = None
+  topk: Callable[..., Any] | None = None

@@ -472,6 +472,13 @@ def top_n_ranks(params: Params, cfg: Any, h: jax.Array, targets: jax.Array,
   return jnp.where(found, jnp.minimum(ahead, n), n)
 
 
+def topk(params: Params, cfg: Any, h: jax.Array, k: int
+         ) -> tuple[jax.Array, jax.Array]:
+  """The head's `topk` for serving: `top_n` with the early exit."""
+  scores, ids, _ = top_n(params, cfg, h, k)
+  return scores, ids
+
+
 HEAD = Head(name="tree_softmax", config=TreeSoftmaxConfig, init=init,
             loss=loss, tile_scores=tile_scores, item_scores=item_scores,
-            prepare=prepare)
+            prepare=prepare, topk=topk)

@@ -142,13 +142,14 @@ def count_params(tree: Any) -> int:
 
 def uncompressed(cfg: Any) -> Any:
   """The config with CpRec's compressions undone: a full embedding, no
-  sharing, a flat softmax head (the reference of a compression ratio)."""
-  model = dataclasses.replace(cfg.model, embedding="full",
-                              **cfg.model.uncompressed_fields())
+  compressing method (sharing), a flat softmax head (the reference of a
+  compression ratio)."""
+  model = dataclasses.replace(cfg.model, embedding="full")
   head = cfg.head
   if head.uses_bands:
     head = heads.get("softmax").config()
-  return cfg.replace(model=model, head=head)
+  return cfg.replace(model=model, head=head, methods=tuple(
+      m for m in cfg.methods if not m.COMPRESSES))
 
 
 def compression_ratio(cfg: Any) -> float:

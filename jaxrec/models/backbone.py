@@ -40,9 +40,6 @@ class SurgeryRules:
   stacks: tuple[str, ...] = ("blocks",)  # Subtrees with a leading block axis.
   norms: tuple[str, ...] = ()  # Block leaves that StackRec's `paper` resets.
   gates: tuple[str, ...] = ()  # Block leaves scaling a residual branch.
-  # Stacks indexed by stored block rather than run position when the config
-  # shares blocks (`cfg.source_map()` is not None; CpRec).
-  stored_stacks: tuple[str, ...] = ()
 
 
 def grown_depth(cfg: Any, sources: tuple[int, ...], carry: bool) -> Any:

@@ -256,7 +256,7 @@ def apply(params: Params, cfg: SASRecConfig, ids: jax.Array, *,
 
   if plan.wrap is not None:
     block = plan.wrap(block)
-  x = scan_blocks(block, params["blocks"], x,
+  x = scan_blocks(block, plan.run_blocks(params), x,
                   statics=(None,) * cfg.num_blocks,
                   xs={"key": block_keys, "side": plan.side},
                   remat=cfg.remat, unroll=unroll)

@@ -13,7 +13,7 @@ import dataclasses
 import os
 from typing import Any, Callable
 
-from jaxrec import models
+from jaxrec import method_api, models
 from jaxrec.config import Config
 from jaxrec.data import vocabulary as vocab_lib
 from jaxrec.errors import JaxrecError
@@ -71,7 +71,7 @@ def _apply_locked(src_dir: str, out_dir: str, fn: ParamsFn,
   new_opt = None if opt_fn is None else opt_fn(opt_state, cfg, new_cfg)
   entry = {"dir": os.path.abspath(src_dir), "kind": opened.kind,
            "step": int(opened.step), **lineage}
-  shared = new_cfg.model.source_map()
+  shared = method_api.block_map(new_cfg)
   if shared is not None:  # A shared (CpRec) model: the map it now runs.
     entry["block_source"] = list(shared)
   chain = list(opened.meta.get("lineage") or []) + [entry]

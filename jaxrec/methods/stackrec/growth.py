@@ -80,6 +80,7 @@ from jaxrec.training.optim import path_name
 Params = dict[str, Any]
 FRESH = -1  # Index-map entry of a deep block that gets fresh params.
 HEAD = "head"  # The output head's subtree, which `paper` re-initialises.
+STORED = "blocks"  # The block stack a sharing method stores fewer rows of.
 METHODS = ("adjacent", "cross", "random_top", "embed_only")
 PRESETS = ("paper", "preserve", "full")
 DILATION_POLICIES = ("position", "carry")
@@ -92,14 +93,14 @@ class Plan:
   gate_off: tuple[bool, ...]  # preserve: blocks whose gates are set to 0.
   preset: str
   # A shared model (CpRec) keeps its stored blocks and appends one fresh
-  # stored block per FRESH position: its stored stacks grow by this map,
-  # and the config's source map is composed (`grown_config`).
+  # stored block per FRESH position: its stored `blocks` grow by this map,
+  # and the method's source map is composed (`method_api.grown_methods`).
   stored_map: tuple[int, ...] | None = None
 
-  def for_stack(self, name: str, rules: models.SurgeryRules) -> "Plan":
-    """The plan a stack grows by: stored stacks of a shared model keep
+  def for_stack(self, name: str) -> "Plan":
+    """The plan a stack grows by: the stored blocks of a shared model keep
     their rows (no gate to switch off per position there)."""
-    if self.stored_map is None or name not in rules.stored_stacks:
+    if self.stored_map is None or name != STORED:
       return self
     return Plan(self.stored_map, (False,) * len(self.stored_map), self.preset)
 
@@ -172,28 +173,29 @@ def grow_tree(tree: Params, plan: Plan, fresh: Params | None,
   for name, sub in tree.items():
     fresh_sub = None if fresh is None else fresh[name]
     if name in rules.stacks:
-      out[name] = _grow_blocks(sub, plan.for_stack(name, rules), fresh_sub,
-                               rules)
+      out[name] = _grow_blocks(sub, plan.for_stack(name), fresh_sub, rules)
     elif plan.preset == "paper" and name == HEAD:
       out[name] = (fresh_sub if fresh_sub is not None
                    else jax.tree.map(jnp.zeros_like, sub))
     else:
       out[name] = sub
   for path in method_stacks:
-    out = _grow_at(out, path.split("/"), plan.index_map, fresh)
+    out = _grow_at(out, path.split("/"), plan, fresh, rules)
   return out
 
 
-def _grow_at(tree: Params, path: list[str], idx: tuple[int, ...],
-             fresh: Params | None) -> Params:
-  """`tree` with the block-axis subtree at `path` gathered by `idx`."""
+def _grow_at(tree: Params, path: list[str], plan: Plan,
+             fresh: Params | None, rules: models.SurgeryRules) -> Params:
+  """`tree` with the block-axis subtree at `path` grown by `plan` (its
+  norms and gates, if any, handled as the blocks')."""
   key = path[0]
   if key not in tree:
     return tree
   fresh_sub = None if fresh is None else fresh[key]
   if len(path) == 1:
-    return {**tree, key: gather_blocks(tree[key], idx, fresh_sub)}
-  return {**tree, key: _grow_at(tree[key], path[1:], idx, fresh_sub)}
+    return {**tree, key: _grow_blocks(tree[key], plan, fresh_sub, rules)}
+  return {**tree, key: _grow_at(tree[key], path[1:], plan, fresh_sub,
+                                rules)}
 
 
 def _grow_blocks(blocks: Params, plan: Plan, fresh: Params | None,
@@ -238,7 +240,7 @@ def stack(params: Params, cfg: Config, method: str,
   check_options(params, cfg, method, preset, policy, times, top)
   plans, cfgs = [], []
   for _ in range(times):
-    plans.append(make_plan(cfg.model, method, preset, top))
+    plans.append(make_plan(cfg, method, preset, top))
     cfg = deep_config(cfg, plans[-1], policy)
     cfgs.append(cfg)
   deep = _grow_params(params, rng, tuple(plans), tuple(cfgs))
@@ -276,7 +278,7 @@ def stack_opt_state(opt_state: Any, cfg: Config, method: str,
                       "not supported; grow without --map-opt-state")
   plans, deep = [], cfg
   for _ in range(times):
-    plans.append(make_plan(deep.model, method, preset, top))
+    plans.append(make_plan(deep, method, preset, top))
     deep = deep_config(deep, plans[-1], "position")
   structure = jax.tree.structure(shallow)
   deep = _grow_moments(opt_state, tuple(plans), _rules(cfg), structure,
@@ -305,26 +307,29 @@ def _rules(cfg: Config) -> models.SurgeryRules:
   return models.get(cfg.model.name).surgery
 
 
-def make_plan(model_cfg: Any, method: str, preset: str,
+def make_plan(cfg: Config, method: str, preset: str,
               top: int | None) -> Plan:
-  """The static part of one growth of a backbone config's stack."""
-  idx = index_map(method, model_cfg.num_blocks, top)
+  """The static part of one growth of a model's stack."""
+  idx = index_map(method, cfg.model.num_blocks, top)
   stored_map = None
-  if model_cfg.source_map() is not None:
-    stored = model_cfg.stored_blocks()
+  shared = method_api.block_map(cfg)
+  if shared is not None:
+    stored = max(shared) + 1
     stored_map = tuple(range(stored)) + (FRESH,) * idx.count(FRESH)
   return Plan(idx, gated_off(idx), preset, stored_map)
 
 
 def deep_config(cfg: Config, plan: Plan, policy: str) -> Config:
   """The deep model's config: the backbone's `grown_config` (depth, and
-  for NextItNet the dilations by policy)."""
+  for NextItNet the dilations by policy) and the active methods' (a shared
+  model's composed map)."""
   backbone = models.get(cfg.model.name)
   deep = backbone.grown_config(cfg.model, plan.index_map, policy == "carry")
+  methods = method_api.grown_methods(cfg, plan.index_map)
   src_dils, deep_dils = cfg.model.derived(), deep.derived()
   if plan.preset == "preserve" and "dilations" in src_dils:
     _warn_if_moved(plan, src_dils["dilations"], deep_dils["dilations"])
-  return cfg.replace(model=deep)
+  return cfg.replace(model=deep, methods=methods)
 
 
 def _warn_if_moved(plan: Plan, src_dils: tuple[int, ...],
@@ -368,18 +373,22 @@ def check_options(params: Params, cfg: Config, method: str, preset: str,
     raise JaxrecError(f"top={top!r}: expected 1..{depth} (the shallow model "
                       f"has {depth} blocks)")
   models.require_fit(params, cfg, "params")
-  shared = cfg.model.source_map() is not None
-  if preset == "preserve" and shared and not cfg.model.split_norms():
+  rules = _rules(cfg)
+  stored_gates = STORED in params and any(
+      _matches(path_name(p), rules.gates)
+      for p, _ in jax.tree_util.tree_leaves_with_path(params[STORED]))
+  if (preset == "preserve" and method_api.block_map(cfg) is not None
+      and stored_gates):
     raise JaxrecError(
         "preset 'preserve' on a model whose blocks share their gates "
-        f"(model.share={cfg.model.share!r}, share_leaves='all'): a copy "
-        "cannot start as the identity while its source runs; untie it first "
-        "(jaxrec.surgery.sharing.untie) or use share_leaves='convs'")
+        "(methods.cprec with leaves='all'): a copy cannot start as the "
+        "identity while its source runs; untie it first "
+        "(jaxrec.methods.cprec.sharing.untie) or use leaves='convs'")
   if preset == "preserve":
-    rules = _rules(cfg)
     gated = any(
         _matches(path_name(p), rules.gates)
-        for stack_ in rules.stacks if stack_ in params
+        for stack_ in rules.stacks + method_api.stacks(cfg)
+        if stack_ in params
         for p, _ in jax.tree_util.tree_leaves_with_path(params[stack_]))
     if not rules.gates or not gated:
       raise JaxrecError(
