@@ -120,14 +120,19 @@ def sampled_metrics(params: models.Params, cfg: Config, inputs: np.ndarray,
 
 
 def describe_model(cfg: Config) -> str:
-  """One line: backbone, its options, head."""
+  """One line: backbone, its options, head, active methods."""
+  def options(values):
+    return ", ".join(f"{k}={v}" for k, v in values.items())
+
   model = dict(config_lib.section_to_dict(cfg.model))
   name = model.pop("name")
   model.update(cfg.model.derived())
   head = dict(config_lib.section_to_dict(cfg.head))
-  return (f"{name} ({', '.join(f'{k}={v}' for k, v in model.items())}); "
-          f"head {head.pop('name')} "
-          f"({', '.join(f'{k}={v}' for k, v in head.items())})")
+  methods = "".join(
+      f"; method {m.NAME} ({options(config_lib.section_to_dict(m))})"
+      for m in cfg.methods)
+  return (f"{name} ({options(model)}); head {head.pop('name')} "
+          f"({options(head)}){methods}")
 
 
 def param_shapes(run_dir: str, kind: str | None = None

@@ -3,9 +3,9 @@ NextItNet checkpoints load through the converter or are refused in one line."""
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from jaxrec import cli, evaluation, models
@@ -83,7 +83,7 @@ def test_a_version_1_checkpoint_loads_through_the_converter(v1_run):
   params, cfg, _ = evaluation.load_params(run)
   assert cfg.model.name == "nextitnet" and cfg.head.tie_embeddings is False
   assert "softmax" not in params
-  jax.tree.map(np.testing.assert_array_equal, params, expected)
+  chex.assert_trees_all_equal(params, expected)
 
 
 def test_a_version_1_checkpoint_can_start_a_new_run(v1_run, tmp_path, data):

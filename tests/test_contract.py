@@ -9,6 +9,7 @@ leaf the code ignores cannot pass by being zero or one.
 import dataclasses
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,7 +160,7 @@ def test_checkpoint_round_trip(name, tmp_path):
   mngr.wait_until_finished()
   restored, restored_cfg, meta = state_lib.load_params(str(tmp_path))
   assert restored_cfg == cfg and meta["backbone"] == name
-  jax.tree.map(np.testing.assert_array_equal, restored, params)
+  chex.assert_trees_all_equal(restored, params)
 
 
 def run_steps(cfg, steps=3):
@@ -184,7 +185,7 @@ def test_frozen_leaves_stay_bit_identical_and_hold_no_adam_state(name):
   before, state = run_steps(cfg)
   after = state["params"]
   for part in ("item_embedding", "blocks"):
-    jax.tree.map(np.testing.assert_array_equal, after[part], before[part])
+    chex.assert_trees_all_equal(after[part], before[part])
   assert not np.array_equal(after["head"]["kernel"], before["head"]["kernel"])
   mu = optax.tree_utils.tree_get(state["opt_state"], "mu")
   assert set(mu["head"]) == {"kernel", "bias"}

@@ -14,7 +14,6 @@ from jaxrec import config as config_lib
 from jaxrec import models
 from jaxrec.errors import JaxrecError
 from jaxrec.heads import tree_softmax as ts
-from jaxrec.models.nextitnet import NextItNetConfig
 from jaxrec.nn import bands, embedding
 from jaxrec.methods.cprec import sharing
 from jaxrec.methods.stackrec import growth

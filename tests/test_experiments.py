@@ -4,6 +4,7 @@ import json
 import os
 import sys
 
+import chex
 import numpy as np
 import pytest
 
@@ -93,10 +94,10 @@ def test_new_output_layer_keeps_blocks_and_embedding(tmp_path):
   after, _, meta = evaluation.load_params(out)
   fresh = heads.get(src_cfg.head.name).init(src_cfg.head, src_cfg.model,
                                             jax.random.key(5))
-  jax.tree.map(np.testing.assert_array_equal, after["head"], fresh)
+  chex.assert_trees_all_equal(after["head"], fresh)
   assert not np.array_equal(after["head"]["kernel"], before["head"]["kernel"])
   for name in ("blocks", "item_embedding"):
-    jax.tree.map(np.testing.assert_array_equal, after[name], before[name])
+    chex.assert_trees_all_equal(after[name], before[name])
   assert meta["lineage"][-1]["op"] == "new_output_head"
 
 

@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -344,7 +345,7 @@ def test_resume_falls_back_from_a_damaged_newest_checkpoint_exactly(
              in l for l in warnings), proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
   # Step 6 was redone from step 3: the same params and log as before.
-  jax.tree.map(np.testing.assert_array_equal, latest_params(run),
+  chex.assert_trees_all_equal(latest_params(run),
                latest_params(trained))
   assert records(run) == records(trained)
   assert os.listdir(os.path.join(run, "checkpoints", "damaged")) == [
@@ -520,7 +521,7 @@ def test_ctrl_c_stops_at_a_step_boundary_and_the_run_resumes_exactly(
   assert steps_of(out, "latest") == [3]
   resumed = jaxrec("train", "--out", out, "--resume", *TINY)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  jax.tree.map(np.testing.assert_array_equal, latest_params(out),
+  chex.assert_trees_all_equal(latest_params(out),
                latest_params(trained))
   assert records(out) == records(trained)
 
@@ -644,5 +645,5 @@ def test_resume_tidies_latest_checkpoints_beyond_keep(trained, tmp_path):
   proc = jaxrec("train", "--out", run, "--resume", *TINY)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert steps_of(run, "latest") == [3, 6]
-  jax.tree.map(np.testing.assert_array_equal, latest_params(run),
+  chex.assert_trees_all_equal(latest_params(run),
                latest_params(trained))

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,7 +160,7 @@ def test_masked_batches_are_a_pure_function_of_seed_and_step():
   data = dataclasses.make_dataclass("D", ["train", "num_items"])(
       np.tile(np.arange(11, dtype=np.int32), (8, 1)), 40)
   a, b = (masked_item.batch(data, 3, 4, seed=0) for _ in range(2))
-  jax.tree.map(np.testing.assert_array_equal, a, b)
+  chex.assert_trees_all_equal(a, b)
   c = masked_item.batch(data, 4, 4, seed=0)
   assert not np.array_equal(a["targets"] != 0, c["targets"] != 0)
 
@@ -330,7 +331,7 @@ def test_frozen_leaves_stay_bit_for_bit_and_are_not_stored(world, peter_run):
   pretrained, _, _ = state_lib.load_params(str(root / "pre"))
   tuned, cfg, _ = state_lib.load_params(peter_run)
   for name in ("conv1", "conv2", "ln1", "alpha"):
-    jax.tree.map(np.testing.assert_array_equal, tuned["blocks"][name],
+    chex.assert_trees_all_equal(tuned["blocks"][name],
                  pretrained["blocks"][name])
   np.testing.assert_array_equal(tuned["item_embedding"]["embedding"],
                                 pretrained["item_embedding"]["embedding"])
@@ -393,7 +394,7 @@ def test_a_killed_finetuning_resumes_exactly(world, peter_run, tmp_path):
     assert resumed["test"] == json.load(f)["test"]
   a, _, _ = state_lib.load_params(peter_run, "latest")
   b, _, _ = state_lib.load_params(out, "latest")
-  jax.tree.map(np.testing.assert_array_equal, a, b)
+  chex.assert_trees_all_equal(a, b)
 
 
 def test_peter_zero_starts_fresh_and_stores_everything(world, tmp_path):

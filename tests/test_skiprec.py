@@ -1,6 +1,5 @@
 """SkipRec: the policy subtree, straight-through Gumbel gates, the joint
 loss, real skipping, growth of the policy rows, and the run/CLI paths."""
-import dataclasses
 import json
 import os
 
@@ -361,3 +360,24 @@ def test_skiprec_experiment_writes_results_plots_and_targets(
   assert "met" in results["targets"]
   assert (tmp_path / "ndcg_vs_usage.png").stat().st_size > 0
   assert (tmp_path / "usage_by_group.png").stat().st_size > 0
+
+
+def test_a_skiprec_run_is_served_and_exported_with_its_inference_gates(
+    tmp_path):
+  """predict and export run the policy's argmax gates (the model's own
+  inference program), and agree."""
+  from jaxrec import serving  # pylint: disable=import-outside-toplevel
+  run = os.path.join(os.path.dirname(__file__), "fixtures", "v2_runs",
+                     "skiprec")
+  predictor = serving.Predictor(run)
+  items = list(predictor.vocab.items[1:])
+  history = items[3:12]
+  [pred] = predictor.topk([history], k=5)
+  path = str(tmp_path / "skip.zip")
+  serving.export_topk(run, path, k=5)
+  fn, vocab, spec = serving.load_exported(path)
+  ids = np.zeros((1, spec["max_len"]), np.int32)
+  ids[0, -len(history):] = vocab.encode_items(history)[0]
+  got, scores = fn.call(ids)
+  assert [str(vocab.items[i]) for i in np.asarray(got)[0]] == pred.items
+  np.testing.assert_allclose(np.asarray(scores)[0], pred.scores, rtol=1e-5)

@@ -8,6 +8,7 @@ import textwrap
 import time
 import types
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,7 +56,7 @@ def test_same_seed_gives_same_params(tmp_path):
   cfg = tiny_config(steps=6)
   train.train(cfg, str(tmp_path / "a"), progress_bar=False)
   train.train(cfg, str(tmp_path / "b"), progress_bar=False)
-  jax.tree.map(np.testing.assert_array_equal, latest_params(tmp_path / "a"),
+  chex.assert_trees_all_equal(latest_params(tmp_path / "a"),
                latest_params(tmp_path / "b"))
 
 
@@ -188,7 +189,7 @@ def test_resume_after_sigkill_ends_with_identical_params(tmp_path, kill_at):
               step_callback=steps.append)
   # The resumed run starts right after the restored step.
   assert steps == list(range(on_disk[-1] + 1, 21))
-  jax.tree.map(np.testing.assert_array_equal,
+  chex.assert_trees_all_equal(
                latest_params(tmp_path / "straight"), latest_params(killed))
   assert log_records(killed) == log_records(tmp_path / "straight")
 
@@ -406,7 +407,7 @@ def test_warmup_cosine_first_step_moves_nothing(tmp_path):
                              warmup_steps=1)
   assert_finite_metrics(result)
   # The learning rate warms up from 0: step 1 changes no parameter.
-  jax.tree.map(np.testing.assert_array_equal, params_at(run, 1),
+  chex.assert_trees_all_equal(params_at(run, 1),
                init_params_of(run))
   moved = jax.tree.leaves(jax.tree.map(
       lambda a, b: bool(np.any(a != b)), params_at(run, 2),

@@ -49,7 +49,6 @@ import sys
 from typing import Any
 
 import jax
-import numpy as np
 
 from jaxrec import heads, models
 from jaxrec.config import Config, DataConfig, TrainConfig
