@@ -13,6 +13,7 @@ from jaxrec import config as config_lib
 from jaxrec import models
 from jaxrec.errors import JaxrecError
 from jaxrec.methods.cprec.config import CpRecConfig
+from jaxrec.methods.cprec import sharing
 from jaxrec.methods.peterrec.config import PLACEMENTS, PeterRecConfig
 from jaxrec.methods.skiprec import skipping
 from jaxrec.methods.skiprec.config import SkipRecConfig
@@ -138,3 +139,39 @@ def test_patches_on_a_model_sharing_blocks_are_refused_in_one_line():
                      "'nextitnet'.*lacks own_blocks: methods.cprec shares "
                      "blocks"):
     cfg.validate()
+
+
+# ------------------------------------------------------------- CpRec
+
+
+def test_block_sharing_on_sasrec_stores_one_copy_and_trains_it():
+  cfg = sasrec(methods=(CpRecConfig(share="cross_block", period=1),))
+  params = with_alphas(models.init_params(cfg, jax.random.key(0)))
+  chex.assert_tree_shape_prefix(params["blocks"], (1,))  # One stored block.
+  after = train_steps(cfg, params)
+  chex.assert_tree_shape_prefix(after["blocks"], (1,))
+  assert not np.array_equal(after["blocks"]["ffn_in"]["kernel"],
+                            params["blocks"]["ffn_in"]["kernel"])
+  untied, untied_cfg = sharing.untie(after, cfg)
+  chex.assert_trees_all_close(models.hidden_states(after, cfg, ids()),
+                              models.hidden_states(untied, untied_cfg, ids()),
+                              atol=1e-6)
+
+
+def test_bands_and_the_tree_softmax_train_on_sasrec():
+  model = config_lib.model_config_class("sasrec")(
+      embed_dim=8, num_blocks=2, residual="alpha", dropout=0.0,
+      embedding="adaptive", num_bands=3, band_cutoffs=(8, 16))
+  head = config_lib.head_config_class("tree_softmax")()
+  cfg = config_lib.Config(model=model, head=head).fit_data(V, T).validate()
+  params = models.init_params(cfg, jax.random.key(0))
+  assert "band_2" in params["item_embedding"] and "band_2" in params["head"]
+  after = train_steps(cfg, params)
+  assert not np.array_equal(after["head"]["band_1"]["kernel"],
+                            params["head"]["band_1"]["kernel"])
+
+
+def test_layer_sharing_on_sasrec_is_refused_in_one_line():
+  with pytest.raises(JaxrecError, match="methods.cprec: backbone 'sasrec'"
+                     ".*lacks layer_pair"):
+    sasrec(methods=(CpRecConfig(share="adjacent_layer"),))

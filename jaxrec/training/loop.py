@@ -517,6 +517,10 @@ def _with_requested_methods(requested: Config, cfg: Config,
   for m in requested.methods:
     cfg = cfg.with_method(m)
   if not added:
+    # Options that shape a method's params (SkipRec's policy_dim, ...)
+    # cannot change on a trained tree.
+    models.require_fit(params, cfg, "--init-from: its params with this "
+                       "run's method options")
     return cfg, params, lineage
   if with_opt_state:
     raise JaxrecError(f"--init-opt-state: the source has no "

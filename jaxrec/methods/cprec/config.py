@@ -31,7 +31,7 @@ class CpRecConfig(MethodConfig):
                       "cross_block (position i runs stored block i mod P) | "
                       "adjacent_layer (a block's two layers share one "
                       "kernel) | adjacent_block (position i runs stored "
-                      "block i // 2)")
+                      "block i // 2); the flag's none turns sharing off")
   period: int = option(2, "cross_block: stored blocks P; must divide "
                        "num_blocks")
   leaves: str = option("all", "what sharing shares: all (whole blocks, the "

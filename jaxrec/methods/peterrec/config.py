@@ -26,7 +26,8 @@ class PeterRecConfig(MethodConfig):
   placement: str = option("serial", "PeterRec model patches: serial (after "
                           "each layer) | serial_top (after the second "
                           "only) | parallel (beside each layer) | "
-                          "block_parallel (beside the whole block)")
+                          "block_parallel (beside the whole block); the "
+                          "flag's none turns patches off")
   dim: int = option(0, "PeterRec patch bottleneck width H (0: C/4)")
 
   @classmethod

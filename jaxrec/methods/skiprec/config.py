@@ -29,7 +29,8 @@ class SkipRecConfig(MethodConfig):
 
   mode: str = option("gumbel", "SkipRec policy training: gumbel "
                      "(straight-through Gumbel, trained jointly) | rl "
-                     "(self-critical REINFORCE)")
+                     "(self-critical REINFORCE); the flag's none turns "
+                     "SkipRec off")
   lam: float = option(0.0, "SkipRec usage penalty: loss += lam * "
                       "mean(gate) (0: the official Gumbel variant)")
   tau: float = option(10.0, "SkipRec Gumbel-softmax temperature (the soft "
