@@ -147,10 +147,13 @@ def init(params: Params, cfg: Any, rng: jax.Array) -> Params:
   return params
 
 
-def attach(params: Params, cfg: Any, rng: jax.Array) -> Params:
-  """A trained tree with the subtree of every active method it lacks."""
+def attach(params: Params, cfg: Any, rng: jax.Array,
+           names: Any) -> Params:
+  """A trained tree with the methods `names` (active in `cfg`, new to the
+  tree) attached in phase order. Named, not guessed from the tree: a
+  method may own no subtree (CpRec's sharing ties the blocks in place)."""
   for method, _ in active(cfg):
-    if method.name not in params:
+    if method.name in names:
       params = method.attach_fn()(params, cfg,
                                   jax.random.fold_in(rng, _key(method)))
   return params

@@ -9,13 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrec import cli, serving
+from jaxrec import cli, method_api, serving
 from jaxrec import config as config_lib
 from jaxrec import models
 from jaxrec.errors import JaxrecError
 from jaxrec.heads import tree_softmax as ts
 from jaxrec.nn import bands, embedding
 from jaxrec.methods.cprec import sharing
+from jaxrec.methods.cprec.config import CpRecConfig
 from jaxrec.methods.stackrec import growth
 from jaxrec import ranking
 
@@ -378,6 +379,21 @@ def test_preserve_growth_of_a_model_sharing_its_gates_is_refused():
   with pytest.raises(JaxrecError, match="untie"):
     growth.stack(init(cfg), cfg, "cross", "preserve", rng=jax.random.key(0))
 
+
+
+@pytest.mark.parametrize("scheme, first", [
+    ("cross_block", [0, 1]), ("adjacent_block", [0, 2]),
+    ("cross_layer", [0])])
+def test_sharing_attached_to_a_trained_model_ties_its_first_blocks(
+    scheme, first):
+  plain = make_cfg(head="softmax")
+  trained = init(plain)
+  cfg = plain.with_method(CpRecConfig(share=scheme)).validate()
+  tied = method_api.attach(trained, cfg, jax.random.key(0), {"cprec"})
+  models.check_params(tied, cfg)
+  np.testing.assert_array_equal(tied["blocks"]["conv1"]["kernel"],
+                                trained["blocks"]["conv1"]["kernel"][
+                                    np.array(first)])
 
 @pytest.mark.parametrize("model, option", [
     ({"share": "cross_block", "share_period": 3}, "methods.cprec.period"),

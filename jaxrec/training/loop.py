@@ -528,7 +528,8 @@ def _with_requested_methods(requested: Config, cfg: Config,
                       "optimizer state has no moments for them; drop "
                       "--init-opt-state")
   cfg.validate()
-  params = method_api.attach(params, cfg, jax.random.key(cfg.train.seed))
+  params = method_api.attach(params, cfg, jax.random.key(cfg.train.seed),
+                             {m.NAME for m in added})
   return cfg, params, lineage + [
       {"op": "attach", "method": m.NAME, **dataclasses.asdict(m)}
       for m in added]

@@ -10,6 +10,10 @@ storage.py   shared storage: init keeps one block per stored index, the
              composes the maps
 sharing.py   untying a shared model into the equal unshared one
 
+Attached to a trained unshared model (`train --init-from RUN --share
+...`), `init` ties it: stored block s keeps the trained block at the first
+position that runs it (and a layer pair keeps its first layer).
+
 CpRec's other two parts are core components that any model can use: the
 block-wise adaptive input embedding (`model.embedding=adaptive`,
 `jaxrec.nn.embedding`) and the two-level tree softmax (`head.name=
@@ -24,6 +28,6 @@ from jaxrec.methods.cprec.config import CpRecConfig
 
 METHOD = method_api.register(method_api.Method(
     name=CpRecConfig.NAME, config=CpRecConfig, init=storage.init,
-    attach=None, stacks=storage.stacks, run_blocks=storage.run_blocks,
+    stacks=storage.stacks, run_blocks=storage.run_blocks,
     block_map=storage.block_map, grown=storage.grown,
     report=storage.report))
