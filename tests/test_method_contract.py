@@ -8,6 +8,8 @@ train, checkpoint, resume, evaluate, grow, predict and export through the
 unchanged core: nothing under jaxrec/ names them.
 """
 import dataclasses
+import json
+import os
 from typing import Any
 
 import chex
@@ -177,6 +179,14 @@ def test_an_outside_backbone_and_method_train_and_report(run):
   assert metrics["backbone"] == "meanmlp" and metrics["steps"] == 6
   assert metrics["test"]["ndcg@10"] > 0
   assert metrics["mean_gate"] != 1.0  # The gates trained.
+
+
+def test_the_loop_logs_each_loss_term_of_the_method(run):
+  out, _ = run
+  with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+    logged = [json.loads(line) for line in f]
+  terms = [r["loss/blockgate/l1"] for r in logged if "loss" in r]
+  assert terms and all(0 < t < 0.03 for t in terms)  # 0.01 * sum(|gate|)
 
 
 def test_they_resume_exactly_after_an_interruption(run, tmp_path):

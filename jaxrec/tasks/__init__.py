@@ -1,6 +1,7 @@
 """Tasks: what a run optimises and how it is evaluated.
 
-A task provides `loss(params, cfg, batch, rng, sampler) -> scalar`,
+A task provides `loss(params, cfg, batch, rng, sampler) -> scalar` and
+`loss_parts(...) -> (scalar, the methods' terms in it by name)`,
 `represent(params, cfg, inputs) -> [B, C]` (what scores the outputs),
 `batch(data, step, batch_size, seed) -> dict` (a pure function of the
 step, so a resume replays exactly), and `rank_fn(cfg)` /

@@ -61,6 +61,7 @@ def batch(data: sequences.SequenceData, step: int, batch_size: int,
 
 # The loss is the next-item one: the head's masked cross entropy over the
 # positions whose target is not 0.
+loss_parts = next_item.loss_parts
 loss = next_item.loss
 
 

@@ -26,11 +26,13 @@ def batch(data: sequences.SequenceData, step: int, batch_size: int,
   return sequences.train_batch(data.train, step, batch_size, seed)
 
 
-def loss(params: models.Params, cfg: Any, batch_arrays: dict[str, jax.Array],
-         rng: jax.Array, sampler: Any = None) -> jax.Array:
-  """Masked mean next-item cross entropy over every position of the batch
+def loss_parts(params: models.Params, cfg: Any,
+               batch_arrays: dict[str, jax.Array], rng: jax.Array,
+               sampler: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(the training loss, the active methods' terms in it by `NAME/term`):
+  the masked mean next-item cross entropy over every position of the batch
   (the positions the active methods let it score), plus the methods' loss
-  terms (`jaxrec.method_api`)."""
+  terms (`jaxrec.method_api`). The loop logs each term."""
   k_model, k_head = jax.random.split(rng)
   h, aux = models.forward(params, cfg, batch_arrays["inputs"], train=True,
                           rng=k_model)
@@ -39,8 +41,14 @@ def loss(params: models.Params, cfg: Any, batch_arrays: dict[str, jax.Array],
   mask = method_api.score_mask(aux, targets != 0).reshape(-1)
   ce = heads.get(cfg.head.name).loss(params, cfg, h, targets.reshape(-1),
                                      mask, rng=k_head, sampler=sampler)
-  return ce + method_api.total_extra_loss(
-      method_api.loss_terms(params, cfg, aux, batch_arrays))
+  terms = method_api.loss_terms(params, cfg, aux, batch_arrays)
+  return ce + method_api.total_extra_loss(terms), terms
+
+
+def loss(params: models.Params, cfg: Any, batch_arrays: dict[str, jax.Array],
+         rng: jax.Array, sampler: Any = None) -> jax.Array:
+  """The training loss of `loss_parts`, alone."""
+  return loss_parts(params, cfg, batch_arrays, rng, sampler)[0]
 
 
 def last_hidden(params: models.Params, cfg: Any,

@@ -54,9 +54,11 @@ def read_user(h: jax.Array, cfg: Any, inputs: jax.Array) -> jax.Array:
   return out.astype(cfg.model.dtype)
 
 
-def loss(params: models.Params, cfg: Any, batch_arrays: dict[str, jax.Array],
-         rng: jax.Array, sampler: Any = None) -> jax.Array:
-  """Mean cross entropy of each user's target over the head's outputs."""
+def loss_parts(params: models.Params, cfg: Any,
+               batch_arrays: dict[str, jax.Array], rng: jax.Array,
+               sampler: Any = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(mean cross entropy of each user's target over the head's outputs
+  plus the methods' terms, those terms by `NAME/term`)."""
   k_model, k_head = jax.random.split(rng)
   h, aux = models.forward(params, cfg, batch_arrays["inputs"], train=True,
                           rng=k_model)
@@ -64,8 +66,14 @@ def loss(params: models.Params, cfg: Any, batch_arrays: dict[str, jax.Array],
   ce = heads.get(cfg.head.name).loss(
       params, cfg, read_user(h, cfg, batch_arrays["inputs"]), targets,
       targets != 0, rng=k_head, sampler=sampler)
-  return ce + method_api.total_extra_loss(
-      method_api.loss_terms(params, cfg, aux, batch_arrays))
+  terms = method_api.loss_terms(params, cfg, aux, batch_arrays)
+  return ce + method_api.total_extra_loss(terms), terms
+
+
+def loss(params: models.Params, cfg: Any, batch_arrays: dict[str, jax.Array],
+         rng: jax.Array, sampler: Any = None) -> jax.Array:
+  """The training loss of `loss_parts`, alone."""
+  return loss_parts(params, cfg, batch_arrays, rng, sampler)[0]
 
 
 def rank_fn(cfg: Any) -> Callable[..., jax.Array]:

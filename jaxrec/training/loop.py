@@ -54,7 +54,8 @@ def make_train_step(cfg: Config, opt: Any, labels: Any,
                     sampler: Any = None, task: Task = next_item,
                     row_masks: dict[str, np.ndarray] | None = None
                     ) -> Callable[[State, dict], tuple]:
-  """The pure step: (state, batch) -> (state, {"loss"})."""
+  """The pure step: (state, batch) -> (state, {"loss", "loss/NAME/term"
+  for each of the active methods' loss terms})."""
   base_key = jax.random.key(cfg.train.seed)
   masks = row_masks or {}
 
@@ -65,9 +66,10 @@ def make_train_step(cfg: Config, opt: Any, labels: Any,
 
     def loss_of(trainable):
       params = optim.merge(trainable, frozen, labels)
-      return task.loss(params, cfg, batch, rng, sampler)
+      return task.loss_parts(params, cfg, batch, rng, sampler)
 
-    loss, grads = jax.value_and_grad(loss_of)(trainable)
+    (loss, terms), grads = jax.value_and_grad(loss_of, has_aux=True)(
+        trainable)
     # Frozen leaves were not differentiated; the optimizer's set_to_zero
     # ignores the zeros standing in for their gradients.
     grads = optim.merge(grads, jax.tree.map(jnp.zeros_like, frozen), labels)
@@ -82,7 +84,8 @@ def make_train_step(cfg: Config, opt: Any, labels: Any,
                                                labels, masks),
                  "opt_state": opt_state, "step": step + 1,
                  "first_bad_step": first_bad}
-    return new_state, {"loss": loss}
+    return new_state, {"loss": loss,
+                       **{f"loss/{name}": v for name, v in terms.items()}}
 
   return train_step
 
@@ -287,7 +290,8 @@ def _train_locked(cfg: Config, out_dir: str,
           rate = (done - s_last) * tokens_per_step / (time.time() - t_last)
           t_last, s_last = time.time(), done
           bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
-          log.write({"step": done, "loss": loss, "tokens_per_s": rate})
+          log.write({"step": done, "loss": loss, **_terms(out),
+                     "tokens_per_s": rate})
         bar.update(1)
         if eval_now:
           valid = evaluate_params(state["params"], cfg, sharder,
@@ -533,6 +537,11 @@ def _with_requested_methods(requested: Config, cfg: Config,
   return cfg, params, lineage + [
       {"op": "attach", "method": m.NAME, **dataclasses.asdict(m)}
       for m in added]
+
+
+def _terms(out: dict) -> dict[str, float]:
+  """The methods' loss terms of a step's output, as logged floats."""
+  return {k: float(v) for k, v in out.items() if k.startswith("loss/")}
 
 
 def _check_finite(state: State, out: dict,
