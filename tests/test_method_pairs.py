@@ -17,6 +17,7 @@ from jaxrec.methods.cprec import sharing
 from jaxrec.methods.peterrec.config import PLACEMENTS, PeterRecConfig
 from jaxrec.methods.skiprec import skipping
 from jaxrec.methods.skiprec.config import SkipRecConfig
+from jaxrec.methods.stackrec import growth
 from jaxrec.training import loop, optim
 from jaxrec.training import state as state_lib
 
@@ -130,15 +131,86 @@ def test_patches_train_inside_a_frozen_sasrec_and_the_rest_stays_put():
                             params["peterrec"]["patch1"]["up"]["kernel"])
 
 
-def test_patches_on_a_model_sharing_blocks_are_refused_in_one_line():
+# ------------------------------------- composition on a model that shares
+
+
+def shared_nextitnet(*methods):
+  """NextItNet of 4 blocks storing 2 (position i runs block i mod 2)."""
   model = config_lib.model_config_class("nextitnet")(
-      num_items=V, embed_dim=8, num_blocks=4)
-  cfg = config_lib.Config(model=model,
-                          methods=(PeterRecConfig(), CpRecConfig()))
-  with pytest.raises(JaxrecError, match="methods.peterrec: backbone "
-                     "'nextitnet'.*lacks own_blocks: methods.cprec shares "
-                     "blocks"):
-    cfg.validate()
+      embed_dim=8, num_blocks=4, dropout=0.0)
+  cfg = config_lib.Config(model=model, methods=(CpRecConfig(), *methods))
+  return cfg.fit_data(V, T).validate()
+
+
+def random_leaves(tree, seed):
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [
+      0.3 * jax.random.normal(k, x.shape, x.dtype)
+      for k, x in zip(keys, leaves)])
+
+
+def test_patches_on_a_shared_model_belong_to_run_positions():
+  cfg = shared_nextitnet(PeterRecConfig())
+  params = with_alphas(models.init_params(cfg, jax.random.key(0)))
+  chex.assert_tree_shape_prefix(params["blocks"], (2,))  # Stored blocks.
+  chex.assert_tree_shape_prefix(params["peterrec"], (4,))  # Run positions.
+  params["peterrec"] = random_leaves(params["peterrec"], 1)
+  # The shared model computes what its untied copy with the same patches
+  # computes: a patch adapts one run of a block, not the stored block.
+  untied, untied_cfg = sharing.untie(params, cfg)
+  chex.assert_tree_shape_prefix(untied["blocks"], (4,))
+  chex.assert_trees_all_close(models.hidden_states(params, cfg, ids()),
+                              models.hidden_states(untied, untied_cfg, ids()),
+                              atol=1e-6)
+  # Positions 0 and 2 run one stored block; their patches differ apart.
+  other = jax.tree.map(lambda a: a.at[2].set(a[0]), params["peterrec"])
+  assert not np.allclose(
+      models.hidden_states(params, cfg, ids()),
+      models.hidden_states({**params, "peterrec": other}, cfg, ids()))
+
+
+def test_patches_train_beside_frozen_shared_blocks():
+  cfg = shared_nextitnet(PeterRecConfig()).replace(
+      train=config_lib.TrainConfig(freeze=("item_embedding/.*",
+                                           "blocks/.*")))
+  params = with_alphas(models.init_params(cfg, jax.random.key(0)))
+  after = train_steps(cfg, params)
+  chex.assert_trees_all_equal(after["blocks"], params["blocks"])
+  assert not np.array_equal(after["peterrec"]["patch1"]["up"]["kernel"],
+                            params["peterrec"]["patch1"]["up"]["kernel"])
+
+
+@pytest.mark.parametrize("mode", ["cond", "compact"])
+def test_skipping_a_shared_block_skips_one_run_of_it(mode):
+  cfg = shared_nextitnet(SkipRecConfig())
+  params = with_alphas(models.init_params(cfg, jax.random.key(0)))
+  chex.assert_tree_shape_prefix(params["skiprec"]["head"], (4,))
+  gates = jnp.ones((4, B)).at[2, ::2].set(0.0)  # Position 2, half the rows.
+  masked = skipping.hidden_states(params, cfg, ids(), "masked", gates)
+  untied, untied_cfg = sharing.untie(params, cfg)
+  chex.assert_trees_all_close(
+      masked, skipping.hidden_states(untied, untied_cfg, ids(), "masked",
+                                     gates), atol=1e-6)
+  chex.assert_trees_all_close(
+      skipping.hidden_states(params, cfg, ids(), mode, gates), masked,
+      atol=1e-6)
+  # Position 0 runs the same stored block and was not skipped.
+  assert not np.allclose(masked, skipping.hidden_states(
+      params, cfg, ids(), "masked", gates.at[0, ::2].set(0.0)))
+
+
+def test_a_shared_model_with_a_policy_trains_and_grows():
+  cfg = shared_nextitnet(SkipRecConfig(lam=0.5))
+  params = train_steps(cfg, models.init_params(cfg, jax.random.key(0)))
+  deep, deep_cfg = growth.stack(params, cfg, "adjacent", "paper",
+                                rng=jax.random.key(1))
+  assert deep_cfg.method("cprec").block_source == (0, 0, 1, 1, 0, 0, 1, 1)
+  chex.assert_tree_shape_prefix(deep["blocks"], (2,))  # No new arrays.
+  np.testing.assert_array_equal(
+      deep["skiprec"]["head"]["kernel"],
+      params["skiprec"]["head"]["kernel"][np.array([0, 0, 1, 1, 2, 2, 3,
+                                                    3])])
 
 
 # ------------------------------------------------------------- CpRec

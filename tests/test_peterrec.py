@@ -22,7 +22,6 @@ from jaxrec.tasks import transfer as transfer_task
 from jaxrec.training import checkpoints, loop, optim
 from jaxrec.training import state as state_lib
 from jaxrec.methods.peterrec import finetune as peterrec
-from jaxrec.methods.cprec.config import CpRecConfig
 from jaxrec.methods.peterrec.config import PLACEMENTS, PeterRecConfig
 
 def model_cfg(**kw):
@@ -126,13 +125,6 @@ def test_patches_are_block_axis_leaves_that_grow_with_the_blocks():
   np.testing.assert_array_equal(deep["peterrec"]["patch2"]["down"]["kernel"],
                                 params["peterrec"]["patch2"]["down"]["kernel"]
                                 [np.array([0, 0, 1, 1])])
-
-
-def test_patches_are_refused_on_a_model_that_shares_blocks():
-  cfg = full_cfg(num_blocks=4, patch="serial").with_method(CpRecConfig())
-  with pytest.raises(JaxrecError, match="methods.peterrec: .*own_blocks: "
-                     "methods.cprec shares blocks; untie"):
-    cfg.validate()
 
 
 # ------------------------------------------------------- masked pretraining

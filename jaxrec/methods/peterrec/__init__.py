@@ -12,8 +12,9 @@ finetune.py   the whole method: a pretrained run + a downstream file ->
 
 The downstream tasks (cold start, profiles) are core tasks
 (`jaxrec.tasks.transfer`) over data read by `jaxrec.data.transfer`.
-Patches go on any backbone whose config offers `block_stack`,
-`own_blocks` and the slots of the placement (NextItNet, SASRec).
+Patches go on any backbone whose config offers `block_stack` and the
+slots of the placement (NextItNet, SASRec). On a model that shares blocks
+(CpRec) each run position gets its own patch beside the shared block.
 """
 from jaxrec import method_api
 from jaxrec.methods.peterrec import patches

@@ -35,10 +35,10 @@ class PeterRecConfig(MethodConfig):
     return model.get("patch", "none") != "none"
 
   def requires(self, cfg: Any) -> frozenset[str]:
-    # Patches are per run position, beside blocks of their own.
+    # Patches are per run position: on a model that shares blocks (CpRec)
+    # each position that runs a stored block gets a patch of its own.
     slots = SLOTS.get(self.placement, ())
-    return frozenset({"block_stack", "own_blocks",
-                      *(f"slot:{s}" for s in slots)})
+    return frozenset({"block_stack", *(f"slot:{s}" for s in slots)})
 
   def validate(self) -> None:
     choice("methods.peterrec.placement", self.placement, PLACEMENTS)

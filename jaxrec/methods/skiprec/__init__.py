@@ -13,9 +13,10 @@ attach.py     a policy added to a trained backbone (function, checkpoint)
 skipping.py   inference that really skips gated-off blocks (cond, compact)
 
 Works on every backbone whose config offers `block_stack`,
-`residual_gate`, `own_blocks` and `causal` (NextItNet; SASRec with
-`--residual alpha`); others are refused in one line naming what is
-missing.
+`residual_gate` and `causal` (NextItNet; SASRec with `--residual alpha`);
+others are refused in one line naming what is missing. On a model that
+shares blocks (CpRec) a gate belongs to a run position: skipping it skips
+that run of the stored block, not the block's other positions.
 """
 from jaxrec import method_api
 from jaxrec.methods.skiprec import attach, training

@@ -56,10 +56,10 @@ class SkipRecConfig(MethodConfig):
     return model.get("skip", "none") != "none"
 
   def requires(self, cfg: Any) -> frozenset[str]:
-    # One gate per run position that owns its block; a gate of 0 must make
-    # the block the identity; the policy reads the past only.
-    return frozenset({"block_stack", "residual_gate", "own_blocks",
-                      "causal"})
+    # One gate per run position (a position that runs a shared block skips
+    # that run only); a gate of 0 must make the block the identity; the
+    # policy reads the past only.
+    return frozenset({"block_stack", "residual_gate", "causal"})
 
   def validate(self) -> None:
     choice("methods.skiprec.mode", self.mode, MODES)
