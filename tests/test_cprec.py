@@ -15,7 +15,7 @@ from jaxrec import models
 from jaxrec.errors import JaxrecError
 from jaxrec.heads import tree_softmax as ts
 from jaxrec.nn import bands, embedding
-from jaxrec.methods.cprec import sharing
+from jaxrec.methods.cprec import factorise, sharing
 from jaxrec.methods.cprec.config import CpRecConfig
 from jaxrec.methods.stackrec import growth
 from jaxrec import ranking
@@ -465,3 +465,64 @@ def test_a_tree_softmax_run_serves_through_its_early_exit_exactly():
 def models_load(run_dir):
   from jaxrec.training import state  # pylint: disable=import-outside-toplevel
   return state.load_params(run_dir)
+
+
+# ----------------------------------- compressing a trained model's tables
+
+
+def trained_flat(seed=0):
+  """A flat-softmax NextItNet with random (not init-scale) tables."""
+  cfg = config_lib.Config(model=models.get("nextitnet").config(
+      num_items=V, embed_dim=C, num_blocks=2, dropout=0.0)).validate()
+  params = init(cfg, seed)
+  keys = jax.random.split(jax.random.key(seed + 100), 3)
+  params["item_embedding"]["embedding"] = jax.random.normal(keys[0], (V, C))
+  params["head"] = {"kernel": jax.random.normal(keys[1], (V, C)),
+                    "bias": jax.random.normal(keys[2], (V,))}
+  return params, cfg
+
+
+def test_bands_as_wide_as_the_embedding_keep_the_model_exactly():
+  params, cfg = trained_flat()
+  small, small_cfg = factorise.compress(params, cfg, (8, 30), (C, C, C),
+                                        tree_softmax=False)
+  assert small_cfg.model.embedding == "adaptive"
+  models.require_fit(small, small_cfg, "test")
+  x = jnp.asarray(np.random.default_rng(0).integers(0, V, (4, 9)))
+  np.testing.assert_allclose(models.hidden_states(small, small_cfg, x),
+                             models.hidden_states(params, cfg, x), atol=1e-4)
+
+
+def test_a_narrow_band_is_the_best_low_rank_approximation_of_its_rows():
+  rows = np.random.default_rng(1).normal(size=(40, C)).astype(np.float32)
+  a, b = factorise.low_rank(rows, 4)
+  s = np.linalg.svd(rows, compute_uv=False)
+  np.testing.assert_allclose(np.linalg.norm(rows - a @ b),
+                             np.sqrt(np.sum(s[4:] ** 2)), rtol=1e-4)
+
+
+def test_the_tree_keeps_the_flat_softmax_within_each_band():
+  params, cfg = trained_flat()
+  tree, tree_cfg = factorise.compress(params, cfg, (8, 30), (C, C, C))
+  assert tree_cfg.head.name == "tree_softmax"
+  models.require_fit(tree, tree_cfg, "test")
+  h = jax.random.normal(jax.random.key(3), (5, C))
+  flat = np.asarray(h @ params["head"]["kernel"].T + params["head"]["bias"])
+  got = np.asarray(ts.full_log_probs(tree, tree_cfg, h))
+  for lo, hi in ((8, 30), (30, V)):  # Conditional log-probs per tail band.
+    want = flat[:, lo:hi] - np.log(np.exp(flat[:, lo:hi]).sum(1,
+                                                              keepdims=True))
+    cond = got[:, lo:hi] - np.log(np.exp(got[:, lo:hi]).sum(1,
+                                                            keepdims=True))
+    np.testing.assert_allclose(cond, want, atol=1e-4)
+  # Head items keep their order against each other.
+  np.testing.assert_allclose(got[:, 2:8] - got[:, 1:2],
+                             flat[:, 2:8] - flat[:, 1:2], atol=1e-4)
+
+
+def test_compressing_a_banded_model_again_is_one_line():
+  params, cfg = trained_flat()
+  small, small_cfg = factorise.compress(params, cfg, (8, 30), (C, 4, 1))
+  with pytest.raises(JaxrecError, match="compress: model.embedding="
+                     "'adaptive'; expected 'full'"):
+    factorise.compress(small, small_cfg, (8, 30), (C, 4, 1))
