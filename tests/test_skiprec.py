@@ -12,6 +12,7 @@ from jaxrec import cli
 from jaxrec import config as config_lib
 from jaxrec import models
 from jaxrec.errors import JaxrecError
+from jaxrec.nn import embedding
 from jaxrec.methods.skiprec import attach, policy, skipping, training
 from jaxrec.methods.stackrec import growth
 from jaxrec.tasks import next_item
@@ -381,3 +382,16 @@ def test_a_skiprec_run_is_served_and_exported_with_its_inference_gates(
   got, scores = fn.call(ids)
   assert [str(vocab.items[i]) for i in np.asarray(got)[0]] == pred.items
   np.testing.assert_allclose(np.asarray(scores)[0], pred.scores, rtol=1e-5)
+
+
+def test_a_policy_added_to_a_banded_backbone_starts_from_its_vectors():
+  cfg = config_lib.from_dict({"model": {
+      "embed_dim": C, "num_blocks": 2, "embedding": "adaptive",
+      "num_bands": 2, "band_cutoffs": [10]}})
+  cfg = cfg.fit_data(V, T, None).validate()
+  params = models.init_params(cfg, jax.random.key(0))
+  new, _ = attach.add_policy(params, cfg, jax.random.key(1), mode="gumbel")
+  every = jnp.arange(V)
+  np.testing.assert_allclose(
+      new["skiprec"]["embedding"][1:],
+      embedding.lookup(params, cfg.model, every)[1:], rtol=1e-6)

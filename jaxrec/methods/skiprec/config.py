@@ -46,8 +46,8 @@ class SkipRecConfig(MethodConfig):
                          "probabilities to [0.269, 0.731]")
   init_embedding: bool = option(
       True, "SkipRec: a policy added to a trained backbone starts from its "
-      "item embedding (the official --use_pre; needs a full embedding and "
-      "policy_dim 0)")
+      "item embedding (the official --use_pre; a banded embedding gives its "
+      "projected vectors; needs policy_dim 0)")
   rl_penalty: float = option(0.1, "SkipRec rl: reward = hit@5 - penalty * "
                              "share of blocks used")
 

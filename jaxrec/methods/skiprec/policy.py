@@ -39,6 +39,7 @@ import numpy as np
 from jaxrec.errors import JaxrecError
 from jaxrec.methods.skiprec.config import SkipRecConfig
 from jaxrec.models import nextitnet
+from jaxrec.nn import embedding
 from jaxrec.nn.conv import weight_init
 
 Params = dict[str, Any]
@@ -139,16 +140,19 @@ def block_usage(params: Params, cfg: Any, inputs: np.ndarray,
 def embedding_from_backbone(policy: Params, params: Params, model_cfg: Any,
                             mcfg: SkipRecConfig) -> Params:
   """The policy with the backbone's item embedding copied in (the official
-  `--use_pre`). Refuses what cannot be copied: an adaptive embedding has no
-  [V, C] table, and a policy of another width would silently truncate."""
-  if (model_cfg.embedding != "full"
-      or mcfg.width(model_cfg) != model_cfg.embed_dim):
+  `--use_pre`); an adaptive (banded) embedding gives each item's projected
+  vector, what the backbone reads. Refuses a policy of another width,
+  which would silently truncate."""
+  if mcfg.width(model_cfg) != model_cfg.embed_dim:
     raise JaxrecError(
-        "methods.skiprec.init_embedding: needs model.embedding='full' and "
-        f"methods.skiprec.policy_dim 0 or {model_cfg.embed_dim} (got "
-        f"{model_cfg.embedding!r}, {mcfg.policy_dim})")
+        "methods.skiprec.init_embedding: needs methods.skiprec.policy_dim 0 "
+        f"or {model_cfg.embed_dim} (got {mcfg.policy_dim})")
+  if model_cfg.embedding == "full":
+    table = params["item_embedding"]["embedding"]
+  else:
+    table = embedding.lookup(params, model_cfg,
+                             jnp.arange(model_cfg.num_items))
   # A copy, not the same buffer: a train step donating both leaves would
   # donate one buffer twice.
-  table = params["item_embedding"]["embedding"]
   return {**policy, "embedding": jnp.array(
       table, dtype=policy["embedding"].dtype, copy=True)}
