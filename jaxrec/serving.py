@@ -8,6 +8,14 @@ raw ids with their scores (the head's: softmax logits, or the tree
 softmax's log-probabilities). A history with no known id cannot be scored
 by the model; it gets the popularity ranking instead, marked as such.
 
+A fine-tuning (`jaxrec finetune`: `train.task` cold_start or profile) is
+served the same way in its own terms: a history is raw *source* ids,
+encoded as it trained (`jaxrec.data.transfer`: unknown ids read as the UNK
+token and are counted, never dropped; then CLS), scored by its user
+representation and head, and answered in the names of its outputs
+(target items or labels, DIR/outputs.json), not catalogue items; so
+`exclude_seen` is refused, and every history is scored.
+
 A head with its own exact search (`Head.topk`: the tree softmax's early
 exit, which decides on the host) answers `topk` without `exclude_seen`;
 the export, one traced program, always scans every item tile by tile.
@@ -16,7 +24,8 @@ the export, one traced program, always scans every item tile by tile.
 `jax.export` serialization, with the params baked in as constants and a
 symbolic batch dimension, next to the vocabulary, in one zip file: a
 serving process needs jax and the file, not jaxrec (`load_exported`, and
-the few-line loader in the README, read it back).
+the few-line loader in the README, read it back). A fine-tuning's zip
+adds its outputs' names and says so in its spec.
 """
 from __future__ import annotations
 
@@ -32,29 +41,48 @@ import numpy as np
 
 from jaxrec import heads, tasks
 from jaxrec.config import Config
+from jaxrec.data import transfer as transfer_data
 from jaxrec.data import vocabulary as vocab_lib
 from jaxrec.errors import JaxrecError, reported_as
 from jaxrec.training.state import load_params
 
 EXPORT_FORMAT = "jaxrec.export/1"
+# A fine-tuning's export: its ids are the head's outputs, not items, so a
+# reader of next-item exports must not take it for one.
+FINETUNING_EXPORT_FORMAT = "jaxrec.export-finetuning/1"
 # Members of an exported zip (see `export_topk`).
 EXPORTED_FN = "topk.jaxexport"
 EXPORTED_VOCAB = vocab_lib.FILENAME
 EXPORTED_SPEC = "serving.json"
+EXPORTED_OUTPUTS = transfer_data.OUTPUTS_FILE  # Fine-tunings only.
 _MAX_BATCH = 256  # Histories per compiled call of `Predictor.topk`.
+
+
+def head_outputs(cfg: Config) -> int:
+  """V, the ids the head scores (0 included, never returned): the
+  catalogue's items for a next-item model, the task's outputs for a
+  fine-tuning (`head.num_classes`)."""
+  return cfg.head.num_outputs(cfg.model)
+
+
+def is_finetuning(cfg: Config) -> bool:
+  """Whether `cfg` is a fine-tuning (its outputs are not the items)."""
+  return cfg.train.task != "auto"
 
 
 def topk_fn(cfg: Config, k: int, exclude_seen: bool = False
             ) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
   """(params, inputs [B, T] int32) -> (ids [B, k] int32, scores [B, k]
-  float32), best first, over every real item, tile by tile (never a
-  [B, V] matrix). Padding, ids >= V and, with `exclude_seen`, the ids of
-  each row's input score -inf; a row with fewer than k such items has
-  -inf entries at its end. B may be symbolic (jax.export)."""
+  float32), best first, over every real output (`head_outputs`: items,
+  or a fine-tuning's outputs), tile by tile (never a [B, V] matrix).
+  Padding, ids >= V and, with `exclude_seen`, the ids of each row's input
+  score -inf; a row with fewer than k such items has -inf entries at its
+  end. B may be symbolic (jax.export)."""
   head = heads.get(cfg.head.name)
-  # A masked (bidirectional) model reads the next item off a trailing MASK.
+  # A masked (bidirectional) model reads the next item off a trailing MASK;
+  # a fine-tuning reads its user representation (`tasks.transfer`).
   represent = tasks.for_config(cfg).represent
-  v = cfg.model.num_items
+  v = head_outputs(cfg)
   tile = min(cfg.train.loss_chunk, v)
   num_tiles = -(-v // tile)
 
@@ -93,7 +121,7 @@ def topk_fn(cfg: Config, k: int, exclude_seen: bool = False
 
 
 def check_k(k: int, num_items: int, option: str = "--topk") -> int:
-  """k within 1..V-1 (the catalogue's real items)."""
+  """k within 1..V-1 (the real items, or outputs)."""
   if not isinstance(k, int) or k < 1:
     raise JaxrecError(f"{option}={k}: expected >= 1")
   return min(k, num_items - 1)
@@ -116,13 +144,31 @@ def encode_histories(vocab: vocab_lib.Vocabulary,
   return inputs, unknown, known
 
 
+def encode_sources(vocab: vocab_lib.Vocabulary,
+                   histories: Sequence[Sequence[str]], cfg: Config
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """A fine-tuning's (inputs [N, max_len], unknown ids per row), encoded
+  as it trained: raw source ids through the pretraining vocabulary,
+  unknown ones as the UNK token (counted, not dropped), then
+  `transfer.model_inputs` (source then CLS, or CLS, source, CLS)."""
+  ids, unknown = transfer_data.encode_sources(
+      [list(h) for h in histories], vocab, cfg.model.token_id("unk"))
+  inputs = transfer_data.model_inputs(ids, cfg.data.max_len,
+                                      cfg.model.is_causal(),
+                                      cfg.model.token_id("cls"))
+  return inputs, unknown
+
+
 @dataclasses.dataclass(frozen=True)
 class Prediction:
-  """One history's top-k: raw item ids, best first, and their scores
-  (None for a popularity fallback, which has ranks but no model score)."""
+  """One history's top-k: raw item ids (a fine-tuning's: its outputs'
+  names), best first, and their scores (None for a popularity fallback,
+  which has ranks but no model score)."""
   items: list[str]
   scores: list[float] | None
-  unknown: int  # Raw ids of the history the vocabulary does not know.
+  # Raw ids of the history the vocabulary does not know (dropped; in a
+  # fine-tuning, read as the UNK token).
+  unknown: int
   fallback: str | None  # "popularity" when no id of the history was known.
 
 
@@ -147,22 +193,40 @@ def head_topk_fn(cfg: Config, k: int) -> Callable:
 
 
 class Predictor:
-  """Top-k recommendations of a run's checkpoint, in raw item ids."""
+  """Top-k recommendations of a run's checkpoint, in raw item ids (a
+  fine-tuning's: in its outputs' names)."""
 
   def __init__(self, run_dir: str, kind: str | None = None):
+    self.run_dir = run_dir
     self.params, self.cfg, self.meta = load_params(run_dir, kind)
-    if self.cfg.train.task != "auto":
-      raise JaxrecError(f"{run_dir}: a fine-tuning ({self.cfg.train.task}) "
-                        "scores its task's outputs, not the catalogue's "
-                        "items; predict and export serve next-item models")
     self.vocab = vocab_lib.of_run(run_dir)
     self.vocab.check_matches(self.meta.get("vocabulary"), run_dir)
     if self.vocab.num_items != self.cfg.model.num_items:
       raise JaxrecError(f"{run_dir}: vocabulary.json has "
                         f"{self.vocab.num_items} item ids, the model "
                         f"{self.cfg.model.num_items}")
+    # What the returned ids name: the catalogue's items, or the outputs.
+    self.outputs: transfer_data.Outputs | None = None
+    self.names = self.vocab.items
+    if is_finetuning(self.cfg):
+      self.outputs = transfer_data.Outputs.load(run_dir)
+      self.outputs.check_matches(self.meta, head_outputs(self.cfg),
+                                 self.cfg.train.task, run_dir)
+      self.names = np.array(self.outputs.names, dtype=str)
     self.max_len = self.cfg.data.max_len
     self._fns: dict[tuple[int, bool], Callable] = {}
+
+  @property
+  def finetuning(self) -> bool:
+    return self.outputs is not None
+
+  def check_exclude_seen(self, exclude_seen: bool) -> None:
+    """A fine-tuning's outputs are another vocabulary than its inputs:
+    there is nothing seen to exclude."""
+    if exclude_seen and self.finetuning:
+      raise JaxrecError(f"--exclude-seen: {self.run_dir} is a fine-tuning "
+                        f"({self.cfg.train.task}) whose outputs are not the "
+                        "items of its histories; drop --exclude-seen")
 
   def _fn(self, k: int, exclude_seen: bool) -> Callable:
     """(params, inputs) -> (ids, scores): the head's own search where it
@@ -176,14 +240,26 @@ class Predictor:
         self._fns[key] = jax.jit(topk_fn(self.cfg, k, exclude_seen))
     return self._fns[key]
 
+  def encode(self, histories: Sequence[Sequence[str]]
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(inputs [N, max_len], unknown ids per row, whether the model can
+    score each row): next-item histories lose their unknown ids and need
+    a known one; a fine-tuning's keep them as UNK and are all scored."""
+    if self.finetuning:
+      inputs, unknown = encode_sources(self.vocab, histories, self.cfg)
+      return inputs, unknown, np.ones(len(histories), bool)
+    inputs, unknown, known = encode_histories(self.vocab, histories,
+                                              self.max_len)
+    return inputs, unknown, known > 0
+
   def topk(self, histories: Sequence[Sequence[str]], k: int,
            exclude_seen: bool = False) -> list[Prediction]:
     """The top k of each history (oldest item first), batched."""
-    k = check_k(k, self.vocab.num_items)
-    inputs, unknown, known = encode_histories(self.vocab, histories,
-                                              self.max_len)
+    self.check_exclude_seen(exclude_seen)
+    k = check_k(k, len(self.names))
+    inputs, unknown, scorable = self.encode(histories)
     fn = self._fn(k, exclude_seen)
-    scored = np.flatnonzero(known > 0)
+    scored = np.flatnonzero(scorable)
     ids = np.zeros((len(histories), k), np.int32)
     scores = np.full((len(histories), k), -np.inf, np.float32)
     # Padded to a power of two up to _MAX_BATCH: a handful of compiles
@@ -199,13 +275,13 @@ class Predictor:
     popular = self.vocab.items[1:k + 1].tolist()
     out = []
     for row in range(len(histories)):
-      if not known[row]:
+      if not scorable[row]:
         out.append(Prediction(popular, None, int(unknown[row]),
                               "popularity"))
         continue
       keep = np.isfinite(scores[row])  # Fewer than k unseen items left.
       out.append(Prediction(
-          self.vocab.decode_items(ids[row][keep]).tolist(),
+          self.names[ids[row][keep]].tolist(),
           [float(s) for s in scores[row][keep]], int(unknown[row]), None))
     return out
 
@@ -219,11 +295,17 @@ def export_topk(run_dir: str, path: str, k: int = 10,
   """Writes `path` (a zip): the top-k function as a `jax.export`
   serialization (params baked in, batch dimension symbolic, inputs
   int32 [B, max_len] left-padded model ids), the vocabulary and a
-  `serving.json` spec. Returns the spec."""
+  `serving.json` spec. Returns the spec.
+
+  A fine-tuning's zip (format FINETUNING_EXPORT_FORMAT) also holds
+  `outputs.json` (its outputs' names by id, as in its run directory), and
+  its spec names the task and the input tokens (CLS, UNK) and layout its
+  inputs are encoded with; a next-item zip is as it always was."""
   predictor = Predictor(run_dir, kind)
-  k = check_k(k, predictor.vocab.num_items)
-  params = predictor.params
-  fn = topk_fn(predictor.cfg, k, exclude_seen)
+  predictor.check_exclude_seen(exclude_seen)
+  k = check_k(k, len(predictor.names))
+  params, cfg = predictor.params, predictor.cfg
+  fn = topk_fn(cfg, k, exclude_seen)
   batch = jax.export.symbolic_shape("batch")[0]
   spec_in = jax.ShapeDtypeStruct((batch, predictor.max_len), jnp.int32)
   with reported_as(run_dir, "export the scoring function"):
@@ -241,6 +323,26 @@ def export_topk(run_dir: str, path: str, k: int = 10,
           "inputs": "int32 [batch, max_len]: model ids, left-padded with 0",
           "outputs": "(int32 [batch, k] ids, float32 [batch, k] scores), "
                      "best first; -inf marks no item"}
+  outputs = predictor.outputs
+  if outputs is not None:
+    causal = cfg.model.is_causal()
+    layout = ("source ids then cls_id" if causal else
+              "cls_id, source ids, cls_id")
+    room = predictor.max_len - (1 if causal else 2)
+    spec.update({
+        "format": FINETUNING_EXPORT_FORMAT, "task": cfg.train.task,
+        "num_outputs": len(outputs.names),
+        "outputs_fingerprint": outputs.fingerprint(),
+        "causal": causal,
+        "cls_id": cfg.model.token_id("cls"),
+        "unk_id": cfg.model.token_id("unk"),
+        "inputs": "int32 [batch, max_len]: a user's source-domain history "
+                  "as vocabulary.json's model ids (unknown raw ids: unk_id), "
+                  f"its last {room} kept, as {layout}, left-padded with 0",
+        "outputs": f"(int32 [batch, k] output ids: {cfg.train.task} "
+                   f"outputs named by {EXPORTED_OUTPUTS}, not catalogue "
+                   "items; float32 [batch, k] scores), best first; -inf "
+                   "marks no output"})
   tmp = f"{path}.tmp{os.getpid()}"
   with reported_as(path, "write the export"):
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
@@ -250,6 +352,8 @@ def export_topk(run_dir: str, path: str, k: int = 10,
            "fingerprint": predictor.vocab.fingerprint(),
            "items": predictor.vocab.items.tolist(),
            "users": predictor.vocab.users.tolist()}))
+      if outputs is not None:
+        z.writestr(EXPORTED_OUTPUTS, json.dumps(outputs.to_json()))
       z.writestr(EXPORTED_SPEC, json.dumps(spec, indent=2))
     os.replace(tmp, path)
   return spec
@@ -257,15 +361,29 @@ def export_topk(run_dir: str, path: str, k: int = 10,
 
 def load_exported(path: str) -> tuple[Any, vocab_lib.Vocabulary,
                                       dict[str, Any]]:
-  """(jax.export.Exported, Vocabulary, spec) of an `export_topk` file."""
+  """(jax.export.Exported, Vocabulary, spec) of an `export_topk` file.
+  The vocabulary encodes the inputs (and, next-item, decodes the ids); a
+  fine-tuning's spec comes back with `output_names` (its outputs.json's
+  names by output id), which decode its ids."""
   with reported_as(path, "read the export"):
     with zipfile.ZipFile(path) as z:
       exported = jax.export.deserialize(bytearray(z.read(EXPORTED_FN)))
       spec = json.loads(z.read(EXPORTED_SPEC))
       raw = json.loads(z.read(EXPORTED_VOCAB))
-  if spec.get("format") != EXPORT_FORMAT:
+      finetuning = spec.get("format") == FINETUNING_EXPORT_FORMAT
+      outputs = (json.loads(z.read(EXPORTED_OUTPUTS)) if finetuning
+                 else None)
+  if spec.get("format") not in (EXPORT_FORMAT, FINETUNING_EXPORT_FORMAT):
     raise JaxrecError(f"{path}: export format {spec.get('format')!r}; "
-                      f"expected {EXPORT_FORMAT!r}")
+                      f"expected {EXPORT_FORMAT!r} or "
+                      f"{FINETUNING_EXPORT_FORMAT!r}")
   vocab = vocab_lib.Vocabulary(np.array(raw["items"], dtype=str),
                                np.array(raw["users"], dtype=str))
+  if finetuning:
+    names = transfer_data.Outputs.from_json(
+        outputs, f"{path}:{EXPORTED_OUTPUTS}").names
+    if len(names) != spec.get("num_outputs"):
+      raise JaxrecError(f"{path}: {EXPORTED_OUTPUTS} names {len(names)} "
+                        f"outputs, serving.json {spec.get('num_outputs')}")
+    spec = {**spec, "output_names": list(names)}
   return exported, vocab, spec

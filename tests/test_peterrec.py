@@ -251,9 +251,10 @@ def preset_params(preset):
   cfg = config.Config(
       model=model_cfg(special_tokens=("cls", "unk")),
       methods=(PeterRecConfig(),) if arm.patches else (),
-      head=config.head_config_class("softmax")(num_classes=5),
-      train=config.TrainConfig(freeze=arm.frozen,
-                               train_top_blocks=arm.top_blocks))
+      head=config.head_config_class("softmax")(num_classes=5))
+  cfg = cfg.replace(train=config.TrainConfig(
+      freeze=peterrec.frozen_patterns(cfg, preset),
+      train_top_blocks=arm.top_blocks))
   return models.init_params(cfg, jax.random.key(0)), cfg
 
 
@@ -477,8 +478,15 @@ def test_a_masked_model_serves_the_next_item_from_a_trailing_mask():
                              rtol=1e-5)
 
 
-def test_predict_refuses_a_finetuning(peter_run, capsys):
-  assert cli.main(["predict", "--ckpt", peter_run, "--history", "1 2",
-                   "--topk", "2"]) == 2
-  assert "a fine-tuning (cold_start) scores its task's outputs" in (
-      capsys.readouterr().err)
+def test_predict_answers_a_cold_start_finetuning_in_target_items(
+    peter_run, capsys):
+  known = Vocabulary.load(peter_run).items[1:3].tolist()
+  assert cli.main(["predict", "--ckpt", peter_run, "--history",
+                   " ".join(known + ["nope"]), "--topk", "3", "--format",
+                   "csv"]) == 0
+  out = capsys.readouterr()
+  rows = out.out.splitlines()[1:]
+  assert len(rows) == 3
+  assert all(r.split(",")[2].startswith("t") for r in rows), rows
+  assert "1 unknown source ids in 1 of 1 histories read as the UNK" in (
+      out.err)

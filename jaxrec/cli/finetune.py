@@ -20,8 +20,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
   from jaxrec.methods.peterrec import finetune as peterrec  # pylint: disable=import-outside-toplevel
   p = sub.add_parser(
       "finetune", help="fine-tune a pretrained run on a downstream task "
-      "(PeterRec)", description="Fine-tune a pretrained NextItNet (causal "
-      "or masked) on cold-start recommendation (lines 's1,...,sn,,t1,...,tm') "
+      "(PeterRec)", description="Fine-tune a pretrained backbone "
+      "(NextItNet, causal or masked; SASRec) on cold-start recommendation "
+      "(lines 's1,...,sn,,t1,...,tm') "
       "or user profiles (lines 's1,...,sn,,label'): PeterRec's patches or a "
       "baseline preset. Writes DIR/metrics.json (with trainable_params and "
       "backbone_params) and checkpoints that hold only the trainable leaves "
@@ -39,7 +40,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
   p.add_argument("--placement", default="serial", choices=PLACEMENTS,
                  help="where PeterRec's patches go (peter, peter_zero)")
   p.add_argument("--train-ln1", action="store_true",
-                 help="peter: also train each block's first LayerNorm")
+                 help="peter: also train the norms of each block's lower "
+                      "layers (NextItNet: ln1; SASRec: ln_attn), not only "
+                      "the last layer's")
   p.add_argument("--resume", action="store_true",
                  help="continue the run in --out from its latest checkpoint")
   p.add_argument("--quiet", action="store_true", help="no progress bar")

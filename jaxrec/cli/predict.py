@@ -18,7 +18,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
       "histories of raw item ids (oldest first), with the head's scores. "
       "Unknown raw ids are dropped and counted; a history with no known "
       "id gets the popularity ranking (marked fallback=popularity, no "
-      "scores).")
+      "scores). A fine-tuning (jaxrec finetune) takes source-domain "
+      "histories (unknown ids read as its UNK token) and answers in its "
+      "outputs' names: target items (cold_start) or labels (profile).")
   p.add_argument("--ckpt", required=True, metavar="DIR",
                  help="run directory (its best checkpoint, else latest)")
   src = p.add_mutually_exclusive_group(required=True)
@@ -31,7 +33,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
   p.add_argument("--topk", type=int, default=10, metavar="K",
                  help="items per history (default: 10)")
   p.add_argument("--exclude-seen", action="store_true",
-                 help="never recommend an item of the history")
+                 help="never recommend an item of the history (refused "
+                      "for a fine-tuning)")
   p.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
                  help="jsonl: one object per history; csv: one row per "
                       "recommended item (default: jsonl)")
@@ -80,8 +83,13 @@ def run(args: argparse.Namespace) -> None:
   unknown = sum(p.unknown for p in preds)
   if unknown:
     rows = sum(1 for p in preds if p.unknown)
-    print(f"jaxrec: warning: dropped {unknown} unknown item ids from "
-          f"{rows} of {len(preds)} histories", file=sys.stderr)
+    if predictor.finetuning:
+      print(f"jaxrec: warning: {unknown} unknown source ids in {rows} of "
+            f"{len(preds)} histories read as the UNK token",
+            file=sys.stderr)
+    else:
+      print(f"jaxrec: warning: dropped {unknown} unknown item ids from "
+            f"{rows} of {len(preds)} histories", file=sys.stderr)
   fallback = sum(1 for p in preds if p.fallback)
   if fallback:
     print(f"jaxrec: warning: {fallback} of {len(preds)} histories had no "

@@ -24,10 +24,12 @@ Processing (`load`):
   backbone reads the user at the last position), or CLS, the last
   `max_len - 2`, CLS (a bidirectional one reads both ends).
 
-The result is a `SequenceData` whose `num_items` is the *model's* input
-vocabulary, `train` rows are the input then the target, `item_counts` count
-the training targets over the head's outputs (the popularity baseline), and
-`vocab` is the model's (the pretraining run's) input vocabulary.
+The result is a `TransferData` (a `SequenceData`) whose `num_items` is
+the *model's* input vocabulary, `train` rows are the input then the target,
+`item_counts` count the training targets over the head's outputs (the
+popularity baseline), `vocab` is the model's (the pretraining run's) input
+vocabulary, and `outputs` names the head's outputs (`Outputs`: the training
+loop keeps them as DIR/outputs.json, so serving needs no downstream file).
 `synthetic_world` writes a two-domain world in these formats.
 """
 from __future__ import annotations
@@ -44,10 +46,105 @@ from jaxrec.config import DataConfig
 from jaxrec.data import synthetic
 from jaxrec.data.sequences import SequenceData
 from jaxrec.data.vocabulary import Vocabulary
-from jaxrec.errors import JaxrecError
+from jaxrec.errors import JaxrecError, reported_as
 
 TASKS = ("cold_start", "profile")
 FORMAT_VERSION = 1  # Bump when the same file would give other arrays.
+OUTPUTS_FILE = "outputs.json"
+OUTPUTS_FORMAT = "jaxrec.outputs/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+  """What a fine-tuning's head outputs are: `names[i]` is the raw target
+  item (cold_start) or label (profile) of output id i; `names[0]` is ""
+  (never a target, never scored). A run keeps them as DIR/outputs.json
+  (written atomically):
+
+    {"format": "jaxrec.outputs/1", "task": TASK, "fingerprint": SHA256,
+     "data_fingerprint": ..., "names": ["", NAME_1, ...]}
+
+  `fingerprint` hashes task and names (a damaged file is refused);
+  `data_fingerprint` is the data's, which every checkpoint records, so a
+  file that belongs to another fine-tuning is refused too
+  (`check_matches`)."""
+  task: str
+  names: tuple[str, ...]
+  data_fingerprint: str
+
+  def fingerprint(self) -> str:
+    blob = json.dumps({"task": self.task, "names": list(self.names)})
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+  def to_json(self) -> dict[str, Any]:
+    return {"format": OUTPUTS_FORMAT, "task": self.task,
+            "fingerprint": self.fingerprint(),
+            "data_fingerprint": self.data_fingerprint,
+            "names": list(self.names)}
+
+  def save(self, directory: str) -> str:
+    """Writes DIRECTORY/outputs.json atomically; returns its path."""
+    path = os.path.join(directory, OUTPUTS_FILE)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with reported_as(path, "write the fine-tuning's outputs"):
+      with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(self.to_json(), f)
+        f.write("\n")
+      os.replace(tmp, path)
+    return path
+
+  @staticmethod
+  def from_json(raw: Any, origin: str) -> "Outputs":
+    """Parses `to_json`'s dict, checking format and fingerprint."""
+    if not isinstance(raw, dict) or raw.get("format") != OUTPUTS_FORMAT:
+      found = raw.get("format") if isinstance(raw, dict) else None
+      raise JaxrecError(f"{origin}: outputs format {found!r}; expected "
+                        f"{OUTPUTS_FORMAT!r}")
+    names = raw.get("names")
+    if not (isinstance(names, list) and names and names[0] == ""
+            and all(isinstance(n, str) for n in names)):
+      raise JaxrecError(f"{origin}: 'names' must be a list of strings "
+                        "starting with '' (output 0)")
+    out = Outputs(str(raw.get("task")), tuple(names),
+                  str(raw.get("data_fingerprint")))
+    if out.fingerprint() != raw.get("fingerprint"):
+      raise JaxrecError(f"{origin}: damaged (its contents do not match its "
+                        "fingerprint)")
+    return out
+
+  @staticmethod
+  def load(run_dir: str) -> "Outputs":
+    """RUN_DIR/outputs.json; a fine-tuning made before jaxrec recorded its
+    outputs has none, which is one line naming the file."""
+    path = os.path.join(run_dir, OUTPUTS_FILE)
+    if not os.path.isfile(path):
+      raise JaxrecError(f"{run_dir}: a fine-tuning without {OUTPUTS_FILE} "
+                        "(made before jaxrec recorded its head's outputs); "
+                        "fine-tune it again to serve it")
+    with reported_as(path, "read the fine-tuning's outputs"):
+      with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    return Outputs.from_json(raw, path)
+
+  def check_matches(self, meta: dict[str, Any], num_outputs: int, task: str,
+                    origin: str) -> None:
+    """Refuses outputs other than those the checkpoint (its `meta`, its
+    head's `num_outputs` rows, its `task`) was trained on."""
+    if self.data_fingerprint != meta.get("data_fingerprint"):
+      raise JaxrecError(f"{origin}: its {OUTPUTS_FILE} is not the one its "
+                        "checkpoint was trained with (data fingerprint "
+                        "differs)")
+    if len(self.names) != num_outputs or self.task != task:
+      raise JaxrecError(f"{origin}: its {OUTPUTS_FILE} names "
+                        f"{len(self.names) - 1} {self.task} outputs; the "
+                        f"checkpoint's head has {num_outputs - 1} "
+                        f"({task})")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferData(SequenceData):
+  """Downstream data: a `SequenceData` that also names its outputs."""
+  outputs: Outputs | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,20 +241,30 @@ def model_inputs(ids: list[np.ndarray], max_len: int, causal: bool,
   return out
 
 
+def encode_sources(sources: list[list[str]], vocab: Vocabulary,
+                   unk_id: int) -> tuple[list[np.ndarray], np.ndarray]:
+  """(model ids per user, unknown ids per user): raw source ids through the
+  pretraining vocabulary, an id it never saw as the UNK token (kept, so
+  the model sees that something was there). Serving encodes histories
+  with this too (`jaxrec.serving`), as the fine-tuning trained."""
+  index = vocab.index()
+  encoded = [np.array([index.get(str(s), unk_id) for s in src], np.int32)
+             for src in sources]
+  unknown = np.array([int(np.sum(ids == unk_id)) for ids in encoded],
+                     np.int64)
+  return encoded, unknown
+
+
 def load(path: str, task: str, vocab: Vocabulary, cfg: DataConfig,
          max_len: int, causal: bool, cls_id: int, unk_id: int
-         ) -> SequenceData:
+         ) -> TransferData:
   """The downstream data of `task` from `path` (see the module docstring)."""
   lines = read_lines(path, task)
   users = split_users(len(lines.sources), cfg)
   outputs = output_ids(lines, users["train"], task)
   out_index = {t: i for i, t in enumerate(outputs)}
-  encoded, unknown = [], 0
-  index = vocab.index()
-  for src in lines.sources:
-    ids = np.array([index.get(s, unk_id) for s in src], np.int32)
-    unknown += int(np.sum(ids == unk_id))
-    encoded.append(ids)
+  encoded, unknown_per_user = encode_sources(lines.sources, vocab, unk_id)
+  unknown = int(unknown_per_user.sum())
   inputs = model_inputs(encoded, max_len, causal, cls_id)
 
   def examples(split):
@@ -177,13 +284,14 @@ def load(path: str, task: str, vocab: Vocabulary, cfg: DataConfig,
               num_outputs=len(outputs) - 1,
               source_tokens=int(sum(len(s) for s in lines.sources)),
               unknown_source_tokens=unknown, max_len=max_len)
-  return SequenceData(
+  fingerprint = _fingerprint(path, task, vocab, cfg, max_len, causal)
+  return TransferData(
       num_items=vocab.num_items,
       train=np.concatenate([train_x, train_y[:, None]], axis=1),
       valid_inputs=valid_x, valid_targets=valid_y, test_inputs=test_x,
-      test_targets=test_y, item_counts=counts,
-      fingerprint=_fingerprint(path, task, vocab, cfg, max_len, causal),
-      meta=meta, vocab=vocab)
+      test_targets=test_y, item_counts=counts, fingerprint=fingerprint,
+      meta=meta, vocab=vocab,
+      outputs=Outputs(task, tuple(outputs), fingerprint))
 
 
 def _fingerprint(path: str, task: str, vocab: Vocabulary, cfg: DataConfig,

@@ -16,8 +16,8 @@ scores. A backbone is one module with:
 - `capabilities()` on its config: what it promises the methods
   (`block_stack`, `residual_gate`, `slot:NAME`, ...), so a method that
   needs more is refused in one line;
-- `surgery`: which subtrees are block stacks and which block leaves are
-  norms and gates, for growth and freezing;
+- `surgery`: which subtrees are block stacks, which block leaves are
+  norms and gates, and the block's layers, for growth and freezing;
 - `grown_config(cfg, sources, carry)`: the config of a model whose run
   position i holds old block `sources[i]` (-1: fresh).
 
@@ -34,12 +34,28 @@ Params = dict[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
+class BlockLayer:
+  """One layer of a block, as fnmatch patterns over its block leaves: the
+  weights, and the norm that belongs to the layer (NextItNet's LayerNorm
+  after its conv; SASRec's pre-norm before its sublayer)."""
+  weights: tuple[str, ...]
+  norm: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class SurgeryRules:
   """Where surgery acts on a backbone's tree. Paths are '/'-joined keys;
   leaf names inside a block are fnmatch patterns."""
   stacks: tuple[str, ...] = ("blocks",)  # Subtrees with a leading block axis.
   norms: tuple[str, ...] = ()  # Block leaves that StackRec's `paper` resets.
   gates: tuple[str, ...] = ()  # Block leaves scaling a residual branch.
+  # The block's layers, bottom to top, the i-th the one whose output the
+  # `layer{i+1}` slot sees. Fine-tuning presets are written in them
+  # (FineLast1 trains the top block's last layer, PeterRec the last
+  # layer's norm: `jaxrec.methods.peterrec.finetune`), so they need no
+  # backbone's leaf names; a backbone declaring none is refused by those
+  # presets.
+  layers: tuple[BlockLayer, ...] = ()
 
 
 def grown_depth(cfg: Any, sources: tuple[int, ...], carry: bool) -> Any:

@@ -46,7 +46,8 @@ from typing import Any
 
 from jaxrec.config import BackboneConfig, choice, option, require
 from jaxrec.method_api import BlockPlan
-from jaxrec.models.backbone import Backbone, Params, SurgeryRules
+from jaxrec.models.backbone import (Backbone, BlockLayer, Params,
+                                    SurgeryRules)
 from jaxrec.nn import embedding
 from jaxrec.nn.conv import CausalConv
 from jaxrec.nn.dropout import input_dropout
@@ -223,5 +224,8 @@ def grown_config(cfg: NextItNetConfig, sources: tuple[int, ...],
 BACKBONE = Backbone(
     name="nextitnet", config=NextItNetConfig, init=init, apply=apply,
     surgery=SurgeryRules(stacks=("blocks",),
-                         norms=("ln*/scale", "ln*/bias"), gates=("alpha",)),
+                         norms=("ln*/scale", "ln*/bias"), gates=("alpha",),
+                         # Each conv with the LayerNorm after it.
+                         layers=(BlockLayer(("conv1/*",), ("ln1/*",)),
+                                 BlockLayer(("conv2/*",), ("ln2/*",)))),
     grown_config=grown_config)

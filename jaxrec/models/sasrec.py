@@ -66,7 +66,8 @@ from typing import Any
 from jaxrec.config import BackboneConfig, choice, option, require
 from jaxrec.errors import JaxrecError
 from jaxrec.method_api import BlockPlan
-from jaxrec.models.backbone import Backbone, Params, SurgeryRules
+from jaxrec.models.backbone import (Backbone, BlockLayer, Params,
+                                    SurgeryRules)
 from jaxrec.nn.attention import CausalSelfAttention, dense_init
 from jaxrec.nn import embedding
 from jaxrec.nn.conv import weight_init
@@ -266,6 +267,9 @@ def apply(params: Params, cfg: SASRecConfig, ids: jax.Array, *,
 
 BACKBONE = Backbone(
     name="sasrec", config=SASRecConfig, init=init, apply=apply,
-    surgery=SurgeryRules(stacks=("blocks",),
-                         norms=("ln_*/scale", "ln_*/bias"),
-                         gates=("alpha_attn", "alpha_ffn")))
+    surgery=SurgeryRules(
+        stacks=("blocks",), norms=("ln_*/scale", "ln_*/bias"),
+        gates=("alpha_attn", "alpha_ffn"),
+        # Each sublayer with the pre-norm that feeds it.
+        layers=(BlockLayer(("attention/*",), ("ln_attn/*",)),
+                BlockLayer(("ffn_in/*", "ffn_out/*"), ("ln_ffn/*",)))))

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from jaxrec import method_api, models, tasks
 from jaxrec.config import Config
 from jaxrec.data import pipeline, sequences
+from jaxrec.data import transfer as transfer_data
 from jaxrec.data import vocabulary as vocab_lib
 from jaxrec.errors import Interrupted, JaxrecError
 from jaxrec.surgery import catalogue
@@ -258,6 +259,11 @@ def _train_locked(cfg: Config, out_dir: str,
     if primary:
       data.vocab.save(out_dir)
     vocab_meta = data.vocab.meta()
+  # A fine-tuning's head outputs by name, for serving; bound to the
+  # checkpoints by the data fingerprint they record.
+  outputs = getattr(data, "outputs", None)
+  if isinstance(outputs, transfer_data.Outputs) and primary:
+    outputs.save(out_dir)
   start = int(state["step"])
 
   log = (rundir.MetricsLog(out_dir, tcfg.tensorboard, start) if primary
