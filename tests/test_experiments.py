@@ -243,3 +243,33 @@ def test_cprec_writes_every_arm_targets_and_plot(tmp_path, monkeypatch):
   assert set(results["targets"]) >= {"cprec_4x_fewer_params",
                                      "early_exit_exact"}
   assert (tmp_path / "accuracy_vs_params.png").exists()
+
+
+@pytest.mark.slow  # Five short stages on the tiny world: about 2 minutes.
+def test_lineage_runs_every_method_on_one_chain_of_checkpoints(
+    tmp_path, monkeypatch, capsys):
+  tiny = dict(world="tiny", embed_dim=8, shallow_blocks=2, max_len=12,
+              steps=4, eval_every=2, batch_size=16, lr=1e-3, period=2,
+              num_bands=3, band_shares=(0.6,), skip_lambda=0.5,
+              timing_batches=1)
+  run_script(monkeypatch, "lineage", tmp_path, "--seeds", "0", CPU=tiny)
+  with open(tmp_path / "results.json") as f:
+    results = json.load(f)
+  stages = results["stages"]
+  assert results["selection"] == "valid"
+  # Each stage's checkpoint names the run it was made from.
+  assert {name: s["recorded_parents"] for name, s in stages.items()} == {
+      "shallow": ["None"], "grown": ["shallow"], "compressed": ["grown"],
+      "skipping": ["compressed"], "patched": ["compressed"]}
+  assert [op.split(":")[0] for op in stages["compressed"]["lineage"]] == [
+      "grow", "init_from", "compress", "init_from"]
+  assert stages["compressed"]["params"] < stages["grown"]["params"]
+  assert stages["grown"]["params"] > stages["shallow"]["params"]
+  assert 0 <= stages["skipping"]["block_usage"]["mean"] <= 1
+  assert stages["patched"]["metric"] == "accuracy"
+  assert stages["patched"]["trainable_params"] < stages["compressed"][
+      "params"]
+  for name in ("shallow", "grown", "compressed", "skipping"):
+    assert stages[name]["infer_ms"]["mean"] > 0
+  assert "| compressed | grown |" in capsys.readouterr().out
+  assert (tmp_path / "lineage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
