@@ -194,7 +194,6 @@ def test_rl_variant_trains_backbone_and_policy():
     ({"skip": "always"}, "methods.skiprec.mode="),
     ({"skip_tau": 0.0}, "methods.skiprec.tau="),
     ({"skip_lambda": -1.0}, "methods.skiprec.lam="),
-    ({"share": "cross_block"}, "methods.skiprec: backbone 'nextitnet'"),
 ])
 def test_bad_skip_options_fail_in_one_line_naming_the_option(bad, msg):
   with pytest.raises(JaxrecError, match=msg) as e:

@@ -217,12 +217,13 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(
       out["targets"][0, -1] = mark
     return out
 
-  def loss(params, cfg, arrays, rng, sampler):
-    value = next_item.loss(params, cfg, arrays, rng, sampler)
-    return jnp.where(jnp.any(arrays["targets"] == mark), jnp.nan, value)
+  def loss_parts(params, cfg, arrays, rng, sampler):
+    value, terms = next_item.loss_parts(params, cfg, arrays, rng, sampler)
+    return jnp.where(jnp.any(arrays["targets"] == mark), jnp.nan,
+                     value), terms
 
   # The loop knows only its task: a task whose loss turns NaN at step 14.
-  poisoned = types.SimpleNamespace(batch=batch, loss=loss,
+  poisoned = types.SimpleNamespace(batch=batch, loss_parts=loss_parts,
                                    rank_fn=next_item.rank_fn)
   with pytest.raises(JaxrecError, match="at step 14"):
     train.train(cfg, str(tmp_path), data, progress_bar=False, task=poisoned)
