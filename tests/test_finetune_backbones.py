@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 
 from jaxrec import config, models
-from jaxrec.data import transfer
 from jaxrec.errors import JaxrecError
 from jaxrec.methods.cprec.config import CpRecConfig
 from jaxrec.methods.peterrec import finetune as peterrec
 from jaxrec.methods.skiprec.config import SkipRecConfig
 from jaxrec.training import loop, optim
 from jaxrec.training import state as state_lib
+
+from transfer_helpers import pretrained_tiny_world
 
 # The presets as jaxrec wrote them for NextItNet before they were derived
 # from the backbone's declarations (regular expressions over leaf paths;
@@ -192,16 +193,7 @@ def test_a_compressed_source_keeps_its_sharing_under_the_patches():
 def sasrec_world(tmp_path_factory):
   """A tiny two-domain world and a SASRec pretrained on its source."""
   root = tmp_path_factory.mktemp("sasrec_finetune")
-  paths = transfer.synthetic_world(str(root / "world"),
-                                   transfer.WORLD_SIZES["tiny"])
-  model = config.model_config_class("sasrec")(embed_dim=8, num_blocks=2,
-                                              dropout=0.0)
-  cfg = config.Config(
-      model=model,
-      data=config.DataConfig(source="csv:" + paths["source"], max_len=12,
-                             min_item_count=2),
-      train=config.TrainConfig(steps=4, eval_every=4, batch_size=16))
-  loop.train(cfg, str(root / "pre"), progress_bar=False)
+  paths = pretrained_tiny_world(root, "sasrec")
   return root, paths
 
 

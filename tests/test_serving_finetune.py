@@ -6,7 +6,6 @@ import json
 import os
 import zipfile
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,10 +16,10 @@ from jaxrec.data.vocabulary import Vocabulary
 from jaxrec.errors import JaxrecError
 from jaxrec.methods.peterrec import finetune as peterrec
 from jaxrec.tasks import transfer as transfer_task
-from jaxrec.training import loop
 from jaxrec.training import state as state_lib
 
 from cli_helpers import run_error
+from transfer_helpers import pretrained_tiny_world
 
 OLD_FINETUNING = os.path.join(os.path.dirname(__file__), "fixtures",
                               "v2_runs", "peterrec")
@@ -35,16 +34,7 @@ def world(tmp_path_factory):
   """A tiny two-domain world, a causal NextItNet pretrained on its source,
   and a profile and a cold-start fine-tuning of it."""
   root = tmp_path_factory.mktemp("serving_finetune")
-  paths = transfer.synthetic_world(str(root / "world"),
-                                   transfer.WORLD_SIZES["tiny"])
-  model = config.model_config_class("nextitnet")(embed_dim=8, num_blocks=2,
-                                                 dropout=0.0)
-  cfg = config.Config(
-      model=model,
-      data=config.DataConfig(source="csv:" + paths["source"], max_len=12,
-                             min_item_count=2),
-      train=tiny_train(4))
-  loop.train(cfg, str(root / "pre"), progress_bar=False)
+  paths = pretrained_tiny_world(root, "nextitnet")
   runs = {}
   for task, steps in (("profile", 6), ("cold_start", 2)):
     runs[task] = str(root / task)
