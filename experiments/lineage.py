@@ -173,10 +173,10 @@ def run_seed(s: dict[str, Any], paths: dict[str, str], out: str,
                          seed=seed, kind="best")
   record("grown", loop.train(base, fresh(dirs["grown"]), init_from=start,
                              progress_bar=False))
-  counts = pipeline.load_data(base.data).item_counts
+  data = pipeline.load_data(base.data)  # Cached by the first stage.
   start = fresh(dirs["compressed"] + "_start")
   surgery.apply_to_checkpoint(
-      dirs["grown"], start, compress_fn(s, counts, seed),
+      dirs["grown"], start, compress_fn(s, data.item_counts, seed),
       {"op": "compress", "share": "cross_block", "period": s["period"],
        "num_bands": s["num_bands"], "band_shares": list(s["band_shares"])},
       kind="best")
@@ -194,7 +194,6 @@ def run_seed(s: dict[str, Any], paths: dict[str, str], out: str,
       dirs["compressed"], "profile", paths["profile"],
       fresh(dirs["patched"]), "peter", "serial", train=tune,
       progress_bar=False))
-  data = pipeline.load_data(base.data)
   for stage in STAGES[:-1]:
     rows[stage]["infer_ms"] = served_ms(dirs[stage], data.test_inputs,
                                         s["timing_batches"])

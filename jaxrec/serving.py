@@ -328,7 +328,7 @@ def export_topk(run_dir: str, path: str, k: int = 10,
     causal = cfg.model.is_causal()
     layout = ("source ids then cls_id" if causal else
               "cls_id, source ids, cls_id")
-    room = predictor.max_len - (1 if causal else 2)
+    room = transfer_data.source_room(predictor.max_len, causal)
     spec.update({
         "format": FINETUNING_EXPORT_FORMAT, "task": cfg.train.task,
         "num_outputs": len(outputs.names),

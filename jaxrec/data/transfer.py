@@ -226,10 +226,15 @@ def output_ids(lines: UserLines, train_users: np.ndarray,
   return [""] + sorted(every, key=lambda t: (-counts[t], t))
 
 
+def source_room(max_len: int, causal: bool) -> int:
+  """Source ids a model input keeps beside its CLS token(s)."""
+  return max_len - (1 if causal else 2)
+
+
 def model_inputs(ids: list[np.ndarray], max_len: int, causal: bool,
                  cls_id: int) -> np.ndarray:
   """[N, max_len] left-padded inputs: (source, CLS) or (CLS, source, CLS)."""
-  room = max_len - (1 if causal else 2)
+  room = source_room(max_len, causal)
   if room < 1:
     raise JaxrecError(f"data.max_len={max_len}: leaves no room for the "
                       "source sequence beside the CLS token(s)")
