@@ -186,6 +186,28 @@ def test_a_compressed_source_keeps_its_sharing_under_the_patches():
   chex.assert_tree_shape_prefix(params["peterrec"], (4,))  # Positions.
 
 
+
+@pytest.mark.parametrize("preset", ["peter", "fine_cls"])
+def test_a_compressed_source_norms_beside_shared_blocks_freeze_as_the_blocks(
+    preset):
+  # CpRec sharing convs only keeps each position's norms and gates in
+  # `block_norms`: a preset freezes them exactly as it freezes the blocks'.
+  src = source("nextitnet", num_blocks=4).with_method(
+      CpRecConfig(share="cross_layer", leaves="convs"))
+  cfg = tuning(src, preset)
+  params = models.init_params(cfg, jax.random.key(0))
+  frozen = frozen_paths(params, cfg.train.freeze)
+  norms = {"block_norms/" + optim.path_name(p) for p, _ in
+           jax.tree_util.tree_leaves_with_path(params["block_norms"])}
+  assert norms, "the source keeps no per-position norms"
+  unshared = tuning(source("nextitnet", num_blocks=4), preset)
+  frozen_unshared = frozen_paths(
+      models.init_params(unshared, jax.random.key(0)), unshared.train.freeze)
+  for name in norms:
+    as_block = "blocks/" + name.partition("/")[2]
+    assert (name in frozen) == (as_block in frozen_unshared), name
+
+
 # ------------------------------------------------- SASRec, end to end
 
 

@@ -69,7 +69,7 @@ from typing import Any
 
 import jax
 
-from jaxrec import heads, models
+from jaxrec import heads, method_api, models
 from jaxrec.config import Config, DataConfig, TrainConfig
 from jaxrec.data import transfer as transfer_data
 from jaxrec.data import vocabulary
@@ -158,6 +158,12 @@ def frozen_leaves(cfg: Config, preset: str,
   backbone = models.get(cfg.model.name)
   own = set(jax.eval_shape(
       lambda: backbone.init(cfg.model, jax.random.key(0))))
+  # A method may keep block leaves per position outside the backbone's
+  # stacks (CpRec's norms beside shared blocks, `block_norms`): the preset
+  # decides them as it decides the blocks'. Without this they trained under
+  # every preset, FineCLS included.
+  stacks = set(backbone.surgery.stacks) | (
+      set(method_api.stacks(cfg)) - set(method_api.get(PeterRecConfig.NAME).stacks(cfg)))
   out = set()
   for path, _ in jax.tree_util.tree_leaves_with_path(
       models.abstract_params(cfg)):
@@ -165,7 +171,7 @@ def frozen_leaves(cfg: Config, preset: str,
     top, _, inner = name.partition("/")
     if top == "tokens":
       frozen = inner not in OWN_TOKENS
-    elif top in backbone.surgery.stacks:
+    elif top in stacks:
       frozen = not any(fnmatch.fnmatchcase(inner, p) for p in trained)
     else:
       frozen = top in own
