@@ -16,6 +16,8 @@ representation and head, and answered in the names of its outputs
 (target items or labels, DIR/outputs.json), not catalogue items; so
 `exclude_seen` is refused, and every history is scored.
 
+`exclude_seen` excludes every known item of the whole history, not only
+the model's window (the seen ids are an input of their own, `seen_ids`).
 A head with its own exact search (`Head.topk`: the tree softmax's early
 exit, which decides on the host) answers `topk` without `exclude_seen`;
 the export, one traced program, always scans every item tile by tile.
@@ -71,13 +73,18 @@ def is_finetuning(cfg: Config) -> bool:
 
 
 def topk_fn(cfg: Config, k: int, exclude_seen: bool = False
-            ) -> Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]:
+            ) -> Callable[..., tuple[jax.Array, jax.Array]]:
   """(params, inputs [B, T] int32) -> (ids [B, k] int32, scores [B, k]
   float32), best first, over every real output (`head_outputs`: items,
   or a fine-tuning's outputs), tile by tile (never a [B, V] matrix).
-  Padding, ids >= V and, with `exclude_seen`, the ids of each row's input
-  score -inf; a row with fewer than k such items has -inf entries at its
-  end. B may be symbolic (jax.export)."""
+  Padding and ids >= V score -inf; a row with fewer than k such items has
+  -inf entries at its end. B may be symbolic (jax.export).
+
+  With `exclude_seen` the function takes a third argument, `seen` [B, S]
+  int32: the model ids of each row's whole history (0 pads), which score
+  -inf too. It is its own input because a history is longer than the
+  model's window: excluding only `inputs` recommended items the user had
+  seen before their last `max_len`."""
   head = heads.get(cfg.head.name)
   # A masked (bidirectional) model reads the next item off a trailing MASK;
   # a fine-tuning reads its user representation (`tasks.transfer`).
@@ -86,23 +93,23 @@ def topk_fn(cfg: Config, k: int, exclude_seen: bool = False
   tile = min(cfg.train.loss_chunk, v)
   num_tiles = -(-v // tile)
 
-  def topk(params, inputs):
-    ctx = head.prepare(params, cfg, represent(params, cfg, inputs))
+  def seen_in_tile(history, start):
+    # One row's seen ids as a [tile] mask; out-of-tile ids go to index
+    # `tile` and are dropped (a negative index would wrap around).
+    local = history - start
+    local = jnp.where((local >= 0) & (local < tile), local, tile)
+    return jnp.zeros(tile, bool).at[local].set(True, mode="drop")
 
-    def seen_in_tile(history, start):
-      # One row's inputs as a [tile] mask; out-of-tile ids go to index
-      # `tile` and are dropped (a negative index would wrap around).
-      local = history - start
-      local = jnp.where((local >= 0) & (local < tile), local, tile)
-      return jnp.zeros(tile, bool).at[local].set(True, mode="drop")
+  def search(params, inputs, seen):
+    ctx = head.prepare(params, cfg, represent(params, cfg, inputs))
 
     def step(carry, start):
       best_scores, best_ids = carry
       scores = head.tile_scores(params, cfg, ctx, start, tile)
       ids = start + jnp.arange(tile, dtype=jnp.int32)
       out = (ids == 0) | (ids >= v)
-      if exclude_seen:
-        out = out[None, :] | jax.vmap(seen_in_tile, (0, None))(inputs, start)
+      if seen is not None:
+        out = out[None, :] | jax.vmap(seen_in_tile, (0, None))(seen, start)
       scores = jnp.where(out, -jnp.inf, scores.astype(jnp.float32))
       all_scores = jnp.concatenate([best_scores, scores], axis=1)
       all_ids = jnp.concatenate(
@@ -117,14 +124,21 @@ def topk_fn(cfg: Config, k: int, exclude_seen: bool = False
     (scores, ids), _ = jax.lax.scan(step, init, starts)
     return ids, scores
 
-  return topk
+  if exclude_seen:
+    return search
+  return lambda params, inputs: search(params, inputs, None)
 
 
 def check_k(k: int, num_items: int, option: str = "--topk") -> int:
   """k within 1..V-1 (the real items, or outputs)."""
-  if not isinstance(k, int) or k < 1:
-    raise JaxrecError(f"{option}={k}: expected >= 1")
+  check_k_option(k, option)
   return min(k, num_items - 1)
+
+
+def check_k_option(k: Any, option: str = "--topk") -> None:
+  """k a positive integer (checked before a checkpoint is read)."""
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise JaxrecError(f"{option}={k}: expected an integer >= 1")
 
 
 def encode_histories(vocab: vocab_lib.Vocabulary,
@@ -142,6 +156,21 @@ def encode_histories(vocab: vocab_lib.Vocabulary,
     if len(ids):
       inputs[row, max_len - len(ids):] = ids
   return inputs, unknown, known
+
+
+def seen_ids(vocab: vocab_lib.Vocabulary,
+             histories: Sequence[Sequence[str]], min_len: int = 1
+             ) -> np.ndarray:
+  """[N, S] int32: the known model ids of each whole history (not only
+  the model's window), 0-padded; S a power of two >= min_len, so a few
+  shapes cover every request (each new S compiles once)."""
+  rows = [np.unique(vocab.encode_items(list(h))[0]) for h in histories]
+  rows = [r[r > 0] for r in rows]
+  longest = max([min_len, *map(len, rows)])
+  out = np.zeros((len(rows), 1 << (longest - 1).bit_length()), np.int32)
+  for row, ids in enumerate(rows):
+    out[row, :len(ids)] = ids
+  return out
 
 
 def encode_sources(vocab: vocab_lib.Vocabulary,
@@ -220,13 +249,16 @@ class Predictor:
   def finetuning(self) -> bool:
     return self.outputs is not None
 
-  def check_exclude_seen(self, exclude_seen: bool) -> None:
-    """A fine-tuning's outputs are another vocabulary than its inputs:
-    there is nothing seen to exclude."""
+  def check_request(self, k: int, exclude_seen: bool) -> int:
+    """The one validation of what predict and export are asked for: k
+    (returned within 1..outputs-1) and `exclude_seen`, which a
+    fine-tuning refuses: its outputs are another vocabulary than its
+    inputs, there is nothing seen to exclude."""
     if exclude_seen and self.finetuning:
       raise JaxrecError(f"--exclude-seen: {self.run_dir} is a fine-tuning "
                         f"({self.cfg.train.task}) whose outputs are not the "
                         "items of its histories; drop --exclude-seen")
+    return check_k(k, len(self.names))
 
   def _fn(self, k: int, exclude_seen: bool) -> Callable:
     """(params, inputs) -> (ids, scores): the head's own search where it
@@ -255,11 +287,13 @@ class Predictor:
   def topk(self, histories: Sequence[Sequence[str]], k: int,
            exclude_seen: bool = False) -> list[Prediction]:
     """The top k of each history (oldest item first), batched."""
-    self.check_exclude_seen(exclude_seen)
-    k = check_k(k, len(self.names))
+    k = self.check_request(k, exclude_seen)
     inputs, unknown, scorable = self.encode(histories)
     fn = self._fn(k, exclude_seen)
     scored = np.flatnonzero(scorable)
+    # The whole history's ids, not the window's (`topk_fn`).
+    seen = (seen_ids(self.vocab, [histories[r] for r in scored],
+                     self.max_len) if exclude_seen else None)
     ids = np.zeros((len(histories), k), np.int32)
     scores = np.full((len(histories), k), -np.inf, np.float32)
     # Padded to a power of two up to _MAX_BATCH: a handful of compiles
@@ -269,7 +303,12 @@ class Predictor:
       rows = scored[begin:begin + size]
       batch = np.zeros((size, self.max_len), np.int32)
       batch[:len(rows)] = inputs[rows]
-      top_ids, top_scores = fn(self.params, batch)
+      if seen is None:
+        top_ids, top_scores = fn(self.params, batch)
+      else:
+        seen_batch = np.zeros((size, seen.shape[1]), np.int32)
+        seen_batch[:len(rows)] = seen[begin:begin + size]
+        top_ids, top_scores = fn(self.params, batch, seen_batch)
       ids[rows] = np.asarray(top_ids)[:len(rows)]
       scores[rows] = np.asarray(top_scores)[:len(rows)]
     popular = self.vocab.items[1:k + 1].tolist()
@@ -289,29 +328,64 @@ class Predictor:
 # ------------------------------------------------------------------ export
 
 
+# What `jax.export` lowers for (it accepts any other name without a word
+# and writes an export no machine can run).
+EXPORT_PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+def check_export_options(path: str, k: int,
+                         platforms: Sequence[str] | None) -> None:
+  """Every export option checked before a checkpoint is read or a byte
+  written: k, the platforms, and a path whose folder exists and that is
+  not a folder itself."""
+  check_k_option(k)
+  if platforms is not None:
+    unknown = [p for p in platforms if p not in EXPORT_PLATFORMS]
+    if unknown or not platforms:
+      raise JaxrecError(f"--platforms={','.join(platforms)}: expected some "
+                        f"of {','.join(EXPORT_PLATFORMS)}")
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise JaxrecError(f"--out={path}: is a folder; name the zip to write")
+  if not os.path.isdir(folder):
+    raise JaxrecError(f"--out={path}: folder {folder} does not exist")
+  if not os.access(folder, os.W_OK):
+    raise JaxrecError(f"--out={path}: folder {folder} is not writable")
+
+
 def export_topk(run_dir: str, path: str, k: int = 10,
                 exclude_seen: bool = False, kind: str | None = None,
                 platforms: Sequence[str] | None = None) -> dict[str, Any]:
   """Writes `path` (a zip): the top-k function as a `jax.export`
   serialization (params baked in, batch dimension symbolic, inputs
-  int32 [B, max_len] left-padded model ids), the vocabulary and a
-  `serving.json` spec. Returns the spec.
+  int32 [B, max_len] left-padded model ids; with `exclude_seen` a second
+  input, the whole history's ids [B, S], S symbolic too), the vocabulary
+  and a `serving.json` spec. Returns the spec.
 
   A fine-tuning's zip (format FINETUNING_EXPORT_FORMAT) also holds
   `outputs.json` (its outputs' names by id, as in its run directory), and
   its spec names the task and the input tokens (CLS, UNK) and layout its
-  inputs are encoded with; a next-item zip is as it always was."""
+  inputs are encoded with; a next-item zip is as it always was.
+
+  The zip appears whole or not at all: it is written beside `path` under
+  a temporary name and renamed, and the temporary file is removed on any
+  failure."""
+  check_export_options(path, k, platforms)
   predictor = Predictor(run_dir, kind)
-  predictor.check_exclude_seen(exclude_seen)
-  k = check_k(k, len(predictor.names))
+  k = predictor.check_request(k, exclude_seen)
   params, cfg = predictor.params, predictor.cfg
   fn = topk_fn(cfg, k, exclude_seen)
-  batch = jax.export.symbolic_shape("batch")[0]
-  spec_in = jax.ShapeDtypeStruct((batch, predictor.max_len), jnp.int32)
+  if exclude_seen:
+    batch, seen_len = jax.export.symbolic_shape("batch, seen_len")
+    args = (jax.ShapeDtypeStruct((batch, predictor.max_len), jnp.int32),
+            jax.ShapeDtypeStruct((batch, seen_len), jnp.int32))
+  else:
+    batch = jax.export.symbolic_shape("batch")[0]
+    args = (jax.ShapeDtypeStruct((batch, predictor.max_len), jnp.int32),)
   with reported_as(run_dir, "export the scoring function"):
     exported = jax.export.export(
-        jax.jit(lambda inputs: fn(params, inputs)),
-        platforms=tuple(platforms) if platforms else None)(spec_in)
+        jax.jit(lambda *inputs: fn(params, *inputs)),
+        platforms=tuple(platforms) if platforms else None)(*args)
     blob = exported.serialize()
   spec = {"format": EXPORT_FORMAT, "k": k, "exclude_seen": exclude_seen,
           "max_len": predictor.max_len,
@@ -323,6 +397,10 @@ def export_topk(run_dir: str, path: str, k: int = 10,
           "inputs": "int32 [batch, max_len]: model ids, left-padded with 0",
           "outputs": "(int32 [batch, k] ids, float32 [batch, k] scores), "
                      "best first; -inf marks no item"}
+  if exclude_seen:
+    spec["inputs"] += ("; then int32 [batch, seen_len], any seen_len: the "
+                       "model ids of the whole history (0 pads), never "
+                       "returned")
   outputs = predictor.outputs
   if outputs is not None:
     causal = cfg.model.is_causal()
@@ -343,20 +421,32 @@ def export_topk(run_dir: str, path: str, k: int = 10,
                    f"outputs named by {EXPORTED_OUTPUTS}, not catalogue "
                    "items; float32 [batch, k] scores), best first; -inf "
                    "marks no output"})
-  tmp = f"{path}.tmp{os.getpid()}"
-  with reported_as(path, "write the export"):
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
-      z.writestr(EXPORTED_FN, bytes(blob))
-      z.writestr(EXPORTED_VOCAB, json.dumps(
-          {"format": vocab_lib.FORMAT,
-           "fingerprint": predictor.vocab.fingerprint(),
-           "items": predictor.vocab.items.tolist(),
-           "users": predictor.vocab.users.tolist()}))
-      if outputs is not None:
-        z.writestr(EXPORTED_OUTPUTS, json.dumps(outputs.to_json()))
-      z.writestr(EXPORTED_SPEC, json.dumps(spec, indent=2))
-    os.replace(tmp, path)
+  members = {EXPORTED_FN: bytes(blob),
+             EXPORTED_VOCAB: json.dumps(
+                 {"format": vocab_lib.FORMAT,
+                  "fingerprint": predictor.vocab.fingerprint(),
+                  "items": predictor.vocab.items.tolist(),
+                  "users": predictor.vocab.users.tolist()}),
+             EXPORTED_SPEC: json.dumps(spec, indent=2)}
+  if outputs is not None:
+    members[EXPORTED_OUTPUTS] = json.dumps(outputs.to_json())
+  write_zip_atomically(path, members)
   return spec
+
+
+def write_zip_atomically(path: str, members: dict[str, str | bytes]) -> None:
+  """`path` holds exactly `members`, or is as it was: a failure (disk
+  full, Ctrl-C) leaves neither a partial zip nor the temporary file."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    with reported_as(path, "write the export"):
+      with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+          z.writestr(name, data)
+      os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def load_exported(path: str) -> tuple[Any, vocab_lib.Vocabulary,

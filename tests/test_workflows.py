@@ -212,6 +212,27 @@ def test_predict_exclude_seen_never_returns_an_item_of_the_history(
   assert len(rows[0]["items"]) == 20
 
 
+def history_past_the_window(run_dir):
+  """(a history longer than the model's window, the items it saw before
+  the window): those items top the window's own ranking, so only an
+  exclusion over the whole history keeps them out."""
+  from jaxrec import serving
+  predictor = serving.Predictor(run_dir)
+  window = predictor.vocab.items[-predictor.max_len:].tolist()
+  (best,) = predictor.topk([window], 5, exclude_seen=True)
+  return best.items + window, best.items
+
+
+def test_exclude_seen_excludes_items_seen_before_the_models_window(
+    trained_run, capsys):
+  history, early = history_past_the_window(trained_run)
+  rows, _ = predict_jsonl(capsys, ["--ckpt", trained_run, "--history",
+                                   " ".join(history), "--topk", "5",
+                                   "--exclude-seen"])
+  assert not set(rows[0]["items"]) & set(history), early
+  assert len(rows[0]["items"]) == 5
+
+
 def test_predict_drops_unknown_ids_and_warns_in_one_line(trained_run,
                                                         capsys):
   history = known_history(trained_run)
@@ -303,6 +324,64 @@ def test_the_export_takes_any_batch_size(exported):
     ids, scores = fn.call(np.ones((batch, spec["max_len"]), np.int32))
     assert ids.shape == scores.shape == (batch, spec["k"])
   assert vocab.num_items == spec["num_items"]
+
+
+def test_an_exclude_seen_export_takes_the_whole_history_and_answers_as_predict(
+    trained_run, tmp_path):
+  from jaxrec import serving
+  path = str(tmp_path / "seen.zip")
+  assert cli.main(["export", "--ckpt", trained_run, "--out", path,
+                   "--topk", "5", "--exclude-seen"]) == 0
+  fn, vocab, spec = serving.load_exported(path)
+  history, _ = history_past_the_window(trained_run)
+  inputs, _, _ = serving.encode_histories(vocab, [history], spec["max_len"])
+  ids, scores = fn.call(inputs, serving.seen_ids(vocab, [history]))
+  (want,) = serving.Predictor(trained_run).topk([history], 5,
+                                                exclude_seen=True)
+  assert vocab.items[np.asarray(ids)[0]].tolist() == want.items
+  np.testing.assert_allclose(np.asarray(scores)[0], want.scores, rtol=1e-5)
+  assert spec["exclude_seen"] and "seen_len" in spec["inputs"]
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--platforms", "gpu"], "--platforms=gpu"),
+    (["--platforms", "cpu,"], "--platforms=cpu,"),
+    (["--topk", "0"], "--topk=0"),
+    (["--out", "{tmp}/missing/model.zip"], "does not exist"),
+    (["--out", "{tmp}"], "is a folder"),
+], ids=["unknown-platform", "empty-platform", "k", "no-folder", "a-folder"])
+def test_export_options_are_refused_before_the_checkpoint_is_read(
+    tmp_path, capsys, argv, named):
+  # The run directory does not exist: the option's error must come first.
+  argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+  if "--out" not in argv:
+    argv += ["--out", str(tmp_path / "model.zip")]
+  line = run_error(capsys, ["export", "--ckpt", tmp_path / "no_run"] + argv)
+  assert named in line and "no_run" not in line
+  assert os.listdir(tmp_path) == []
+
+
+def test_predict_k_is_refused_before_the_checkpoint_is_read(tmp_path, capsys):
+  line = run_error(capsys, ["predict", "--ckpt", tmp_path / "no_run",
+                            "--history", "1", "--topk", "0"])
+  assert "--topk=0" in line
+
+
+def test_a_failed_export_write_leaves_the_old_file_and_no_temporary(
+    trained_run, tmp_path, monkeypatch, capsys):
+  import errno
+  import zipfile
+  path = tmp_path / "model.zip"
+  path.write_bytes(b"the previous export")
+
+  def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(zipfile.ZipFile, "writestr", full_disk)
+  line = run_error(capsys, ["export", "--ckpt", trained_run, "--out", path])
+  assert "model.zip" in line and "No space left" in line
+  assert os.listdir(tmp_path) == ["model.zip"]
+  assert path.read_bytes() == b"the previous export"
 
 
 # ------------------------------------------------------ growing catalogues

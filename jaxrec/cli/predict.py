@@ -74,6 +74,7 @@ def read_histories(path: str) -> tuple[list[Any], list[list[str]]]:
 
 def run(args: argparse.Namespace) -> None:
   from jaxrec import serving  # pylint: disable=import-outside-toplevel
+  serving.check_k_option(args.topk)  # Before the checkpoint is read.
   if args.history is not None:
     ids, histories = [0], [args.history.split()]
   else:
