@@ -23,7 +23,7 @@ demo: setup
 	$(BIN)/python experiments/demo.py --out $(DEMO_OUT)
 
 test: setup
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist worksteal tests
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist worksteal --durations=15 tests
 
 bench: setup
 	$(BIN)/python experiments/bench_train.py

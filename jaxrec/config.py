@@ -50,13 +50,33 @@ METRIC_NAMES = tuple(f"{m}@{k}" for k in (5, 10, 20)
                      for m in ("mrr", "hr", "ndcg")) + ("accuracy",)
 
 
-def option(default: Any, help: str, **kwargs: Any) -> Any:  # pylint: disable=redefined-builtin
-  """A dataclass field whose help text travels with it (`--help`, docs)."""
-  return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+def option(default: Any, help: str, resume_may_change: str = "",  # pylint: disable=redefined-builtin
+           **kwargs: Any) -> Any:
+  """A dataclass field whose help text travels with it (`--help`, docs).
+
+  `resume_may_change` (why) marks an option a `--resume` may give a new
+  value: one that changes no result (where a cache lives, what is
+  logged) or whose substance is checked another way. Every other option
+  must equal the run's, so a resume never silently trains another run;
+  without the mark a preempted run could not move to a machine whose
+  cache sits elsewhere."""
+  metadata = {"help": help}
+  if resume_may_change:
+    metadata["resume_may_change"] = resume_may_change
+  return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
 def help_of(field: dataclasses.Field) -> str:
   return field.metadata.get("help", "")
+
+
+def resume_may_change() -> dict[str, str]:
+  """`section.field` -> why, for the options a resume may change (data
+  and train: the sections every run has in one class)."""
+  return {f"{section}.{f.name}": f.metadata["resume_may_change"]
+          for section, cls in (("data", DataConfig), ("train", TrainConfig))
+          for f in dataclasses.fields(cls)
+          if "resume_may_change" in f.metadata}
 
 
 # ---------------------------------------------------------------- sections
@@ -206,7 +226,9 @@ class DataConfig:
   split_seed: int = option(10, "paper protocol: shuffle seed (the official "
                            "code's 10)")
   cache_dir: str = option("", "processed-data cache (default "
-                          "~/.cache/jaxrec or $JAXREC_CACHE)")
+                          "~/.cache/jaxrec or $JAXREC_CACHE)",
+                          resume_may_change="where the cache lives; the "
+                          "data fingerprint checks what it holds")
   user_col: str = option("user_id", "csv/parquet: user column name (or "
                          "index)")
   item_col: str = option("item_id", "csv/parquet: item column name (or "
@@ -242,9 +264,11 @@ class TrainConfig:
   batch_size: int = option(128, "sequences per step (a multiple of the "
                            "device count)")
   steps: int = option(0, "optimiser steps (0: train.epochs passes over "
-                      "the training rows)")
+                      "the training rows)",
+                      resume_may_change="a resume may extend a run")
   epochs: int = option(100, "passes over the training rows when train.steps "
-                       "is 0; early stopping usually ends the run sooner")
+                       "is 0; early stopping usually ends the run sooner",
+                       resume_may_change="a resume may extend a run")
   learning_rate: float = option(1e-3, "Adam learning rate")
   schedule: str = option("constant", "constant | cosine | warmup_cosine")
   warmup_steps: int = option(0, "warmup steps for warmup_cosine")
@@ -280,7 +304,8 @@ class TrainConfig:
   mesh: str = option("", "device mesh data=D,model=M: the batch split over "
                      "D, item embedding and output tables (and their "
                      "optimizer state) split by rows over M; D*M = the "
-                     "device count; empty: every device on data")
+                     "device count; empty: every device on data",
+                     resume_may_change="checkpoints restore onto any mesh")
   eval_every: int = option(0, "steps between validations and checkpoints "
                            "(0: once per epoch)")
   eval_batch_size: int = option(512, "sequences per evaluation batch")
@@ -291,10 +316,14 @@ class TrainConfig:
                          "popularity plateau early in training")
   mask_history: bool = option(False, "evaluation: never rank items already "
                               "in the input")
-  keep_checkpoints: int = option(2, "latest checkpoints kept for --resume")
+  keep_checkpoints: int = option(2, "latest checkpoints kept for --resume",
+                                 resume_may_change="how many are kept "
+                                 "changes no result")
   seed: int = option(0, "seed of init, batch order, dropout and sampling")
   tensorboard: bool = option(False, "also write TensorBoard events to "
-                             "DIR/tb (pip install -e .[tensorboard])")
+                             "DIR/tb (pip install -e .[tensorboard])",
+                             resume_may_change="what is logged changes no "
+                             "result")
 
   def validate(self) -> None:
     for name in ("batch_size", "epochs", "eval_batch_size", "loss_chunk",

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxrec import cli
+from jaxrec import cli, config
 from jaxrec import evaluation
 from jaxrec.training import checkpoints
 
@@ -113,7 +113,7 @@ def copy_run(src, tmp_path, name="run"):
 # argv[1] is the fault, argv[2] the step, the rest the command line.
 CLI_WITH_FAULT = """
 import functools, os, signal, sys, time
-from jaxrec import cli
+from jaxrec import cli, config
 from jaxrec.training import loop
 fault, at, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 
@@ -258,7 +258,7 @@ def test_the_lock_of_a_killed_writer_does_not_block_a_resume(trained,
 # before the `latest` one recording it is: the moment the two disagree.
 KILL_AFTER_BEST_SAVE = """
 import os, signal, sys
-from jaxrec import cli
+from jaxrec import cli, config
 from jaxrec.training import checkpoints
 wait = checkpoints.wait
 def wait_then_kill(mngr, step, last_complete):
@@ -560,6 +560,35 @@ def test_resume_with_another_seed_is_refused(trained, tmp_path, capsys):
   line = run_error(capsys, ["train", "--out", run, "--resume"] + TINY
                    + ["--seed", "7"])
   assert "train.seed: 0 -> 7" in line
+
+
+def test_a_resume_may_move_the_cache_and_keep_more_checkpoints(
+    trained, tmp_path, capsys):
+  # A preempted run continues on a machine whose cache sits elsewhere:
+  # options that change no result do not block --resume, and the run
+  # ends as one that was never moved.
+  longer = [a if a != "6" else "9" for a in TINY]  # --steps 9.
+  straight = str(tmp_path / "straight")
+  assert cli.main(["train", "--out", straight] + longer) == 0
+  moved = copy_run(trained, tmp_path, "moved")
+  assert cli.main(["train", "--out", moved, "--resume"] + longer
+                  + ["--cache-dir", str(tmp_path / "other_cache"),
+                     "--keep-checkpoints", "3"]) == 0
+  capsys.readouterr()
+  assert os.listdir(tmp_path / "other_cache")  # The data was cached there.
+  chex.assert_trees_all_equal(latest_params(moved), latest_params(straight))
+  assert records(moved) == records(straight)
+  assert read_json(os.path.join(moved, "config.json"))["train"][
+      "keep_checkpoints"] == 3
+
+
+def test_every_option_a_resume_may_change_says_why():
+  # The list is declared beside each option (config.option), not kept
+  # in the resume check; an option that changes results is not on it.
+  may_change = config.resume_may_change()
+  assert {"data.cache_dir", "train.keep_checkpoints", "train.tensorboard",
+          "train.mesh", "train.steps", "train.epochs"} == set(may_change)
+  assert all(why for why in may_change.values())
 
 
 def test_resume_of_a_directory_without_a_run_is_refused(tmp_path, capsys):

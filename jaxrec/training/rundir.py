@@ -76,15 +76,15 @@ def _entries(path: str) -> list[str]:
 
 
 def config_diff(saved: dict, new: dict) -> list[str]:
-  """`section.key: old -> new` for every difference except train.steps and
-  train.epochs (a resume may extend a run) and train.mesh (a resume may
-  run on other devices: checkpoints restore onto any mesh)."""
+  """`section.key: old -> new` for every difference but those a resume may
+  make (`config.resume_may_change`: extending a run, other devices, where
+  the cache lives, what is logged, how many checkpoints are kept)."""
   out = []
+  may_change = config_lib.resume_may_change()
   for section in config_lib.SECTIONS:
     for key in sorted(set(saved.get(section, {})) | set(new.get(section, {}))):
       a, b = saved.get(section, {}).get(key), new.get(section, {}).get(key)
-      if a != b and f"{section}.{key}" not in ("train.steps", "train.epochs",
-                                          "train.mesh"):
+      if a != b and f"{section}.{key}" not in may_change:
         out.append(f"{section}.{key}: {a!r} -> {b!r}")
   return out
 
