@@ -244,7 +244,7 @@ def test_grow_into_a_directory_holding_checkpoints_is_refused(trained_run,
                                                               capsys):
   line = run_error(capsys, ["grow", "--from", trained_run, "--out",
                             trained_run, "--method", "cross"])
-  assert f"{trained_run}: already holds checkpoints" in line
+  assert f"{trained_run}: already holds files (checkpoints, config.json" in line
 
 
 def test_sasrec_takes_every_path_nextitnet_has(tmp_path, capsys):

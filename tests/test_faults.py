@@ -624,6 +624,75 @@ def test_eval_sampled_outside_the_catalogue_is_refused(trained, capsys,
   assert f"--sampled={sampled}" in line
 
 
+# A `jaxrec grow` that SIGKILLs itself when the named function is first
+# called: argv[1] is "module:attribute", the rest the command line.
+GROW_KILLED_AT = """
+import importlib, os, signal, sys
+from jaxrec import cli
+where, argv = sys.argv[1], sys.argv[2:]
+module, _, name = where.partition(":")
+owner, _, attr = name.rpartition(".")
+obj = importlib.import_module(module)
+for part in filter(None, owner.split(".")):
+  obj = getattr(obj, part)
+
+def killed(*args, **kwargs):
+  os.kill(os.getpid(), signal.SIGKILL)
+
+setattr(obj, attr, killed)
+sys.argv = ["jaxrec", *argv]
+sys.exit(cli.main())
+"""
+
+
+@pytest.mark.parametrize("where", [
+    "jaxrec.data.vocabulary:Vocabulary.save",  # Before the checkpoint.
+    "jaxrec.training.checkpoints:wait",  # While Orbax writes it.
+    "jaxrec.training.checkpoints:write_json",  # Before config.json.
+    "jaxrec.surgery.checkpoint:commit_staged",  # All written, not renamed.
+], ids=["vocabulary", "checkpoint", "config", "commit"])
+def test_a_grow_killed_at_any_point_is_completed_by_the_same_command(
+    trained, tmp_path, where):
+  argv = ["grow", "--from", trained, "--method", "cross"]
+  out = str(tmp_path / "grown")
+  killed = python(GROW_KILLED_AT, where, *argv, "--out", out)
+  assert killed.returncode == -9, killed.stderr[-3000:]
+  assert not os.path.exists(out)  # Nothing half-made under the name.
+  done = jaxrec(*argv, "--out", out)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert not os.path.exists(out + ".partial")
+  straight = str(tmp_path / "straight")
+  assert jaxrec(*argv, "--out", straight).returncode == 0
+  chex.assert_trees_all_equal(latest_params(out), latest_params(straight))
+  assert sorted(os.listdir(out)) == sorted(os.listdir(straight))
+
+
+def test_grow_never_writes_beside_another_runs_files(trained, tmp_path,
+                                                     capsys):
+  # A run whose checkpoints are gone still holds its config and log.
+  run = copy_run(trained, tmp_path)
+  shutil.rmtree(os.path.join(run, "checkpoints"))
+  before = tree_files(run)
+  line = run_error(capsys, ["grow", "--from", trained, "--out", run,
+                            "--method", "cross"])
+  assert "already holds files (config.json" in line
+  assert tree_files(run) == before
+
+
+@pytest.mark.parametrize("left", ["metrics.jsonl", "vocabulary.json"])
+def test_train_never_writes_beside_another_runs_files(trained, tmp_path,
+                                                      capsys, left):
+  run = copy_run(trained, tmp_path)
+  for name in os.listdir(run):
+    if name not in (left, ".lock"):
+      path = os.path.join(run, name)
+      shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  before = tree_files(run)
+  line = run_error(capsys, ["train", "--out", run] + TINY)
+  assert f"holds another run's files ({left})" in line
+  assert tree_files(run) == before
+
+
 def test_grow_times_beyond_memory_is_refused(trained, tmp_path, capsys):
   out = tmp_path / "grown"
   line = run_error(capsys, ["grow", "--from", trained, "--out", out,

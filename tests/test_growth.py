@@ -534,10 +534,10 @@ def test_map_opt_state_grows_the_saved_adam_moments(run, tmp_path):
   assert int(tree_get(state["opt_state"], "count")) == 4
 
 
-def test_grow_refuses_an_out_dir_with_checkpoints(run, grown):
+def test_grow_refuses_an_out_dir_holding_a_run(run, grown):
   _, _, src, _ = run
   _, out = grown
-  with pytest.raises(JaxrecError, match="already holds checkpoints"):
+  with pytest.raises(JaxrecError, match="already holds files"):
     growth.grow_checkpoint(src, out, "cross")
 
 

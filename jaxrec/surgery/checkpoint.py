@@ -6,12 +6,19 @@ restore the source checkpoint into the tree its own config implies,
 transform it with jax, check the result against the new config, and save
 it as step 0 of a new run directory with the lineage extended.
 `jaxrec train --init-from NEW_DIR` starts from it.
+
+The new directory appears whole or not at all (`staged_output`): a
+surgery writes `OUT.partial` and renames it to OUT when everything is on
+disk, so a surgery killed at any point leaves only `OUT.partial`, which
+the same command run again clears and writes anew.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from typing import Any, Callable
+import shutil
+from typing import Any, Callable, Iterator
 
 from jaxrec import method_api, models
 from jaxrec.config import Config
@@ -37,15 +44,67 @@ def apply_to_checkpoint(src_dir: str, out_dir: str, fn: ParamsFn,
   `train --init-opt-state`; otherwise the new run's optimizer state is
   fresh. `lineage` (the op and its options) is appended to the source's.
   """
-  with lock.hold(out_dir, str(lineage.get("op", "surgery"))):
-    return _apply_locked(src_dir, out_dir, fn, lineage, kind, opt_fn)
+  with staged_output(out_dir, str(lineage.get("op", "surgery"))) as stage:
+    return _apply_staged(src_dir, stage, fn, lineage, kind, opt_fn)
 
 
-def _apply_locked(src_dir: str, out_dir: str, fn: ParamsFn,
+STAGING_SUFFIX = ".partial"
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: str, verb: str) -> Iterator[str]:
+  """Yields the directory to write a new run into, `OUT.partial` (its
+  writer lock held), and renames it to `out_dir` once the block ends
+  without error.
+
+  `out_dir` must hold nothing: a surgery never writes beside another
+  run's files, even when that run's checkpoints are gone. A leftover
+  `OUT.partial` whose lock is free is a killed attempt's: cleared, not
+  refused (a rerun of a killed `grow` used to be refused as "already
+  holds checkpoints", for a checkpoint Orbax had never committed)."""
+  refuse_occupied(out_dir)  # Before any work.
+  stage = os.path.normpath(out_dir) + STAGING_SUFFIX
+  with lock.hold(stage, verb):
+    for name in os.listdir(stage):
+      if name != lock.LOCK_NAME:  # The lock we hold stays.
+        path = os.path.join(stage, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+          shutil.rmtree(path)
+        else:
+          os.remove(path)
+    yield stage
+    commit_staged(stage, out_dir)
+
+
+def commit_staged(stage: str, out_dir: str) -> None:
+  """Renames the finished `stage` to `out_dir`: OUT appears whole."""
+  refuse_occupied(out_dir)  # Another command may have written there.
+  if os.path.isdir(out_dir):  # Empty, or an unheld lock file alone.
+    lock_file = os.path.join(out_dir, lock.LOCK_NAME)
+    if os.path.exists(lock_file):
+      os.remove(lock_file)
+    os.rmdir(out_dir)
+  os.rename(stage, out_dir)
+
+
+def refuse_occupied(out_dir: str) -> None:
+  """Refuses an `out_dir` that holds anything but an unheld lock file."""
+  if not os.path.exists(out_dir):
+    return
+  if not os.path.isdir(out_dir):
+    raise JaxrecError(f"--out {out_dir}: exists and is not a directory")
+  lock.refuse_if_held(out_dir)
+  held = sorted(set(os.listdir(out_dir)) - {lock.LOCK_NAME})
+  if held:
+    shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+    raise JaxrecError(f"--out {out_dir}: already holds files ({shown}); a "
+                      "surgery writes a new directory: choose another --out")
+
+
+def _apply_staged(src_dir: str, out_dir: str, fn: ParamsFn,
                   lineage: dict[str, Any], kind: str | None,
                   opt_fn: OptStateFn | None) -> Config:
-  """`apply_to_checkpoint`, holding out_dir's writer lock."""
-  rundir.refuse_existing_checkpoints(out_dir)  # Before any work.
+  """`apply_to_checkpoint` into the staging directory `out_dir`."""
   if kind not in (None, "best", "latest"):
     raise JaxrecError(f"--source={kind!r}: expected 'best' or 'latest'")
   if opt_fn is not None:

@@ -57,6 +57,25 @@ def hold(run_dir: str, verb: str, option: str = "--out") -> Iterator[None]:
     os.close(fd)  # Releases the lock.
 
 
+def refuse_if_held(run_dir: str, option: str = "--out") -> None:
+  """Refuses, as `hold` would, if a live process holds DIR's lock (without
+  taking it; nothing is created)."""
+  path = os.path.join(run_dir, LOCK_NAME)
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return  # No lock file (or unreadable): nobody to wait for.
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise JaxrecError(f"{run_dir}: in use by another writer ({_holder(fd)});"
+                        " wait for it to end or choose another "
+                        f"{option}") from None
+  finally:
+    os.close(fd)
+
+
 def _write_holder(fd: int, verb: str) -> None:
   text = (f"pid {os.getpid()} on {socket.gethostname()}, jaxrec {verb} "
           f"since {time.strftime('%Y-%m-%d %H:%M:%S')}: "

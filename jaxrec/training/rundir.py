@@ -31,11 +31,22 @@ def prepare(cfg: Config, out_dir: str, resume: bool) -> None:
     if os.path.exists(path) or has_ckpt:
       raise JaxrecError(f"{out_dir}: already holds a run; pass --resume to "
                         "continue it or choose another --out")
+    # Another run's files without its config and checkpoints: a fresh run
+    # would append to its log and test beside its best.
+    left = sorted(n for n in _entries(out_dir) if n in RUN_FILES)
+    if left:
+      raise JaxrecError(f"{out_dir}: holds another run's files "
+                        f"({', '.join(left)}); choose another --out")
     write_config(cfg, out_dir)
     return
   if not os.path.exists(path) and not has_ckpt:
     raise JaxrecError(f"{out_dir}: no run to resume here (no config.json, "
                       "no checkpoint); drop --resume to start one")
+
+
+# What a run writes in its directory besides config.json and .lock.
+RUN_FILES = ("checkpoints", "metrics.jsonl", "metrics.json",
+             "vocabulary.json", "outputs.json", "tb")
 
 
 def check_config_file(cfg: Config, out_dir: str) -> None:
