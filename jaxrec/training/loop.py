@@ -40,7 +40,7 @@ from jaxrec.errors import Interrupted, JaxrecError
 from jaxrec.surgery import catalogue
 from jaxrec import ranking
 from jaxrec.tasks import next_item
-from jaxrec.training import checkpoints, interrupts, lock, optim, rundir
+from jaxrec.training import budget, checkpoints, interrupts, lock, optim, rundir
 from jaxrec.training.mesh import Sharder, make_mesh
 from jaxrec.training.state import (Progress, State, abstract_state,
                                    frozen_params, graft, init_state,
@@ -198,8 +198,11 @@ def _train_locked(cfg: Config, out_dir: str,
   # before the run directory is written (a retry would find a run there).
   sharder = Sharder(make_mesh(devices, tcfg.mesh))
   batch_size = sharder.check_batch(tcfg.batch_size, "train.batch_size")
-  sharder.shardings(prepared if prepared is not None else
-                    init_params if init_from else models.abstract_params(cfg))
+  start = (prepared if prepared is not None else
+           init_params if init_from else models.abstract_params(cfg))
+  sharder.shardings(start)
+  # Sizes that cannot fit are refused before anything is allocated.
+  budget.check_fits(cfg, start, sharder.data_size, sharder.model_size)
   primary = is_primary()
   if primary:
     rundir.prepare(cfg, out_dir, resume)
