@@ -5,7 +5,7 @@ import os
 import jax
 import pytest
 
-from jaxrec import cli, config, models
+from jaxrec import config, models
 from jaxrec.data import pipeline
 from jaxrec.errors import JaxrecError
 from jaxrec.models.nextitnet import NextItNetConfig
