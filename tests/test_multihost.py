@@ -100,3 +100,78 @@ def test_two_processes_match_one_and_restore_on_one_device(tmp_path):
   cfg = cfg.replace(train=dataclasses.replace(cfg.train, steps=9, mesh=""))
   resumed = loop.train(cfg, str(multi), resume=True, progress_bar=False)
   assert resumed["steps"] == 9
+
+
+# A CLI train whose process sends itself `signal` after step `at`:
+# argv[1] signal name, argv[2] step, the rest the command line.
+SIGNALLED_AT = """
+import functools, os, signal, sys
+from jaxrec import cli
+from jaxrec.training import loop
+name, at, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+
+def inject(step):
+  if step == at:
+    os.kill(os.getpid(), getattr(signal, name))
+
+loop.train = functools.partial(loop.train, step_callback=inject)
+sys.argv = ["jaxrec", *argv]
+sys.exit(cli.main())
+"""
+
+
+def _two_processes(out, cache, extra=(), signalled=None):
+  """Two processes of one run; `signalled` (process, signal, step) runs
+  that process under SIGNALLED_AT."""
+  port = free_port()
+  procs = []
+  for i in range(2):
+    argv = ["train", "--out", str(out), *ARGS, *extra, "--coordinator",
+            f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
+            str(i)]
+    if signalled and signalled[0] == i:
+      cmd = ["-c", SIGNALLED_AT, signalled[1], str(signalled[2]), *argv]
+    else:
+      cmd = ["-m", "jaxrec.cli", *argv]
+    procs.append(subprocess.Popen([sys.executable, *cmd],
+                                  env=_env(4, cache), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  return [(p, *p.communicate(timeout=300)) for p in procs]
+
+
+@pytest.fixture(scope="module")
+def straight_nine_steps(tmp_path_factory):
+  """The metrics of a two-process run of 9 steps never stopped."""
+  root = tmp_path_factory.mktemp("straight")
+  for p, _, err in _two_processes(root / "run", root / "cache",
+                                  ["--steps", "9"]):
+    assert p.returncode == 0, err[-3000:]
+  return _metrics(root / "run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("process, signal_name", [(1, "SIGTERM"),
+                                                  (0, "SIGINT")],
+                         ids=["preemption-notice", "ctrl-c"])
+def test_one_signalled_process_stops_every_process_at_one_saved_step(
+    tmp_path, straight_nine_steps, process, signal_name):
+  cache = tmp_path / "cache"
+  longer = ["--steps", "9"]
+  run = tmp_path / "run"
+  ended = _two_processes(run, cache, longer, (process, signal_name, 4))
+  lines = [err.strip().splitlines()[-1] for _, _, err in ended]
+  assert [p.returncode for p, _, _ in ended] == [130, 130], lines
+  # Both stopped at one step after the signal, and saved it.
+  stopped = {int(line.split("saved at step ")[1].split(";")[0])
+             for line in lines}
+  assert len(stopped) == 1, lines
+  (step,) = stopped
+  assert 4 <= step < 9
+  assert str(step) in os.listdir(run / "checkpoints" / "latest")
+  # Resumed, the run ends as one that was never stopped.
+  for p, _, err in _two_processes(run, cache, [*longer, "--resume"]):
+    assert p.returncode == 0, err[-3000:]
+  got, want = _metrics(run), straight_nine_steps
+  assert got["steps"] == want["steps"] == 9
+  for name in config.METRIC_NAMES:
+    assert got["test"][name] == pytest.approx(want["test"][name], abs=1e-6)

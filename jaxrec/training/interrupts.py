@@ -15,6 +15,13 @@ Instead:
   `Interrupted`. A second Ctrl-C abandons the pending saves and ends the
   process as SIGKILL would: Orbax commits a checkpoint by renaming it, so
   the previous one stays complete and `--resume` goes on from it.
+
+In a multi-process run (`jax.distributed`) a process that stops alone
+leaves the others waiting in a collective for ever. There the loop asks
+`stop_before(step)` instead: it is true at one step for every process,
+jax's preemption sync point. A SIGTERM (a scheduler's preemption notice)
+reaches every process through the coordination service, and Ctrl-C is
+forwarded as one; the processes then save that step together and stop.
 """
 from __future__ import annotations
 
@@ -23,10 +30,11 @@ import os
 import signal
 import sys
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 EXIT_CODE = 130
-_state = {"deferring": 0, "requested": False}
+_state = {"deferring": 0, "requested": False, "forwarded": False,
+          "preempted": False}
 
 
 def _exit_now(message: str) -> None:
@@ -54,8 +62,33 @@ def install_immediate() -> None:
 
 
 def requested() -> bool:
-  """Whether Ctrl-C came during `deferred()`."""
-  return _state["requested"]
+  """Whether Ctrl-C came during `deferred()`, or the processes of a
+  multi-process run agreed to stop (`stop_before`)."""
+  return _state["requested"] or _state["preempted"]
+
+
+def preempted() -> bool:
+  """Whether a multi-process run stopped at its agreed step (saved there)."""
+  return _state["preempted"]
+
+
+def stop_before(step: int,
+                agreed: Callable[[int], bool] | None = None) -> bool:
+  """Whether the loop stops before running step `step` (steps done so
+  far). One process (`agreed` None): when Ctrl-C came. Several: when
+  `agreed(step)`, jax's preemption sync point
+  (`multihost_utils.reached_preemption_sync_point`), is true: the same
+  step on every process (call it at every step). This module imports no
+  jax: the CLI installs its Ctrl-C handler before jax's slow import, and a
+  Ctrl-C during that import was swallowed by jax's gc callback."""
+  if agreed is None:
+    return _state["requested"]
+  if _state["requested"] and not _state["forwarded"]:
+    _state["forwarded"] = True  # Ctrl-C becomes the notice all receive.
+    os.kill(os.getpid(), signal.SIGTERM)
+  if agreed(step):
+    _state["preempted"] = True
+  return _state["preempted"]
 
 
 @contextlib.contextmanager
@@ -67,10 +100,10 @@ def deferred() -> Iterator[None]:
     return
   previous = signal.signal(signal.SIGINT, _handler)
   _state["deferring"] += 1
-  _state["requested"] = False
+  _state.update(requested=False, forwarded=False, preempted=False)
   try:
     yield
   finally:
     _state["deferring"] -= 1
-    _state["requested"] = False
+    _state.update(requested=False, forwarded=False, preempted=False)
     signal.signal(signal.SIGINT, previous)

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 from tqdm import tqdm
 
@@ -198,11 +199,11 @@ def _train_locked(cfg: Config, out_dir: str,
   # before the run directory is written (a retry would find a run there).
   sharder = Sharder(make_mesh(devices, tcfg.mesh))
   batch_size = sharder.check_batch(tcfg.batch_size, "train.batch_size")
-  start = (prepared if prepared is not None else
-           init_params if init_from else models.abstract_params(cfg))
-  sharder.shardings(start)
+  first_params = (prepared if prepared is not None else
+                  init_params if init_from else models.abstract_params(cfg))
+  sharder.shardings(first_params)
   # Sizes that cannot fit are refused before anything is allocated.
-  budget.check_fits(cfg, start, sharder.data_size, sharder.model_size)
+  budget.check_fits(cfg, first_params, sharder.data_size, sharder.model_size)
   primary = is_primary()
   if primary:
     rundir.prepare(cfg, out_dir, resume)
@@ -283,10 +284,13 @@ def _train_locked(cfg: Config, out_dir: str,
   done = start
   # A resumed run that had already stopped early stays stopped.
   end = start if prog.stopped(tcfg.patience) else total_steps
+  # Several processes stop together, at jax's preemption sync point.
+  agreed = (multihost_utils.reached_preemption_sync_point
+            if jax.process_count() > 1 else None)
   with interrupts.deferred():
     try:
       for step in range(start, end):
-        if interrupts.requested():
+        if interrupts.stop_before(step, agreed):
           break
         batch = task.batch(data, step, batch_size, tcfg.seed)
         state, out = step_fn(state, sharder.put_batch(batch))
@@ -324,6 +328,15 @@ def _train_locked(cfg: Config, out_dir: str,
             break
         if step_callback is not None:
           step_callback(done)
+      if interrupts.preempted() and done not in (ckpts.pending,
+                                                 ckpts.complete):
+        # Every process stops at this step: it is saved, nothing is lost.
+        prog.train_time_s = time.time() - clock
+        meta = checkpoints.make_meta(cfg, data.fingerprint, done, lineage,
+                                     vocabulary=vocab_meta,
+                                     progress=dataclasses.asdict(prog))
+        ckpts.save_validation(done, storable(state, cfg), meta,
+                              prog.best_step)
       ckpts.settle()
     except BaseException:
       ckpts.abandon()
@@ -425,6 +438,8 @@ def _interrupted_message(step: int, ckpts: checkpoints.RunCheckpoints) -> str:
   kept = (f"--resume continues from step {ckpts.complete}"
           if ckpts.complete is not None else
           "no checkpoint was written yet; --resume starts it again")
+  if interrupts.preempted():
+    return f"every process stopped and saved at step {step}; {kept}"
   return f"interrupted at step {step}; {kept}"
 
 
