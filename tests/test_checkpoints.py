@@ -128,3 +128,20 @@ def test_an_unknown_format_names_the_one_found_and_the_ones_read(tmp_path,
   assert line.count("\n") == 0
   assert "checkpoint format 'jaxrec/9'" in line
   assert "'jaxrec/2'" in line and "'jaxrec.nextitnet/1'" in line
+
+
+def test_a_manager_keeps_its_newest_steps_by_orbax_preservation_policy(
+    tmp_path):
+  import warnings
+  from orbax.checkpoint.checkpoint_managers import preservation_policy
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", DeprecationWarning)
+    mngr = checkpoints.manager(str(tmp_path), "latest", keep=2)
+  assert mngr._options.max_to_keep is None  # pylint: disable=protected-access
+  assert isinstance(mngr._options.preservation_policy,  # pylint: disable=protected-access
+                    preservation_policy.LatestN)
+  for step in (3, 6, 9):
+    checkpoints.save(mngr, step, {"w": jnp.zeros(2)}, {"step": step})
+    checkpoints.wait(mngr, step, None)
+  assert sorted(mngr.all_steps()) == [6, 9]
+  mngr.close()

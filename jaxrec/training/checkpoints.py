@@ -33,6 +33,8 @@ from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import (preservation_policy,
+                                                 save_decision_policy)
 
 from jaxrec import config as config_lib
 from jaxrec.errors import (CheckpointDamaged, JaxrecError, describe,
@@ -45,10 +47,17 @@ LEGACY_FORMATS = ("jaxrec.nextitnet/1",)
 def manager(run_dir: str, kind: str, keep: int | None = 1,
             read_only: bool = False) -> ocp.CheckpointManager:
   """The `latest` or `best` checkpoint manager of a run directory (`keep`
-  None: Orbax deletes nothing; `RunCheckpoints` prunes `best` itself)."""
+  None: Orbax deletes nothing; `RunCheckpoints` prunes `best` itself).
+
+  Orbax's policies, not its deprecated `max_to_keep`: the newest `keep`
+  steps are preserved, and every save the loop asks for is made (the loop
+  decides when: at validations, and at a multi-process stop)."""
   path = os.path.join(os.path.abspath(run_dir), "checkpoints", kind)
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=not read_only, read_only=read_only,
+      preservation_policy=(None if keep is None else
+                           preservation_policy.LatestN(keep)),
+      save_decision_policy=save_decision_policy.FixedIntervalPolicy(1),
+      create=not read_only, read_only=read_only,
       enable_async_checkpointing=not read_only,
       cleanup_tmp_directories=not read_only)
   with reported_as(path, "open the checkpoint directory"):
