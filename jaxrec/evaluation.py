@@ -19,6 +19,8 @@ from jaxrec.data import vocabulary as vocab_lib
 from jaxrec.errors import JaxrecError
 from jaxrec import ranking
 from jaxrec.training import checkpoints
+from jaxrec.training import checkpoint_meta
+from jaxrec.training import orbax_io
 from jaxrec.training import state as state_lib
 from jaxrec.training.loop import evaluate_params, jit_rank_fn
 from jaxrec.training.mesh import Sharder, make_mesh
@@ -141,9 +143,9 @@ def param_shapes(run_dir: str, kind: str | None = None
   read from Orbax's metadata: no array is loaded, so it is instant for any
   model size (jax.tree.map(lambda x: x.shape, ...) works on it)."""
   opened = checkpoints.open_checkpoint(run_dir, kind)
-  cfg = checkpoints.config_from_meta(opened.meta, run_dir)
-  state = checkpoints.state_metadata(opened.mngr, opened.step)
-  origin = checkpoints.step_dir(opened.mngr, opened.step)
+  cfg = checkpoint_meta.config_from_meta(opened.meta, run_dir)
+  state = orbax_io.state_metadata(opened.mngr, opened.step)
+  origin = orbax_io.step_dir(opened.mngr, opened.step)
   if "params" not in state:
     raise JaxrecError(f"{origin}: checkpoint state holds no params")
   params = state["params"]

@@ -14,6 +14,7 @@ from jaxrec.data import pipeline
 from jaxrec.errors import JaxrecError
 from jaxrec.models.nextitnet import NextItNetConfig
 from jaxrec.training import checkpoints, loop
+from jaxrec.training import orbax_io
 
 DATA = DataConfig(source="synthetic:tiny", max_len=12)
 TRAIN = TrainConfig(steps=2, eval_every=2, batch_size=8, eval_batch_size=8)
@@ -48,8 +49,8 @@ def write_v1_run(run_dir, num_items, fingerprint):
                        "best_valid": None}}
   for kind, state in (("best", {"params": old}),
                       ("latest", {"params": old, "step": jnp.asarray(2)})):
-    mngr = checkpoints.manager(str(run_dir), kind)
-    checkpoints.save(mngr, 2, state, meta)
+    mngr = orbax_io.manager(str(run_dir), kind)
+    orbax_io.save(mngr, 2, state, meta)
     mngr.wait_until_finished()
   with open(os.path.join(run_dir, "config.json"), "w") as f:
     json.dump(v1_config(num_items), f)
@@ -119,8 +120,8 @@ def test_inspect_of_a_version_1_checkpoint_shows_the_converted_tree(
 
 def test_an_unknown_format_names_the_one_found_and_the_ones_read(tmp_path,
                                                                 capsys):
-  mngr = checkpoints.manager(str(tmp_path), "best")
-  checkpoints.save(mngr, 1, {"params": {"w": jnp.zeros(3)}},
+  mngr = orbax_io.manager(str(tmp_path), "best")
+  orbax_io.save(mngr, 1, {"params": {"w": jnp.zeros(3)}},
                    {"format": "jaxrec/9", "config": {}})
   mngr.wait_until_finished()
   assert cli.main(["inspect", str(tmp_path)]) == 2
@@ -136,12 +137,12 @@ def test_a_manager_keeps_its_newest_steps_by_orbax_preservation_policy(
   from orbax.checkpoint.checkpoint_managers import preservation_policy
   with warnings.catch_warnings():
     warnings.simplefilter("error", DeprecationWarning)
-    mngr = checkpoints.manager(str(tmp_path), "latest", keep=2)
+    mngr = orbax_io.manager(str(tmp_path), "latest", keep=2)
   assert mngr._options.max_to_keep is None  # pylint: disable=protected-access
   assert isinstance(mngr._options.preservation_policy,  # pylint: disable=protected-access
                     preservation_policy.LatestN)
   for step in (3, 6, 9):
-    checkpoints.save(mngr, step, {"w": jnp.zeros(2)}, {"step": step})
-    checkpoints.wait(mngr, step, None)
+    orbax_io.save(mngr, step, {"w": jnp.zeros(2)}, {"step": step})
+    orbax_io.wait(mngr, step, None)
   assert sorted(mngr.all_steps()) == [6, 9]
   mngr.close()

@@ -20,7 +20,9 @@ from jaxrec import heads, models
 from jaxrec.config import Config, TrainConfig
 from plan_helpers import gate_plan
 from jaxrec.methods.stackrec import growth
-from jaxrec.training import checkpoints, loop, optim
+from jaxrec.training import loop, optim
+from jaxrec.training import checkpoint_meta
+from jaxrec.training import orbax_io
 from jaxrec.training import state as state_lib
 
 BACKBONES = models.names()
@@ -154,9 +156,9 @@ def test_preserve_growth_keeps_every_score(name, method):
 def test_checkpoint_round_trip(name, tmp_path):
   cfg = tiny(name)
   params = trained_like(cfg)
-  mngr = checkpoints.manager(str(tmp_path), "best")
-  checkpoints.save(mngr, 3, {"params": params},
-                   checkpoints.make_meta(cfg, "fp", 3, []))
+  mngr = orbax_io.manager(str(tmp_path), "best")
+  orbax_io.save(mngr, 3, {"params": params},
+                   checkpoint_meta.make_meta(cfg, "fp", 3, []))
   mngr.wait_until_finished()
   restored, restored_cfg, meta = state_lib.load_params(str(tmp_path))
   assert restored_cfg == cfg and meta["backbone"] == name

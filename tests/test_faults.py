@@ -21,7 +21,7 @@ import pytest
 
 from jaxrec import cli, config
 from jaxrec import evaluation
-from jaxrec.training import checkpoints
+from jaxrec.training import orbax_io
 
 from cli_helpers import TINY, run_error
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,7 +74,7 @@ def tree_files(root):
 
 
 def steps_of(run_dir, kind):
-  return sorted(checkpoints.manager(str(run_dir), kind,
+  return sorted(orbax_io.manager(str(run_dir), kind,
                                     read_only=True).all_steps())
 
 
@@ -259,13 +259,13 @@ def test_the_lock_of_a_killed_writer_does_not_block_a_resume(trained,
 KILL_AFTER_BEST_SAVE = """
 import os, signal, sys
 from jaxrec import cli, config
-from jaxrec.training import checkpoints
-wait = checkpoints.wait
+from jaxrec.training import orbax_io
+wait = orbax_io.wait
 def wait_then_kill(mngr, step, last_complete):
   wait(mngr, step, last_complete)
   if str(mngr.directory).endswith("best") and step == 6:
     os.kill(os.getpid(), signal.SIGKILL)
-checkpoints.wait = wait_then_kill
+orbax_io.wait = wait_then_kill
 sys.argv = ["jaxrec", *sys.argv[1:]]
 sys.exit(cli.main())
 """
@@ -647,7 +647,7 @@ sys.exit(cli.main())
 
 @pytest.mark.parametrize("where", [
     "jaxrec.data.vocabulary:Vocabulary.save",  # Before the checkpoint.
-    "jaxrec.training.checkpoints:wait",  # While Orbax writes it.
+    "jaxrec.training.orbax_io:wait",  # While Orbax writes it.
     "jaxrec.training.checkpoints:write_json",  # Before config.json.
     "jaxrec.surgery.checkpoint:commit_staged",  # All written, not renamed.
 ], ids=["vocabulary", "checkpoint", "config", "commit"])

@@ -27,6 +27,8 @@ from jaxrec.models.nextitnet import NextItNetConfig
 from jaxrec.methods.stackrec import growth
 from jaxrec.tasks import next_item
 from jaxrec.training import checkpoints, loop, optim
+from jaxrec.training import checkpoint_meta
+from jaxrec.training import orbax_io
 from jaxrec.training import state as state_lib
 
 RNG = jax.random.key(7)
@@ -505,8 +507,8 @@ def test_training_starts_from_the_grown_checkpoint(run, grown):
 
 def test_grown_state_restores_as_a_full_train_state_with_fresh_adam(grown):
   deep_cfg, out = grown
-  mngr = checkpoints.open_existing(out, "latest")
-  state, _ = checkpoints.restore(
+  mngr = orbax_io.open_existing(out, "latest")
+  state, _ = orbax_io.restore(
       mngr, target=state_lib.abstract_state(deep_cfg, "latest"))
   assert int(state["step"]) == 0 and int(state["first_bad_step"]) == -1
   assert int(tree_get(state["opt_state"], "count")) == 0
@@ -516,16 +518,16 @@ def test_grown_state_restores_as_a_full_train_state_with_fresh_adam(grown):
 
 def test_map_opt_state_grows_the_saved_adam_moments(run, tmp_path):
   _, _, src, _ = run
-  src_cfg = checkpoints.config_from_meta(
+  src_cfg = checkpoint_meta.config_from_meta(
       checkpoints.read_meta(src, "latest")[1], src)
-  src_state, _ = checkpoints.restore(
-      checkpoints.open_existing(src, "latest"),
+  src_state, _ = orbax_io.restore(
+      orbax_io.open_existing(src, "latest"),
       target=state_lib.abstract_state(src_cfg, "latest"))
   out = str(tmp_path / "mapped")
   deep_cfg = growth.grow_checkpoint(src, out, "cross", "full",
                                     map_opt_state=True)
-  state, _ = checkpoints.restore(
-      checkpoints.open_existing(out, "latest"),
+  state, _ = orbax_io.restore(
+      orbax_io.open_existing(out, "latest"),
       target=state_lib.abstract_state(deep_cfg, "latest"))
   expected = growth.stack_opt_state(src_state["opt_state"], src_cfg,
                                     "cross", "full")
@@ -542,8 +544,8 @@ def test_grow_refuses_an_out_dir_holding_a_run(run, grown):
 
 
 def test_grow_rejects_a_checkpoint_of_another_model(tmp_path):
-  mngr = checkpoints.manager(str(tmp_path / "other"), "latest")
-  checkpoints.save(mngr, 1, {"params": {"w": jnp.zeros(3)}},
+  mngr = orbax_io.manager(str(tmp_path / "other"), "latest")
+  orbax_io.save(mngr, 1, {"params": {"w": jnp.zeros(3)}},
                    {"format": "someone.else/2"})
   mngr.wait_until_finished()
   with pytest.raises(JaxrecError, match="checkpoint format 'someone.else/2'"):
@@ -557,9 +559,9 @@ def test_grow_rejects_params_that_do_not_fit_their_config(run, tmp_path):
   wrong = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
                        abstract_params(cfg.replace(model=dataclasses.replace(
                            model, num_blocks=3))))
-  mngr = checkpoints.manager(str(tmp_path / "bad"), "latest")
-  checkpoints.save(mngr, 1, {"params": wrong},
-                   checkpoints.make_meta(cfg.replace(model=model), "x", 1, []))
+  mngr = orbax_io.manager(str(tmp_path / "bad"), "latest")
+  orbax_io.save(mngr, 1, {"params": wrong},
+                   checkpoint_meta.make_meta(cfg.replace(model=model), "x", 1, []))
   mngr.wait_until_finished()
   with pytest.raises(JaxrecError, match="bad/checkpoints/latest/1"):
     growth.grow_checkpoint(str(tmp_path / "bad"), str(tmp_path / "out"),
@@ -653,8 +655,8 @@ def test_init_opt_state_starts_from_the_mapped_adam_moments(tmp_path, run):
   assert any(diffs)  # Adam's first step differs with non-zero moments.
   # Each run's first step is optax's, from the grown checkpoint's moments
   # (--init-opt-state) or from fresh ones.
-  saved, _ = checkpoints.restore(
-      checkpoints.open_existing(grown, "latest"),
+  saved, _ = orbax_io.restore(
+      orbax_io.open_existing(grown, "latest"),
       target=state_lib.abstract_state(deep_cfg, "latest"))
   run_cfg = outs[True][1]
   close = functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6)

@@ -20,6 +20,8 @@ from jaxrec.methods.stackrec import growth
 from jaxrec.tasks import masked_item
 from jaxrec.tasks import transfer as transfer_task
 from jaxrec.training import checkpoints, loop, optim
+from jaxrec.training import checkpoint_meta
+from jaxrec.training import orbax_io
 from jaxrec.training import state as state_lib
 from jaxrec.methods.peterrec import finetune as peterrec
 from jaxrec.methods.peterrec.config import PLACEMENTS, PeterRecConfig
@@ -332,7 +334,7 @@ def test_frozen_leaves_stay_bit_for_bit_and_are_not_stored(world, peter_run):
                             pretrained["blocks"]["ln2"]["scale"])
   # The checkpoint holds the trainable leaves only.
   opened = checkpoints.open_checkpoint(peter_run, "latest")
-  raw, _ = checkpoints.restore(opened.mngr, opened.step)
+  raw, _ = orbax_io.restore(opened.mngr, opened.step)
   stored = {optim.path_name(p) for p, _ in
             jax.tree_util.tree_leaves_with_path(raw["params"])}
   assert stored and all(s.startswith(("peterrec/", "blocks/ln2", "head",
@@ -360,7 +362,7 @@ def test_eval_and_inspect_load_a_finetuning_with_its_backbone(peter_run,
 
 def test_a_changed_backbone_is_refused(peter_run):
   opened = checkpoints.open_checkpoint(peter_run)
-  cfg = checkpoints.config_from_meta(opened.meta, peter_run)
+  cfg = checkpoint_meta.config_from_meta(opened.meta, peter_run)
   meta = json.loads(json.dumps(opened.meta))
   meta["lineage"][-1]["frozen_fingerprint"] = "0" * 16
   with pytest.raises(JaxrecError, match="changed since the fine-tuning"):

@@ -24,6 +24,8 @@ from jaxrec.models.nextitnet import NextItNetConfig
 from jaxrec.models.sasrec import SASRecConfig
 from jaxrec.tasks import next_item
 from jaxrec.training import checkpoints
+from jaxrec.training import checkpoint_meta
+from jaxrec.training import orbax_io
 from jaxrec.training import loop as train
 from jaxrec.training import state as state_lib
 
@@ -160,7 +162,7 @@ train.train(cfg, {out!r}, progress_bar=False, step_callback=kill)
 
 def complete_steps(run_dir, kind="latest"):
   """The steps of the complete checkpoints of a kind, as Orbax sees them."""
-  return list(checkpoints.manager(str(run_dir), kind,
+  return list(orbax_io.manager(str(run_dir), kind,
                                   read_only=True).all_steps())
 
 
@@ -363,9 +365,9 @@ def two_step_run(root, name, model=None, head=None, **train_kw):
 def params_at(run_dir, step):
   """The params of DIR's `latest` checkpoint at `step`, as numpy."""
   _, meta = checkpoints.read_meta(run_dir, "latest")
-  cfg = checkpoints.config_from_meta(meta, run_dir)
-  state, _ = checkpoints.restore(
-      checkpoints.open_existing(run_dir, "latest"), step,
+  cfg = checkpoint_meta.config_from_meta(meta, run_dir)
+  state, _ = orbax_io.restore(
+      orbax_io.open_existing(run_dir, "latest"), step,
       target=state_lib.abstract_state(cfg, "latest"))
   return jax.tree.map(np.asarray, state["params"])
 
@@ -373,7 +375,7 @@ def params_at(run_dir, step):
 def init_params_of(run_dir):
   """The params the run started from (init from its fitted config)."""
   _, meta = checkpoints.read_meta(run_dir, "latest")
-  cfg = checkpoints.config_from_meta(meta, run_dir)
+  cfg = checkpoint_meta.config_from_meta(meta, run_dir)
   return jax.tree.map(np.asarray, models.init_params(
       cfg, jax.random.key(cfg.train.seed)))
 

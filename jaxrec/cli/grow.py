@@ -9,6 +9,7 @@ from jaxrec import models
 from jaxrec.errors import JaxrecError
 from jaxrec.methods.stackrec import growth
 from jaxrec.training import checkpoints
+from jaxrec.training import checkpoint_meta
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -53,7 +54,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
   """Grows, then prints a one-line summary."""
   _, meta = checkpoints.read_meta(args.src, args.source)
-  src = checkpoints.config_from_meta(meta, args.src)
+  src = checkpoint_meta.config_from_meta(meta, args.src)
   check_fits_memory(src, args.times, args.top, args.map_opt_state)
   cfg = growth.grow_checkpoint(
       args.src, args.out, args.method, args.preset, times=args.times,

@@ -25,6 +25,8 @@ from jaxrec.config import Config
 from jaxrec.data import vocabulary as vocab_lib
 from jaxrec.errors import JaxrecError
 from jaxrec.training import checkpoints, lock, rundir
+from jaxrec.training import checkpoint_meta
+from jaxrec.training import orbax_io
 from jaxrec.training import state as state_lib
 
 # (params, cfg) -> (new params, new cfg)
@@ -113,14 +115,14 @@ def _apply_staged(src_dir: str, out_dir: str, fn: ParamsFn,
                         "only the latest checkpoint holds it")
     kind = "latest"
   opened = checkpoints.open_checkpoint(src_dir, kind)
-  cfg = checkpoints.config_from_meta(opened.meta, src_dir)
+  cfg = checkpoint_meta.config_from_meta(opened.meta, src_dir)
   state_lib.refuse_finetuning(cfg, src_dir, "a surgery")
   opt_state = None
   if opt_fn is None:
     params = state_lib.restore_params(opened, cfg, src_dir)
   else:
-    checkpoints.check_format(opened.meta, src_dir, legacy_ok=False)
-    state, _ = checkpoints.restore(
+    checkpoint_meta.check_format(opened.meta, src_dir, legacy_ok=False)
+    state, _ = orbax_io.restore(
         opened.mngr, opened.step,
         target=state_lib.abstract_state(cfg, "latest"))
     params, opt_state = state["params"], state["opt_state"]
@@ -160,15 +162,15 @@ def save_start_checkpoint(out_dir: str, cfg: Config, params: models.Params,
                                state_lib.optimizer_for(cfg, params)[0])
   if opt_state is not None:
     state["opt_state"] = opt_state
-  meta = checkpoints.make_meta(
+  meta = checkpoint_meta.make_meta(
       cfg, data_fingerprint, 0, lineage,
       vocabulary=None if vocab is None else vocab.meta(),
       progress=dataclasses.asdict(state_lib.Progress()))
   os.makedirs(out_dir, exist_ok=True)
   if vocab is not None:  # Before the checkpoint: a checkpoint naming a
     vocab.save(out_dir)  # vocabulary never lacks its file.
-  mngr = checkpoints.manager(out_dir, "latest", keep=1)
-  checkpoints.save(mngr, 0, state, meta)
-  checkpoints.wait(mngr, 0, None)
+  mngr = orbax_io.manager(out_dir, "latest", keep=1)
+  orbax_io.save(mngr, 0, state, meta)
+  orbax_io.wait(mngr, 0, None)
   mngr.close()
   checkpoints.write_json(os.path.join(out_dir, "config.json"), cfg.to_dict())

@@ -45,12 +45,7 @@ def hold(run_dir: str, verb: str, option: str = "--out") -> Iterator[None]:
     raise JaxrecError(f"{option} {run_dir}: cannot write the run directory: "
                       f"{describe(e)}") from None
   try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      raise JaxrecError(f"{run_dir}: in use by another writer ({_holder(fd)});"
-                        " wait for it to end or choose another "
-                        f"{option}") from None
+    _lock_or_refuse(fd, fcntl.LOCK_EX, run_dir, option)
     _write_holder(fd, verb)
     yield
   finally:
@@ -66,14 +61,19 @@ def refuse_if_held(run_dir: str, option: str = "--out") -> None:
   except OSError:
     return  # No lock file (or unreadable): nobody to wait for.
   try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-      raise JaxrecError(f"{run_dir}: in use by another writer ({_holder(fd)});"
-                        " wait for it to end or choose another "
-                        f"{option}") from None
+    _lock_or_refuse(fd, fcntl.LOCK_SH, run_dir, option)
   finally:
     os.close(fd)
+
+
+def _lock_or_refuse(fd: int, mode: int, run_dir: str, option: str) -> None:
+  """flock without waiting; a held lock is one line naming its holder."""
+  try:
+    fcntl.flock(fd, mode | fcntl.LOCK_NB)
+  except BlockingIOError:
+    raise JaxrecError(f"{run_dir}: in use by another writer ({_holder(fd)});"
+                      f" wait for it to end or choose another {option}"
+                      ) from None
 
 
 def _write_holder(fd: int, verb: str) -> None:

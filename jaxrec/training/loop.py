@@ -42,6 +42,8 @@ from jaxrec.surgery import catalogue
 from jaxrec import ranking
 from jaxrec.tasks import next_item
 from jaxrec.training import budget, checkpoints, interrupts, lock, optim, rundir
+from jaxrec.training import checkpoint_meta
+from jaxrec.training import orbax_io
 from jaxrec.training.mesh import Sharder, make_mesh
 from jaxrec.training.state import (Progress, State, abstract_state,
                                    frozen_params, graft, init_state,
@@ -317,7 +319,7 @@ def _train_locked(cfg: Config, out_dir: str,
           say(f"step {done}: valid {tcfg.select_metric}="
                     f"{valid[tcfg.select_metric]:.4f}"
                     + (" (best)" if improved else ""))
-          meta = checkpoints.make_meta(cfg, data.fingerprint, done, lineage,
+          meta = checkpoint_meta.make_meta(cfg, data.fingerprint, done, lineage,
                                        vocabulary=vocab_meta,
                                        progress=dataclasses.asdict(prog))
           ckpts.save_validation(done, storable(state, cfg), meta,
@@ -332,7 +334,7 @@ def _train_locked(cfg: Config, out_dir: str,
                                                  ckpts.complete):
         # Every process stops at this step: it is saved, nothing is lost.
         prog.train_time_s = time.time() - clock
-        meta = checkpoints.make_meta(cfg, data.fingerprint, done, lineage,
+        meta = checkpoint_meta.make_meta(cfg, data.fingerprint, done, lineage,
                                      vocabulary=vocab_meta,
                                      progress=dataclasses.asdict(prog))
         ckpts.save_validation(done, storable(state, cfg), meta,
@@ -359,10 +361,10 @@ def _finish(cfg: Config, out_dir: str, data: sequences.SequenceData,
   """Tests the recorded best checkpoint (read back from disk; never merely
   the newest file in best/) and writes metrics.json."""
   if prog.best_step not in ckpts.best.all_steps():
-    raise JaxrecError(f"{checkpoints.step_dir(ckpts.best, prog.best_step)}: "
+    raise JaxrecError(f"{orbax_io.step_dir(ckpts.best, prog.best_step)}: "
                       f"missing, but the run records step {prog.best_step} "
                       "as its best")
-  restored, _ = checkpoints.restore(
+  restored, _ = orbax_io.restore(
       ckpts.best, prog.best_step,
       target=abstract_state(cfg, "best", sharder.shardings))
   restored["params"] = graft(restored["params"], frozen)
@@ -414,7 +416,7 @@ def _resume(ckpts: checkpoints.RunCheckpoints, state: State, cfg: Config,
   same format, the same config (the one stored in the checkpoint, not only
   config.json, which may be missing), the same data."""
   def check(meta, origin):
-    stored = checkpoints.stored_config(meta, origin, legacy_ok=False)
+    stored = checkpoint_meta.stored_config(meta, origin, legacy_ok=False)
     if saved_layout_differs(meta, cfg):
       raise JaxrecError(f"{origin}: written by an older jaxrec whose "
                         "methods kept their params elsewhere; resuming needs "
@@ -464,7 +466,7 @@ def _load_init(cfg: Config, init_from: str, data: sequences.SequenceData,
   # Only `latest` checkpoints hold an optimizer state.
   opened = checkpoints.open_checkpoint(init_from,
                                        "latest" if with_opt_state else None)
-  src = checkpoints.config_from_meta(opened.meta, init_from)
+  src = checkpoint_meta.config_from_meta(opened.meta, init_from)
   refuse_finetuning(src, init_from, "--init-from")
   entry = {"dir": os.path.abspath(init_from), "kind": opened.kind,
            "step": opened.step, "op": "init_from",
@@ -484,8 +486,8 @@ def _load_init(cfg: Config, init_from: str, data: sequences.SequenceData,
   lineage = opened.meta["lineage"] + [entry]
   if not with_opt_state:
     return cfg, lineage, restore_params(opened, src, init_from), None
-  checkpoints.check_format(opened.meta, init_from, legacy_ok=False)
-  restored, _ = checkpoints.restore(
+  checkpoint_meta.check_format(opened.meta, init_from, legacy_ok=False)
+  restored, _ = orbax_io.restore(
       opened.mngr, opened.step, target=abstract_state(src, "latest"))
   opt_state = restored["opt_state"]
   fresh = jax.eval_shape(optimizer_for(cfg, restored["params"])[0].init,

@@ -22,6 +22,8 @@ from jaxrec import method_api, models
 from jaxrec.config import Config
 from jaxrec.errors import JaxrecError
 from jaxrec.training import checkpoints
+from jaxrec.training import checkpoint_meta
+from jaxrec.training import orbax_io
 from jaxrec.training import optim
 
 State = dict[str, Any]
@@ -145,14 +147,14 @@ def restore_params(opened: checkpoints.Opened, cfg: Config, origin: str,
   checked.
   """
   if not saved_layout_differs(opened.meta, cfg):
-    state, _ = checkpoints.restore(
+    state, _ = orbax_io.restore(
         opened.mngr, opened.step,
         target=abstract_state(cfg, opened.kind, sharding))
     if cfg.train.frozen_from:
       return graft(state["params"],
                    load_frozen(cfg, opened.meta, origin, sharding))
     return state["params"]
-  raw, _ = checkpoints.restore(opened.mngr, opened.step)
+  raw, _ = orbax_io.restore(opened.mngr, opened.step)
   if not isinstance(raw, dict) or "params" not in raw:
     raise JaxrecError(f"{origin}: checkpoint state holds no params")
   params = convert_saved_params(raw["params"], opened.meta, cfg)
@@ -184,18 +186,18 @@ def load_params(run_dir: str, kind: str | None = None,
   taken when fine-tuning began.
   """
   opened = checkpoints.open_checkpoint(run_dir, kind, step)
-  cfg = checkpoints.config_from_meta(opened.meta, run_dir)
+  cfg = checkpoint_meta.config_from_meta(opened.meta, run_dir)
   if not params_only:
     if saved_layout_differs(opened.meta, cfg):
       raise JaxrecError(f"{run_dir}: params_only=False reads a current "
                         "checkpoint's state; this one is in an older layout")
-    state, _ = checkpoints.restore(
+    state, _ = orbax_io.restore(
         opened.mngr, opened.step,
         target=abstract_state(cfg, opened.kind, sharding))
     return state, cfg, opened.meta
   if opened.kind == "latest" and not saved_layout_differs(opened.meta, cfg):
     target = abstract_state(cfg, "best", sharding or _default_sharding())
-    params = checkpoints.restore_subtree(opened.mngr, opened.step, "params",
+    params = orbax_io.restore_subtree(opened.mngr, opened.step, "params",
                                          target["params"])
     if cfg.train.frozen_from:
       params = graft(params, load_frozen(cfg, opened.meta, run_dir,
@@ -215,14 +217,14 @@ def saved_layout_differs(meta: dict[str, Any], cfg: Config) -> bool:
                                             config_lib.CONFIG_VERSION)
   moved = version < 3 and any(method_api.get(m.NAME).param_moves
                               for m in cfg.methods)
-  return checkpoints.is_legacy(meta) or moved
+  return checkpoint_meta.is_legacy(meta) or moved
 
 
 def convert_saved_params(params: models.Params, meta: dict[str, Any],
                          cfg: Config) -> models.Params:
   """Saved params in the current layout (see `saved_layout_differs`)."""
-  if checkpoints.is_legacy(meta):
-    params = checkpoints.convert_legacy_params(params)
+  if checkpoint_meta.is_legacy(meta):
+    params = checkpoint_meta.convert_legacy_params(params)
   return method_api.move_legacy_params(params, cfg.methods)
 
 
