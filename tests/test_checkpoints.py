@@ -122,7 +122,7 @@ def test_an_unknown_format_names_the_one_found_and_the_ones_read(tmp_path,
                                                                 capsys):
   mngr = orbax_io.manager(str(tmp_path), "best")
   orbax_io.save(mngr, 1, {"params": {"w": jnp.zeros(3)}},
-                   {"format": "jaxrec/9", "config": {}})
+                {"format": "jaxrec/9", "config": {}})
   mngr.wait_until_finished()
   assert cli.main(["inspect", str(tmp_path)]) == 2
   line = capsys.readouterr().err.strip()

@@ -158,7 +158,7 @@ def test_checkpoint_round_trip(name, tmp_path):
   params = trained_like(cfg)
   mngr = orbax_io.manager(str(tmp_path), "best")
   orbax_io.save(mngr, 3, {"params": params},
-                   checkpoint_meta.make_meta(cfg, "fp", 3, []))
+                checkpoint_meta.make_meta(cfg, "fp", 3, []))
   mngr.wait_until_finished()
   restored, restored_cfg, meta = state_lib.load_params(str(tmp_path))
   assert restored_cfg == cfg and meta["backbone"] == name

@@ -75,7 +75,7 @@ def tree_files(root):
 
 def steps_of(run_dir, kind):
   return sorted(orbax_io.manager(str(run_dir), kind,
-                                    read_only=True).all_steps())
+                                 read_only=True).all_steps())
 
 
 def latest_params(run_dir):
@@ -665,6 +665,16 @@ def test_a_grow_killed_at_any_point_is_completed_by_the_same_command(
   assert jaxrec(*argv, "--out", straight).returncode == 0
   chex.assert_trees_all_equal(latest_params(out), latest_params(straight))
   assert sorted(os.listdir(out)) == sorted(os.listdir(straight))
+
+
+def test_a_refused_grow_leaves_no_directory_behind(trained, tmp_path,
+                                                   capsys):
+  out = tmp_path / "grown"
+  line = run_error(capsys, ["grow", "--from", trained, "--out", out,
+                            "--method", "cross", "--map-opt-state",
+                            "--source", "best"])
+  assert "--source latest" in line
+  assert os.listdir(tmp_path) == []
 
 
 def test_grow_never_writes_beside_another_runs_files(trained, tmp_path,

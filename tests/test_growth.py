@@ -546,7 +546,7 @@ def test_grow_refuses_an_out_dir_holding_a_run(run, grown):
 def test_grow_rejects_a_checkpoint_of_another_model(tmp_path):
   mngr = orbax_io.manager(str(tmp_path / "other"), "latest")
   orbax_io.save(mngr, 1, {"params": {"w": jnp.zeros(3)}},
-                   {"format": "someone.else/2"})
+                {"format": "someone.else/2"})
   mngr.wait_until_finished()
   with pytest.raises(JaxrecError, match="checkpoint format 'someone.else/2'"):
     growth.grow_checkpoint(str(tmp_path / "other"), str(tmp_path / "out"),
@@ -561,7 +561,8 @@ def test_grow_rejects_params_that_do_not_fit_their_config(run, tmp_path):
                            model, num_blocks=3))))
   mngr = orbax_io.manager(str(tmp_path / "bad"), "latest")
   orbax_io.save(mngr, 1, {"params": wrong},
-                   checkpoint_meta.make_meta(cfg.replace(model=model), "x", 1, []))
+                checkpoint_meta.make_meta(cfg.replace(model=model), "x", 1,
+                                          []))
   mngr.wait_until_finished()
   with pytest.raises(JaxrecError, match="bad/checkpoints/latest/1"):
     growth.grow_checkpoint(str(tmp_path / "bad"), str(tmp_path / "out"),

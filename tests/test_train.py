@@ -163,7 +163,7 @@ train.train(cfg, {out!r}, progress_bar=False, step_callback=kill)
 def complete_steps(run_dir, kind="latest"):
   """The steps of the complete checkpoints of a kind, as Orbax sees them."""
   return list(orbax_io.manager(str(run_dir), kind,
-                                  read_only=True).all_steps())
+                               read_only=True).all_steps())
 
 
 @pytest.mark.parametrize("kill_at", [13, 12])  # 12: during the async save.

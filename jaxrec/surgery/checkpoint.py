@@ -74,7 +74,13 @@ def staged_output(out_dir: str, verb: str) -> Iterator[str]:
           shutil.rmtree(path)
         else:
           os.remove(path)
-    yield stage
+    try:
+      yield stage
+    except BaseException:
+      # A refused or failed surgery leaves nothing behind (a kill leaves
+      # the partial directory, which the next attempt clears).
+      shutil.rmtree(stage, ignore_errors=True)
+      raise
     commit_staged(stage, out_dir)
 
 

@@ -41,9 +41,8 @@ from jaxrec.errors import Interrupted, JaxrecError
 from jaxrec.surgery import catalogue
 from jaxrec import ranking
 from jaxrec.tasks import next_item
-from jaxrec.training import budget, checkpoints, interrupts, lock, optim, rundir
-from jaxrec.training import checkpoint_meta
-from jaxrec.training import orbax_io
+from jaxrec.training import (budget, checkpoint_meta, checkpoints, interrupts,
+                             lock, optim, orbax_io, rundir)
 from jaxrec.training.mesh import Sharder, make_mesh
 from jaxrec.training.state import (Progress, State, abstract_state,
                                    frozen_params, graft, init_state,
@@ -286,6 +285,14 @@ def _train_locked(cfg: Config, out_dir: str,
   done = start
   # A resumed run that had already stopped early stays stopped.
   end = start if prog.stopped(tcfg.patience) else total_steps
+  def save(step: int, state: State) -> None:
+    """`latest` (and `best`, if it is the best) at `step`, with the run's
+    record as it stands."""
+    meta = checkpoint_meta.make_meta(cfg, data.fingerprint, step, lineage,
+                                     vocabulary=vocab_meta,
+                                     progress=dataclasses.asdict(prog))
+    ckpts.save_validation(step, storable(state, cfg), meta, prog.best_step)
+
   # Several processes stop together, at jax's preemption sync point.
   agreed = (multihost_utils.reached_preemption_sync_point
             if jax.process_count() > 1 else None)
@@ -319,11 +326,7 @@ def _train_locked(cfg: Config, out_dir: str,
           say(f"step {done}: valid {tcfg.select_metric}="
                     f"{valid[tcfg.select_metric]:.4f}"
                     + (" (best)" if improved else ""))
-          meta = checkpoint_meta.make_meta(cfg, data.fingerprint, done, lineage,
-                                       vocabulary=vocab_meta,
-                                       progress=dataclasses.asdict(prog))
-          ckpts.save_validation(done, storable(state, cfg), meta,
-                                prog.best_step)
+          save(done, state)
           if prog.stopped(tcfg.patience):
             say(f"early stop at step {done}: no {tcfg.select_metric} "
                       f"gain in {tcfg.patience} validations")
@@ -334,11 +337,7 @@ def _train_locked(cfg: Config, out_dir: str,
                                                  ckpts.complete):
         # Every process stops at this step: it is saved, nothing is lost.
         prog.train_time_s = time.time() - clock
-        meta = checkpoint_meta.make_meta(cfg, data.fingerprint, done, lineage,
-                                     vocabulary=vocab_meta,
-                                     progress=dataclasses.asdict(prog))
-        ckpts.save_validation(done, storable(state, cfg), meta,
-                              prog.best_step)
+        save(done, state)
       ckpts.settle()
     except BaseException:
       ckpts.abandon()

@@ -198,7 +198,7 @@ def load_params(run_dir: str, kind: str | None = None,
   if opened.kind == "latest" and not saved_layout_differs(opened.meta, cfg):
     target = abstract_state(cfg, "best", sharding or _default_sharding())
     params = orbax_io.restore_subtree(opened.mngr, opened.step, "params",
-                                         target["params"])
+                                      target["params"])
     if cfg.train.frozen_from:
       params = graft(params, load_frozen(cfg, opened.meta, run_dir,
                                          sharding))
