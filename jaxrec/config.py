@@ -203,7 +203,8 @@ class HeadConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """Where sequences come from and how they are split."""
-  source: str = option("synthetic", "synthetic[:SIZE] | movielens:PATH | "
+  source: str = option("synthetic", "a data set (`jaxrec data list`, e.g. "
+                       "movielens-100k) | synthetic[:SIZE] | movielens:PATH | "
                        "csv:PATH | recbole:PATH.inter | tfds:NAME; "
                        "fine-tuning (jaxrec finetune): cold_start:PATH | "
                        "profile:PATH")
@@ -252,6 +253,8 @@ class DataConfig:
     require(0.0 < self.valid_fraction < 1.0 - self.test_fraction,
             "data.valid_fraction", self.valid_fraction,
             "in (0, 1 - test_fraction)")
+    if ":" not in self.source and self.source != "synthetic":
+      return  # A data set's name: the data registry checks it on load.
     kind = self.source.split(":", 1)[0]
     choice("data.source", kind,
            ("synthetic", "movielens", "csv", "parquet", "recbole", "tfds")

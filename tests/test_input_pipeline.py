@@ -483,33 +483,3 @@ def test_tfds_missing_package_says_how_to_install(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
   message = error(tmp_path, "tfds:movielens/1m-ratings")
   assert "pip install jaxrec[tfds]" in message
-
-
-def test_checksum_mismatch_is_one_line_error(tmp_path):
-  path = tmp_path / "ml-1m.zip"
-  path.write_bytes(b"not really a zip")
-  with pytest.raises(JaxrecError) as info:
-    ip.verify_checksum(str(path), "0" * 64)
-  assert "ml-1m.zip" in str(info.value) and "SHA-256 mismatch" in str(
-      info.value)
-  assert "\n" not in str(info.value)
-
-
-def test_checksum_recorded_on_first_use_then_verified(tmp_path):
-  path = tmp_path / "ml-1m.zip"
-  path.write_bytes(b"first download")
-  digest = ip.verify_checksum(str(path))
-  assert (tmp_path / "ml-1m.zip.sha256").read_text().split()[0] == digest
-  assert ip.verify_checksum(str(path)) == digest
-  path.write_bytes(b"truncated")
-  with pytest.raises(JaxrecError, match="SHA-256 mismatch"):
-    ip.verify_checksum(str(path))
-
-
-def test_download_verifies_existing_zip_without_network(tmp_path):
-  path = tmp_path / "ml-1m.zip"
-  path.write_bytes(b"local copy")
-  digest = ip.verify_checksum(str(path))
-  assert ip.download_movielens("ml-1m", str(tmp_path), digest) == str(path)
-  with pytest.raises(JaxrecError, match="SHA-256 mismatch"):
-    ip.download_movielens("ml-1m", str(tmp_path), "f" * 64)

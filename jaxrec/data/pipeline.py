@@ -13,9 +13,10 @@ Training rows never contain a valid or test target position. The result is
 cached as one .npz keyed by a fingerprint of the source contents and every
 processing option.
 
-Sources: `synthetic[:SIZE]`, `movielens:PATH` (directory or GroupLens zip),
-`csv:PATH`, `parquet:PATH` (pyarrow), `recbole:PATH.inter`, `tfds:NAME`. Text files are parsed with
-numpy's C `loadtxt` (a few seconds for ML-20M); only when that fails (a bad
+Sources: a registered data set's name (`movielens-100k`, fetched on first
+use: `jaxrec.data.registry`), `synthetic[:SIZE]`, `movielens:PATH`
+(directory or GroupLens zip), `csv:PATH`, `parquet:PATH` (pyarrow),
+`recbole:PATH.inter`, `tfds:NAME`. Text files are parsed with numpy's C `loadtxt` (a few seconds for ML-20M); only when that fails (a bad
 row, string ids) a line-by-line pass runs, which names the first bad line.
 """
 from __future__ import annotations
@@ -29,7 +30,6 @@ import logging
 import math
 import os
 import tempfile
-import urllib.request
 import warnings
 import zipfile
 import zlib
@@ -40,6 +40,7 @@ import numpy as np
 from jaxrec import config as config_lib
 from jaxrec.config import DataConfig
 from jaxrec.errors import JaxrecError, reported_as
+from jaxrec.data import registry
 from jaxrec.data.sequences import Interactions, SequenceData
 from jaxrec.data.vocabulary import Vocabulary
 
@@ -47,11 +48,6 @@ log = logging.getLogger(__name__)
 
 # Bump when processing changes, so old caches are not reused.
 PIPELINE_VERSION = 2  # 2: ids ranked by training-split frequency.
-MOVIELENS_URL = "https://files.grouplens.org/datasets/movielens/{name}.zip"
-# SHA-256 of GroupLens zips, by name. Only verified values belong here; a name
-# missing here is checked against the `.sha256` file recorded next to the zip
-# on its first download (trust on first use).
-KNOWN_SHA256: dict[str, str] = {}
 DEFAULT_SYNTHETIC_SIZE = "small"  # `synthetic` alone; synthetic.generate's.
 SOURCE_KINDS = ("synthetic", "movielens", "csv", "parquet", "recbole", "tfds")
 # MovieLens ratings files, in the order they are looked for.
@@ -108,10 +104,14 @@ class Source:
 
 def resolve_source(spec: str, cfg: DataConfig,
                    synthetic_fn: SyntheticFn | None = None) -> Source:
-  """Checks that `spec` (a `data.source` string) exists; parses nothing yet."""
+  """Checks that `spec` (a `data.source` string) exists, fetching a named
+  data set on first use; parses nothing yet."""
+  if registry.is_name(spec):
+    return registered_source(registry.fetch(spec))
   kind, _, arg = spec.partition(":")
   if kind not in SOURCE_KINDS:
     raise JaxrecError(f"data.source={spec!r}: unknown kind {kind!r}; expected "
+                      f"a data set ({', '.join(registry.DATASETS)}), "
                       "synthetic[:SIZE], movielens:PATH, csv:PATH, "
                       "parquet:PATH, recbole:PATH.inter or tfds:NAME")
   if kind in config_lib.TRANSFER_SOURCES:
@@ -127,8 +127,8 @@ def resolve_source(spec: str, cfg: DataConfig,
     return Source(f"tfds:{arg}", functools.partial(read_tfds, arg))
   path = os.path.expanduser(arg)
   if not os.path.exists(path):
-    hint = (" (jaxrec.data.pipeline.download_movielens fetches GroupLens "
-            "zips)" if kind == "movielens" else "")
+    hint = (" (`jaxrec data fetch NAME` fetches GroupLens's data sets; "
+            "`--data NAME` reads them)" if kind == "movielens" else "")
     raise JaxrecError(f"{path}: no such file or directory "
                       f"(data.source={spec!r}){hint}")
   if kind == "movielens":
@@ -142,6 +142,18 @@ def resolve_source(spec: str, cfg: DataConfig,
     return Source(_file_digest(path),
                   functools.partial(read_parquet, path, columns))
   return _file_source(path, recbole_format())
+
+
+def registered_source(found: registry.Fetched) -> Source:
+  """The ratings of a fetched data set (`jaxrec.data.registry`)."""
+  where = found.files["ratings"]
+  if isinstance(where, tuple):  # A member of the publisher's zip.
+    zip_path, member = where
+    fmt = movielens_format(member.rsplit("/", 1)[-1])
+    return Source(found.key, functools.partial(_read_member, zip_path, member,
+                                               fmt))
+  return Source(found.key, functools.partial(
+      read_parquet, where, ("user_id", "movie_id", "timestamp")))
 
 
 def build_sequences(inter: Interactions, cfg: DataConfig,
@@ -324,55 +336,6 @@ def save_cache(path: str, data: SequenceData) -> None:
     log.warning("data: could not write cache %s (%s)", path, e)
     if tmp and os.path.exists(tmp):
       os.remove(tmp)
-
-
-# -------------------------------------------------------------- MovieLens zips
-
-
-def download_movielens(name: str, dest: str, sha256: str | None = None) -> str:
-  """Downloads GroupLens `{name}.zip` (e.g. "ml-1m") into `dest`, verified.
-
-  The checksum is `sha256`, else `KNOWN_SHA256[name]`, else the one recorded
-  next to the zip on its first download. Returns the zip's path.
-  """
-  os.makedirs(dest, exist_ok=True)
-  path = os.path.join(dest, f"{name}.zip")
-  if not os.path.exists(path):
-    url = MOVIELENS_URL.format(name=name)
-    fd, tmp = tempfile.mkstemp(dir=dest, prefix=".tmp-", suffix=".zip")
-    try:
-      with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url) as resp:
-        while chunk := resp.read(_CHUNK):
-          out.write(chunk)
-      os.replace(tmp, path)
-    except OSError as e:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise JaxrecError(f"{url}: download failed: {e}") from None
-  verify_checksum(path, sha256 or KNOWN_SHA256.get(name))
-  return path
-
-
-def verify_checksum(path: str, expected: str | None = None) -> str:
-  """Checks `path`'s SHA-256 against `expected` or its `.sha256` record.
-
-  With neither, records the digest in `path + ".sha256"` so later calls
-  detect a changed or truncated file. Returns the digest.
-  """
-  if not os.path.isfile(path):
-    raise JaxrecError(f"{path}: no such file")
-  actual = _sha256_file(path)
-  record = path + ".sha256"
-  if expected is None and os.path.exists(record):
-    with open(record, encoding="utf-8") as f:
-      expected = (f.read().split() or [None])[0]
-  if expected is None:
-    with open(record, "w", encoding="utf-8") as f:
-      f.write(f"{actual}  {os.path.basename(path)}\n")
-  elif actual != expected.lower():
-    raise JaxrecError(f"{path}: SHA-256 mismatch: expected {expected}, got "
-                      f"{actual}; delete the file and download it again")
-  return actual
 
 
 # --------------------------------------------------------------------- sources
