@@ -17,6 +17,7 @@ setup(
         "orbax-checkpoint>=0.12.4",
         "chex>=0.1.92",
         "numpy",
+        "pyarrow",
         "tqdm",
         "matplotlib",
         "pyyaml",
@@ -26,9 +27,8 @@ setup(
         "cuda": ["jax[cuda12]>=0.10.2"],
         "tensorboard": ["tensorboardX"],
         "serving": ["flatbuffers"],
-        "parquet": ["pyarrow"],
         "notebook": ["treescope", "ipykernel"],
-        "test": ["pytest", "pytest-xdist", "tensorboardX", "flatbuffers", "pyarrow",
+        "test": ["pytest", "pytest-xdist", "tensorboardX", "flatbuffers",
                  "treescope", "nbclient", "nbformat", "ipykernel"],
     },
     entry_points={

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jaxrec.data import pipeline as ip
+from jaxrec.data import text_table
 from jaxrec.config import DataConfig
 from jaxrec.errors import JaxrecError
 from jaxrec.data.sequences import Interactions
@@ -94,6 +95,33 @@ def test_movielens_1m_ratings_dat_inside_zip(tmp_path):
 def test_movielens_20m_ratings_csv_parses(tmp_path):
   write(tmp_path / "ml-20m" / "ratings.csv", ratings_csv())
   assert_events(read(tmp_path, f"movielens:{tmp_path / 'ml-20m'}"))
+
+
+TRICKY_CSVS = {
+    "spaces around ids": "u,i,t\n 1, 10 ,5\n2 ,20, 6\n",
+    "string ids": "u,i,t\nalice,x1,5\nbob,x2,6\n",
+    "mixed ids": "u,i,t\n1,10,5\nbob,x2,6\n",
+    "float times": "u,i,t\n1,10,5.5\n2,20,6\n",
+    "times past 2**53": f"u,i,t\n1,10,{2**60 + 1}\n2,20,{2**60}\n",
+    "quotes kept": 'u,i,t\n"1",10,5\n2,"x",6\n',
+    "NA is an id": "u,i,t\nNA,10,5\nnull,20,6\n",
+    "blank lines": "u,i,t\n1,10,5\n\n2,20,6\n\n",
+    "crlf": "u,i,t\r\n1,10,5\r\n2,20,6\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRICKY_CSVS))
+def test_pyarrow_reads_as_the_line_by_line_pass(tmp_path, case):
+  path = write(tmp_path / "x.csv", TRICKY_CSVS[case])
+  fmt = text_table.TextFormat(",", ("u", "i", "t"), ("", "", ""))
+  opener = lambda: open(path, "rb")  # pylint: disable=unnecessary-lambda-assignment
+  cols, num_fields = text_table._header_columns(opener, str(path), fmt)  # pylint: disable=protected-access
+  fast = text_table._arrow_table(opener, fmt, cols, num_fields)  # pylint: disable=protected-access
+  slow = text_table._slow_table(opener, str(path), fmt, cols, num_fields)  # pylint: disable=protected-access
+  assert fast is not None, case  # pyarrow read it, and read it alike:
+  for a, b in zip(fast, slow):
+    assert a.dtype.kind == b.dtype.kind, case
+    np.testing.assert_array_equal(a, b)
 
 
 def test_csv_custom_column_names(tmp_path):

