@@ -233,8 +233,11 @@ def compare_top20(out_dir: str, data, s: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_arm(arm: str, cfg: config_lib.Config, data, out_dir: str,
-            s: dict[str, Any]) -> dict[str, Any]:
-  result = loop.train(cfg, out_dir, data, progress_bar=False)
+            s: dict[str, Any], resume: bool = False) -> dict[str, Any]:
+  # A resumed experiment continues an arm killed mid-training exactly from
+  # its latest checkpoint (the loop's resume); a fresh one starts it anew.
+  resume = resume and os.path.exists(os.path.join(out_dir, "config.json"))
+  result = loop.train(cfg, out_dir, data, progress_bar=False, resume=resume)
   params, run_cfg, _ = state.load_params(out_dir, "best")
   real_per_row = float(np.mean(np.count_nonzero(data.train[:, 1:], axis=1)))
   tokens = result["steps"] * cfg.train.batch_size * real_per_row
@@ -392,6 +395,11 @@ def main() -> None:
                       help="re-measure speed (top-20 latency, training "
                       "tokens/s) of the runs already in OUT, keeping their "
                       "accuracy: for a quiet machine")
+  parser.add_argument("--resume", action="store_true",
+                      help="continue a killed run in OUT: arms already in "
+                      "its results.json are kept (its settings must match), "
+                      "an arm killed mid-training resumes from its latest "
+                      "checkpoint")
   parser.add_argument("--arms", default=",".join(ARMS),
                       help="comma-separated subset (cprec and nextitnet are "
                       "needed for small_nextitnet and the targets)")
@@ -422,6 +430,16 @@ def main() -> None:
   if args.retime:
     retime(args.out, results, data, s)
     chosen = []
+  elif args.resume and os.path.exists(results_path):
+    with open(results_path, encoding="utf-8") as f:
+      results = json.load(f)
+    if results["settings"] != json.loads(json.dumps(s)) or (
+        results["seed"] != args.seed):
+      raise SystemExit(f"--resume: {results_path} was run with other "
+                       "settings; use a new --out")
+    done = [a for a in chosen if a in results["arms"]]
+    print(f"[cprec] resuming: {', '.join(done) or 'no arm'} done", flush=True)
+    chosen = [a for a in chosen if a not in results["arms"]]
   else:
     results = {"settings": s, "seed": args.seed,
                "date": time.strftime("%Y-%m-%d"),
@@ -437,7 +455,8 @@ def main() -> None:
     print(f"[cprec] {arm}: {param_count(fitted(cfg, data)):,} params",
           flush=True)
     results["arms"][arm] = run_arm(arm, cfg, data,
-                                   os.path.join(args.out, "runs", arm), s)
+                                   os.path.join(args.out, "runs", arm), s,
+                                   resume=args.resume)
     checkpoints.write_json(results_path, results)
   if {"nextitnet", "cprec"} <= set(results["arms"]):
     results["top20_compared"] = compare_top20(args.out, data, s)

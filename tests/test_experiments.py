@@ -219,13 +219,20 @@ def test_cprec_writes_every_arm_targets_and_plot(tmp_path, monkeypatch):
   tiny = dict(data="synthetic:tiny", embed_dim=8, num_blocks=4, max_len=10,
               batch_size=16, steps=2, eval_every=2, lr=1e-3,
               timing_batches=1)
-  # The three arms the targets need (every arm runs the same code path).
+  # The three arms the targets need (every arm runs the same code path),
+  # the third added by resuming the run of the first two.
   arms = ("nextitnet", "cprec", "small_nextitnet")
+  flags = ("--band-dims", "8,4,2", "--tail-dims", "2,1")
+  run_script(monkeypatch, "cprec", tmp_path, "--arms", ",".join(arms[:2]),
+             *flags, CPU=tiny)
+  with open(tmp_path / "results.json") as f:
+    first = json.load(f)
   run_script(monkeypatch, "cprec", tmp_path, "--arms", ",".join(arms),
-             "--band-dims", "8,4,2", "--tail-dims", "2,1", CPU=tiny)
+             "--resume", *flags, CPU=tiny)
   with open(tmp_path / "results.json") as f:
     results = json.load(f)
   assert set(results["arms"]) == set(arms)
+  assert results["arms"]["cprec"] == first["arms"]["cprec"]  # Kept as run.
   # Band flags reach the arms built on bands, and only those.
   cprec = results["arms"]["cprec"]
   assert (cprec["model"]["band_dims"], cprec["head"]["tail_dims"]) == (

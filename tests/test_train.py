@@ -21,6 +21,7 @@ from jaxrec.data import pipeline
 from jaxrec.errors import JaxrecError
 from jaxrec.heads.softmax import SoftmaxConfig
 from jaxrec.models.nextitnet import NextItNetConfig
+from jaxrec.models.hstu import HSTUConfig
 from jaxrec.models.sasrec import SASRecConfig
 from jaxrec.tasks import next_item
 from jaxrec.training import checkpoints
@@ -302,7 +303,8 @@ def test_eight_fake_devices_give_the_same_loss_as_one(tmp_path):
 @pytest.mark.parametrize("model", [
     NextItNetConfig(num_blocks=2, embed_dim=32),
     SASRecConfig(num_blocks=2, embed_dim=32, num_heads=2),
-], ids=["nextitnet", "sasrec"])
+    HSTUConfig(num_blocks=2, embed_dim=32, num_heads=2),
+], ids=["nextitnet", "sasrec", "hstu"])
 def test_trained_model_beats_popularity_twice_on_synthetic(tmp_path, model):
   cfg = config.Config(
       model=model,
