@@ -21,6 +21,7 @@ from jaxrec.data import pipeline
 from jaxrec.errors import JaxrecError
 from jaxrec.heads.softmax import SoftmaxConfig
 from jaxrec.models.nextitnet import NextItNetConfig
+from jaxrec.models.bert4rec import BERT4RecConfig
 from jaxrec.models.gru4rec import GRU4RecConfig
 from jaxrec.models.hstu import HSTUConfig
 from jaxrec.models.sasrec import SASRecConfig
@@ -301,15 +302,18 @@ def test_eight_fake_devices_give_the_same_loss_as_one(tmp_path):
                              atol=1e-6)
 
 
-@pytest.mark.parametrize("model,learning_rate", [
-    (NextItNetConfig(num_blocks=2, embed_dim=32), 1e-3),
-    (SASRecConfig(num_blocks=2, embed_dim=32, num_heads=2), 1e-3),
-    (HSTUConfig(num_blocks=2, embed_dim=32, num_heads=2), 1e-3),
+@pytest.mark.parametrize("model,learning_rate,times", [
+    (NextItNetConfig(num_blocks=2, embed_dim=32), 1e-3, 2.0),
+    (SASRecConfig(num_blocks=2, embed_dim=32, num_heads=2), 1e-3, 2.0),
+    (HSTUConfig(num_blocks=2, embed_dim=32, num_heads=2), 1e-3, 2.0),
     # A GRU learns more slowly per step: 1e-3 reaches 1.4x popularity here.
-    (GRU4RecConfig(num_blocks=1, embed_dim=32), 3e-3),
-], ids=["nextitnet", "sasrec", "hstu", "gru4rec"])
-def test_trained_model_beats_popularity_twice_on_synthetic(
-    tmp_path, model, learning_rate):
+    (GRU4RecConfig(num_blocks=1, embed_dim=32), 3e-3, 2.0),
+    # Cloze training has a target at 30% of the positions, not all: 1.7x
+    # popularity after 400 steps, 1.8x after 800 (README).
+    (BERT4RecConfig(num_blocks=2, embed_dim=32), 3e-3, 1.5),
+], ids=["nextitnet", "sasrec", "hstu", "gru4rec", "bert4rec"])
+def test_trained_model_beats_popularity_on_synthetic(
+    tmp_path, model, learning_rate, times):
   cfg = config.Config(
       model=model,
       data=config.DataConfig(source="synthetic:small,users=1000"),
@@ -317,7 +321,8 @@ def test_trained_model_beats_popularity_twice_on_synthetic(
                                learning_rate=learning_rate))
   result = train.train(cfg, str(tmp_path), progress_bar=False)
   assert result["backbone"] == model.name
-  assert result["test"]["ndcg@10"] >= 2 * result["popularity"]["ndcg@10"]
+  assert result["test"]["ndcg@10"] >= (
+      times * result["popularity"]["ndcg@10"])
 
 
 def test_tensorboard_events_are_written_when_asked(tmp_path):

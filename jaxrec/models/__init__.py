@@ -28,7 +28,7 @@ import numpy as np
 from jaxrec import config as config_lib
 from jaxrec import heads, method_api
 from jaxrec.errors import JaxrecError, first_line
-from jaxrec.models import gru4rec, hstu, nextitnet, sasrec
+from jaxrec.models import bert4rec, gru4rec, hstu, nextitnet, sasrec
 from jaxrec.models.backbone import Backbone, Params, SurgeryRules
 from jaxrec.nn import embedding
 
@@ -53,6 +53,7 @@ register(nextitnet.BACKBONE)
 register(sasrec.BACKBONE)
 register(hstu.BACKBONE)
 register(gru4rec.BACKBONE)
+register(bert4rec.BACKBONE)
 
 
 def names() -> tuple[str, ...]:
