@@ -1,13 +1,23 @@
-"""Training-step throughput of NextItNet: tokens/s, model TFLOP/s, compile
-time and peak device memory for named configs. Prints a table last.
+"""Training-step throughput: tokens/s, model TFLOP/s, compile time and
+peak device memory for named configs of every backbone. Prints a table last.
 
 Each config runs in its own subprocess so compile time and peak memory are
 its own. Model FLOPs are counted as in ../shared/PERF.md: per token, fwd+bwd
-= 3x forward; forward = blocks * 2 convs * 2*k*C*C + 2*C*V (full softmax) or
-2*C*(samples+1) (sampled).
+= 3x forward; forward = the blocks' matmuls (below) + 2*C*V (full softmax)
+or 2*C*(samples+1) (sampled). Per block and token, with width C, length T,
+feed-forward width F:
+
+  nextitnet  2 convs * 2*k*C*C
+  sasrec     8*C*C (q, k, v, out) + 4*T*C (scores, mixing) + 4*C*F
+  bert4rec   as sasrec, F = 4C, plus the output layer's 2*C*C once
+  hstu       8*C*C (u, v, q, k) + 2*C*C (out) + 4*T*C
+  gru4rec    3 gates * 2 matmuls * 2*C*C = 12*C*C
+
+(attention counted over all T keys, causal or not, as is usual).
 
   python experiments/bench_train.py                 # the GPU set
   python experiments/bench_train.py --set cpu       # a small CPU smoke set
+  python experiments/bench_train.py --set backbones_cpu   # one step each
   python experiments/bench_train.py --only b32_c256_v27k_full
 """
 from __future__ import annotations
@@ -34,6 +44,8 @@ class Bench:
   length: int = 100
   dtype: str = "bfloat16"
   kernel: int = 3
+  model: str = "nextitnet"
+  heads: int = 1  # Attention backbones.
 
 
 GPU_SET = {
@@ -57,11 +69,52 @@ CPU_SET = {
                              dtype="float32"),
 }
 
+MODELS = ("nextitnet", "sasrec", "hstu", "gru4rec", "bert4rec")
+# One step of every backbone at one width: which costs what on this CPU.
+# A small catalogue, so that the blocks, not the softmax, set the time.
+BACKBONES_CPU_SET = {
+    f"{m}_b2_c64_v2k": Bench(2, 64, 2_000, batch=32, length=50,
+                             dtype="float32", model=m, heads=2)
+    for m in MODELS}
+BACKBONES_GPU_SET = {
+    f"{m}_b8_c256_v27k": Bench(8, 256, 27_000, model=m, heads=4)
+    for m in MODELS}
+SETS = {"gpu": GPU_SET, "cpu": CPU_SET, "backbones_cpu": BACKBONES_CPU_SET,
+        "backbones_gpu": BACKBONES_GPU_SET}
+
+
+def block_flops_per_token(b: Bench) -> float:
+  c, t = b.channels, b.length
+  if b.model == "nextitnet":
+    return 2 * 2 * b.kernel * c * c
+  if b.model in ("sasrec", "bert4rec"):
+    f = 4 * c if b.model == "bert4rec" else c
+    return 8 * c * c + 4 * t * c + 4 * c * f
+  if b.model == "hstu":
+    return 10 * c * c + 4 * t * c
+  if b.model == "gru4rec":
+    return 12 * c * c
+  raise ValueError(f"no FLOP count for {b.model}")
+
 
 def model_flops_per_token(b: Bench) -> float:
-  conv = b.blocks * 2 * 2 * b.kernel * b.channels * b.channels
+  blocks = b.blocks * block_flops_per_token(b)
+  if b.model == "bert4rec":
+    blocks += 2 * b.channels * b.channels  # The output layer.
   out = 2 * b.channels * (b.items if b.loss == "full" else b.samples + 1)
-  return 3.0 * (conv + out)
+  return 3.0 * (blocks + out)
+
+
+def model_config(b: Bench):
+  """The backbone's config at this size, its other fields at defaults."""
+  from jaxrec import models  # pylint: disable=import-outside-toplevel
+  fields = dict(num_items=b.items, embed_dim=b.channels, num_blocks=b.blocks,
+                dtype=b.dtype)
+  if b.model == "nextitnet":
+    fields["kernel_size"] = b.kernel
+  if b.model in ("sasrec", "hstu", "bert4rec"):
+    fields["num_heads"] = b.heads
+  return models.get(b.model).config(**fields).fit_data(b.items, b.length)
 
 
 def run_one(name: str, b: Bench, steps: int) -> dict:
@@ -70,14 +123,11 @@ def run_one(name: str, b: Bench, steps: int) -> dict:
   # pylint: disable=import-outside-toplevel
   from jaxrec import config, models
   from jaxrec.heads import sampled_softmax
-  from jaxrec.models.nextitnet import NextItNetConfig
   from jaxrec.training import loop, state as state_lib
   from jaxrec.training.mesh import Sharder, make_mesh
 
   cfg = config.Config(
-      model=NextItNetConfig(num_items=b.items, embed_dim=b.channels,
-                            num_blocks=b.blocks, kernel_size=b.kernel,
-                            dtype=b.dtype),
+      model=model_config(b),
       train=config.TrainConfig(batch_size=b.batch, loss=b.loss,
                                num_samples=max(b.samples, 1),
                                sampler="log_uniform"))
@@ -124,13 +174,13 @@ def run_one(name: str, b: Bench, steps: int) -> dict:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--set", choices=("gpu", "cpu"), default="gpu")
+  parser.add_argument("--set", choices=tuple(SETS), default="gpu")
   parser.add_argument("--only", nargs="*", help="config names to run")
   parser.add_argument("--steps", type=int, default=20, help="timed steps")
   parser.add_argument("--one", help=argparse.SUPPRESS)
   parser.add_argument("--json", help="also write the rows to this file")
   args = parser.parse_args()
-  table = GPU_SET if args.set == "gpu" else CPU_SET
+  table = SETS[args.set]
   if args.one:
     print("RESULT " + json.dumps(run_one(args.one, table[args.one],
                                          args.steps)))
