@@ -1,23 +1,38 @@
-"""Default vs tuned accuracy of each backbone on one data source.
+"""Default vs tuned accuracy of each backbone on one data source, over
+seeds, and the time each needs to reach its quality.
 
+  python experiments/accuracy.py --data movielens-100k --min-count 1 \\
+      --out results/accuracy_ml100k --trials 0
   python experiments/accuracy.py --data synthetic --out runs/accuracy
-  python experiments/accuracy.py --data movielens:ml-100k.zip \\
-      --min-count 1 --out runs/acc_ml100k
 
-For each `--models` backbone: a `jaxrec train` with every option at its
-default (only --data, the model and the k-core counts given), then
-`experiments/tune.py` (selection on validation only). Writes
-OUT/results.json (per model: the default run's and the tuned best trial's
-valid and test metrics, times and values) and prints a Markdown table for
-RESULTS.md. Test metrics are reported, never used to choose.
+For each `--models` backbone and each `--seeds` seed: a `jaxrec train` with
+every option at its default (only --data, the model, the seed and the
+k-core counts given); then, with `--trials N` > 0, `experiments/tune.py`
+(selection on validation only). Writes OUT/results.json:
+
+  {"experiment": "accuracy", "data", "selection": "valid", "seeds",
+   "models": {MODEL: {"default": {"valid"|"test": {METRIC: {"mean", "std",
+   "values"}}, "train_time_s": {...}, "steps": [...], "time_to_95_s":
+   {...}, "curves": [[[seconds, valid ndcg@10], ...] per seed],
+   "popularity": {...}}, "tuned": {...}}}}
+
+`time_to_95_s` is, per seed, the training time at the first validation
+reaching 95% of that run's best validation NDCG@10. OUT/time_to_quality.png
+plots validation NDCG@10 against training time, one line per backbone and
+seed. Prints a Markdown table for RESULTS.md / the README. Test metrics are
+reported, never used to choose: a run's checkpoint is its best on
+validation.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
+from typing import Any
 
+import numpy as np
 from absl import logging as absl_logging
 
 from jaxrec import config as config_lib
@@ -28,19 +43,71 @@ from jaxrec.training import checkpoints, loop
 absl_logging.set_verbosity(absl_logging.ERROR)
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHOWN = ("ndcg@10", "hr@10", "mrr@5")
+CURVE_METRIC = "ndcg@10"
+QUALITY_SHARE = 0.95
 
 
-def default_run(source: str, model: str, min_count: int | None,
-                out_dir: str) -> dict:
-  raw = {"model": {"name": model}, "data": {"source": source}}
+def default_config(source: str, model: str, min_count: int | None,
+                   seed: int) -> config_lib.Config:
+  raw: dict[str, Any] = {"model": {"name": model}, "data": {"source": source},
+                         "train": {"seed": seed}}
   if min_count is not None:
     raw["data"].update(min_user_count=min_count, min_item_count=min_count)
-  cfg = config_lib.from_dict(raw).validate()
-  result = loop.train(cfg, out_dir, pipeline.load_data(cfg.data),
-                      progress_bar=False)
-  return {"valid": result["valid"], "test": result["test"],
-          "train_time_s": result["train_time_s"], "epochs": result["epochs"],
-          "popularity": result["popularity"], "data": result["data"]}
+  return config_lib.from_dict(raw).validate()
+
+
+def curve(run_dir: str) -> list[tuple[float, float]]:
+  """(training seconds, validation NDCG@10) at every validation."""
+  points = []
+  with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      record = json.loads(line)
+      if "valid" in record and "train_time_s" in record:
+        points.append((record["train_time_s"],
+                       record["valid"][CURVE_METRIC]))
+  return points
+
+
+def time_to_quality(points: list[tuple[float, float]],
+                    share: float = QUALITY_SHARE) -> float | None:
+  """Seconds at the first validation reaching `share` of the best one."""
+  if not points:
+    return None
+  goal = share * max(v for _, v in points)
+  return next(t for t, v in points if v >= goal)
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+  return {"mean": float(np.mean(values)), "std": float(np.std(values)),
+          "values": [float(v) for v in values]}
+
+
+def default_runs(source: str, model: str, min_count: int | None,
+                 seeds: list[int], out_dir: str) -> dict[str, Any]:
+  """One default run per seed, summarised across seeds."""
+  runs = []
+  for seed in seeds:
+    cfg = default_config(source, model, min_count, seed)
+    run_dir = os.path.join(out_dir, f"seed{seed}")
+    result = loop.train(cfg, run_dir, pipeline.load_data(cfg.data),
+                        progress_bar=False)
+    result["curve"] = curve(run_dir)
+    runs.append(result)
+    print(f"[accuracy] {model} seed {seed}: test ndcg@10 "
+          f"{result['test']['ndcg@10']:.4f} in {result['train_time_s']:.0f} s",
+          flush=True)
+  reach = [time_to_quality(r["curve"]) for r in runs]
+  return {
+      "seeds": seeds,
+      "valid": {m: summary([r["valid"][m] for r in runs])
+                for m in runs[0]["valid"] if m != "count"},
+      "test": {m: summary([r["test"][m] for r in runs])
+               for m in runs[0]["test"] if m != "count"},
+      "train_time_s": summary([r["train_time_s"] for r in runs]),
+      "steps": [r["steps"] for r in runs],
+      "time_to_95_s": summary([t for t in reach if t is not None]),
+      "curves": [r["curve"] for r in runs],
+      "popularity": runs[0]["popularity"], "data": runs[0]["data"]}
 
 
 def tuned_run(source: str, model: str, min_count: int | None, out_dir: str,
@@ -65,6 +132,28 @@ def tuned_run(source: str, model: str, min_count: int | None, out_dir: str,
           "search_time_s": sum(t["train_time_s"] for t in trials_seen)}
 
 
+def plot(results: dict[str, Any], path: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for k, (model, runs) in enumerate(results["models"].items()):
+    color = f"C{k}"
+    for j, points in enumerate(runs["default"]["curves"]):
+      if points:
+        t, v = zip(*points)
+        ax.plot(t, v, color=color, alpha=0.8,
+                label=model if j == 0 else None)
+  ax.set_xlabel("training seconds")
+  ax.set_ylabel(f"valid {CURVE_METRIC}")
+  ax.set_title(f"{results['data']}: default runs, "
+               f"{len(results['seeds'])} seeds each")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(
       description=__doc__.splitlines()[0],
@@ -73,40 +162,62 @@ def main() -> None:
   parser.add_argument("--out", required=True)
   parser.add_argument("--models", nargs="+", default=list(models.names()),
                       choices=models.names())
-  parser.add_argument("--trials", type=int, default=10)
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seeds", default="0,1,2",
+                      help="comma-separated seeds of the default runs")
+  parser.add_argument("--trials", type=int, default=10,
+                      help="tune.py trials per model (0: no tuning)")
+  parser.add_argument("--seed", type=int, default=0, help="tune.py's seed")
   parser.add_argument("--min-count", type=int, default=None,
                       help="k-core counts for users and items (default: "
                            "jaxrec's 5)")
   args = parser.parse_args()
+  seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
   os.makedirs(args.out, exist_ok=True)
-  results = {"data": args.data, "min_count": args.min_count, "models": {}}
+  results = {"experiment": "accuracy", "data": args.data,
+             "selection": "valid", "min_count": args.min_count,
+             "seeds": seeds, "models": {}}
   for model in args.models:
-    results["models"][model] = {
-        "default": default_run(args.data, model, args.min_count,
-                               os.path.join(args.out, f"default_{model}")),
-        "tuned": tuned_run(args.data, model, args.min_count,
-                           os.path.join(args.out, f"tune_{model}"),
-                           args.trials, args.seed)}
+    entry = {"default": default_runs(
+        args.data, model, args.min_count, seeds,
+        os.path.join(args.out, "runs", f"default_{model}"))}
+    if args.trials > 0:
+      entry["tuned"] = tuned_run(args.data, model, args.min_count,
+                                 os.path.join(args.out, "runs",
+                                              f"tune_{model}"),
+                                 args.trials, args.seed)
+    results["models"][model] = entry
     checkpoints.write_json(os.path.join(args.out, "results.json"), results)
+  plot(results, os.path.join(args.out, "time_to_quality.png"))
   print(markdown(results))
 
 
+def _cell(stat: dict[str, Any] | float) -> str:
+  if isinstance(stat, dict):
+    return f"{stat['mean']:.4f} ± {stat['std']:.4f}"
+  return f"{stat:.4f}"
+
+
 def markdown(results: dict) -> str:
+  """Default runs as mean ± std over seeds; a tuned run is one run."""
   rows = ["| model | run | " + " | ".join(f"test {m}" for m in SHOWN)
-          + " | valid ndcg@10 | train s |",
-          "| --- | --- |" + " ---: |" * (len(SHOWN) + 2)]
+          + " | valid ndcg@10 | train s | s to 95% of best valid |",
+          "| --- | --- |" + " ---: |" * (len(SHOWN) + 3)]
   for model, runs in results["models"].items():
-    for name, run in (("default", runs["default"]),
-                      (f"tuned (best of {runs['tuned']['trials']})",
-                       runs["tuned"])):
-      rows.append(f"| {model} | {name} | "
-                  + " | ".join(f"{run['test'][m]:.4f}" for m in SHOWN)
-                  + f" | {run['valid']['ndcg@10']:.4f} | "
-                  f"{run['train_time_s']:.0f} |")
-    pop = runs["default"]["popularity"]
-    rows.append("| popularity | | "
-                + " | ".join(f"{pop[m]:.4f}" for m in SHOWN) + " | | |")
+    d = runs["default"]
+    rows.append(f"| {model} | default ({len(d['seeds'])} seeds) | "
+                + " | ".join(_cell(d["test"][m]) for m in SHOWN)
+                + f" | {_cell(d['valid']['ndcg@10'])} | "
+                f"{d['train_time_s']['mean']:.0f} | "
+                f"{d['time_to_95_s']['mean']:.0f} |")
+    if "tuned" in runs:
+      t = runs["tuned"]
+      rows.append(f"| {model} | tuned (best of {t['trials']}) | "
+                  + " | ".join(_cell(t["test"][m]) for m in SHOWN)
+                  + f" | {_cell(t['valid']['ndcg@10'])} | "
+                  f"{t['train_time_s']:.0f} | |")
+  pop = next(iter(results["models"].values()))["default"]["popularity"]
+  rows.append("| popularity | | " + " | ".join(f"{pop[m]:.4f}" for m in SHOWN)
+              + " | | | |")
   return "\n".join(rows)
 
 

@@ -1,9 +1,11 @@
 """experiments/tune.py: deterministic trials, selection on validation only,
 a best.yaml that `jaxrec train --config` reads, resumable."""
+import dataclasses
 import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..",
@@ -66,17 +68,62 @@ def test_a_search_writes_trials_best_yaml_and_a_plot_and_resumes(
     assert len(f.readlines()) == 2
 
 
-def test_accuracy_table_shows_default_tuned_and_popularity_rows():
+def stat(*values):
+  return {"mean": float(np.mean(values)), "std": float(np.std(values)),
+          "values": list(values)}
+
+
+def test_accuracy_table_shows_seeds_tuned_and_popularity_rows():
   import accuracy  # pylint: disable=import-outside-toplevel
   metrics = {"ndcg@10": 0.3, "hr@10": 0.5, "mrr@5": 0.2}
   results = {"models": {"sasrec": {
-      "default": {"test": metrics, "valid": {"ndcg@10": 0.31},
-                  "train_time_s": 12.0, "popularity": metrics},
+      "default": {"seeds": [0, 1],
+                  "test": {m: stat(v - 0.01, v + 0.01)
+                           for m, v in metrics.items()},
+                  "valid": {"ndcg@10": stat(0.31, 0.31)},
+                  "train_time_s": stat(10.0, 14.0),
+                  "time_to_95_s": stat(5.0, 7.0), "popularity": metrics},
       "tuned": {"test": {**metrics, "ndcg@10": 0.4},
                 "valid": {"ndcg@10": 0.41}, "train_time_s": 30.0,
                 "trials": 10}}}}
   table = accuracy.markdown(results).splitlines()
-  assert table[2] == ("| sasrec | default | 0.3000 | 0.5000 | 0.2000 | "
-                      "0.3100 | 12 |")
+  assert table[2] == ("| sasrec | default (2 seeds) | 0.3000 ± 0.0100 | "
+                      "0.5000 ± 0.0100 | 0.2000 ± 0.0100 | 0.3100 ± 0.0000 "
+                      "| 12 | 6 |")
   assert table[3].startswith("| sasrec | tuned (best of 10) | 0.4000 |")
   assert table[4].startswith("| popularity | | 0.3000 |")
+
+
+def test_time_to_quality_is_the_first_validation_at_95_percent_of_best():
+  import accuracy  # pylint: disable=import-outside-toplevel
+  points = [(1.0, 0.10), (2.0, 0.30), (3.0, 0.39), (4.0, 0.40), (5.0, 0.38)]
+  assert accuracy.time_to_quality(points) == 3.0  # 0.39 >= 0.95 * 0.40
+  assert accuracy.time_to_quality([]) is None
+
+
+@pytest.mark.slow
+def test_accuracy_runs_every_seed_and_writes_curves_and_plot(
+    tmp_path, monkeypatch):
+  import accuracy  # pylint: disable=import-outside-toplevel
+  base = accuracy.default_config
+
+  def tiny(source, model, min_count, seed):
+    cfg = base(source, model, min_count, seed)
+    return cfg.replace(
+        model=dataclasses.replace(cfg.model, embed_dim=8, num_blocks=1),
+        data=dataclasses.replace(cfg.data, max_len=10),
+        train=dataclasses.replace(cfg.train, steps=4, eval_every=2,
+                                  batch_size=16))
+
+  monkeypatch.setattr(accuracy, "default_config", tiny)
+  monkeypatch.setattr(sys, "argv", [
+      "accuracy.py", "--data", "synthetic:tiny", "--models", "gru4rec",
+      "--seeds", "0,1", "--trials", "0", "--out", str(tmp_path)])
+  accuracy.main()
+  with open(tmp_path / "results.json") as f:
+    results = json.load(f)
+  d = results["models"]["gru4rec"]["default"]
+  assert results["selection"] == "valid" and d["seeds"] == [0, 1]
+  assert len(d["test"]["ndcg@10"]["values"]) == 2
+  assert [len(c) for c in d["curves"]] == [2, 2]
+  assert (tmp_path / "time_to_quality.png").exists()
