@@ -2,6 +2,7 @@
 identity growth, gates, dropout, the param tree, bf16 and the config."""
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,8 @@ from jaxrec.errors import JaxrecError
 from jaxrec.heads.softmax import SoftmaxConfig
 from jaxrec.models.sasrec import SASRecBlock, SASRecConfig
 from plan_helpers import gate_plan
-from jaxrec.nn.attention import CausalSelfAttention
+from jaxrec.nn.attention import (CausalSelfAttention,
+                                 ConcatHeadsSelfAttention)
 
 # Left-padded: two padding slots in the first row, none in the second.
 IDS = np.array([[0, 0, 3, 7, 1, 9, 4, 12, 5, 8],
@@ -333,3 +335,35 @@ def test_registered_and_read_from_a_config_dict():
   cfg = config.from_dict({"model": {"name": "sasrec", "num_heads": "2"}})
   assert isinstance(cfg.model, SASRecConfig) and cfg.model.num_heads == 2
   assert models.get("sasrec").config is SASRecConfig
+
+
+def test_concatenated_heads_equal_an_identity_output_projection():
+  """The paper's attention (no W^O) is flax's with W^O = I and no bias."""
+  c, h = 8, 2
+  x = jax.random.normal(jax.random.key(0), (2, 5, c))
+  real = jnp.array([[False, True, True, True, True]] * 2)
+  plain = ConcatHeadsSelfAttention(num_heads=h)
+  params = plain.init(jax.random.key(1), x, x, real, deterministic=True)
+  flax_params = jax.tree.map(lambda a: a, params)
+  flax_params["params"]["out"] = {
+      "kernel": jnp.eye(c).reshape(h, c // h, c), "bias": jnp.zeros(c)}
+  np.testing.assert_allclose(
+      plain.apply(params, x, x, real, deterministic=True),
+      CausalSelfAttention(num_heads=h).apply(flax_params, x, x, real,
+                                             deterministic=True),
+      rtol=1e-5, atol=1e-6)
+
+
+def test_paper_preset_has_no_attention_out_and_ties_the_output_layer():
+  path = os.path.join(os.path.dirname(__file__), "..", "experiments",
+                      "configs", "sasrec_paper.yaml")
+  cfg = config.from_dict(config.load_file(path), path)
+  cfg = cfg.replace(model=cfg.model.fit_data(50, 10))
+  params = models.init_params(cfg, jax.random.key(0))
+  assert "out" not in params["blocks"]["attention"]
+  assert "kernel" not in params["head"]  # The item table scores the items.
+  limit = (6 / (50 + cfg.model.embed_dim)) ** 0.5  # Glorot uniform.
+  table = np.asarray(params["item_embedding"]["embedding"])
+  assert np.abs(table).max() <= limit and np.abs(table).max() > 0.5 * limit
+  h = models.hidden_states(params, cfg, jnp.ones((1, 10), jnp.int32))
+  assert h.shape == (1, 10, cfg.model.embed_dim)

@@ -10,7 +10,8 @@ The param tree (`init(cfg, rng)`), a plain nested dict:
   blocks/attention/{query,key,value}/{kernel,bias}
                                 [L, C, H, C/H], [L, H, C/H]
   blocks/attention/out/{kernel,bias}
-                                [L, H, C/H, C], [L, C]
+                                [L, H, C/H, C], [L, C]   absent with
+                                         attention_out=False
   blocks/ln_ffn/{scale,bias}    [L, C]
   blocks/ffn_in/{kernel,bias}   [L, C, F], [L, F]
   blocks/ffn_out/{kernel,bias}  [L, F, C], [L, C]
@@ -38,7 +39,17 @@ feed-forward, and B = the branch slot on each residual branch:
 then a final LayerNorm. Dropout (one rate) acts on the input, the attention
 weights and the feed-forward, as in the official code.
 
-Where this differs from the official code:
+The paper's own form is `experiments/configs/sasrec_paper.yaml`
+(`jaxrec train --config` it): `attention_out=False` (heads concatenated,
+no W^O, as the authors' `multihead_attention`), `init="paper"` (Glorot-
+uniform item and position tables) and the softmax head tied to the item
+embedding (`head.tie_embeddings`).
+
+Where the defaults differ from the official code:
+- An output projection W^O on the attention (flax's and pmixer's PyTorch
+  port's), truncated N(0, 0.02) tables, an untied output layer with a bias:
+  the paper's form is the preset above; the loss is jaxrec's full softmax
+  (the paper: BCE against one sampled negative).
 - Sequences are left-padded and position slots are right-aligned: an input
   of length T reads rows P-T..P-1, so the last item always has row P-1,
   also when evaluation feeds shorter inputs than training did (the official
@@ -68,7 +79,8 @@ from jaxrec.errors import JaxrecError
 from jaxrec.method_api import BlockPlan
 from jaxrec.models.backbone import (Backbone, BlockLayer, Params,
                                     SurgeryRules)
-from jaxrec.nn.attention import CausalSelfAttention, dense_init
+from jaxrec.nn.attention import (CausalSelfAttention,
+                                 ConcatHeadsSelfAttention, dense_init)
 from jaxrec.nn import embedding
 from jaxrec.nn.conv import weight_init
 from jaxrec.nn.dropout import input_dropout
@@ -97,6 +109,13 @@ class SASRecConfig(BackboneConfig):
                          "is the identity, for exact growth)")
   layer_norm_eps: float = option(1e-8, "LayerNorm epsilon (official code: "
                                  "1e-8)")
+  attention_out: bool = option(True, "project the concatenated heads (W^O, "
+                               "as flax and pmixer's PyTorch port); false: "
+                               "concatenate them only, as the authors' TF "
+                               "code")
+  init: str = option("jaxrec", "jaxrec: truncated N(0, 0.02) item and "
+                     "position tables; paper: Glorot-uniform ones, as the "
+                     "authors' TF code")
 
   @property
   def ffn_width(self) -> int:
@@ -146,6 +165,10 @@ class SASRecConfig(BackboneConfig):
     choice("model.residual", self.residual, ("official", "alpha"))
     require(self.layer_norm_eps > 0, "model.layer_norm_eps",
             self.layer_norm_eps, "> 0")
+    choice("model.init", self.init, ("jaxrec", "paper"))
+    if self.init == "paper" and self.embedding != "full":
+      raise JaxrecError("model.init='paper': Glorot-uniform tables need "
+                        "model.embedding='full'")
 
 
 class SASRecBlock(nn.Module):
@@ -182,7 +205,9 @@ class SASRecBlock(nn.Module):
 
     q = LayerNorm(cfg.layer_norm_eps, name="ln_attn")(x)
     # Keys and values read the un-normalised stream, as the official code.
-    a = CausalSelfAttention(
+    attention = (CausalSelfAttention if cfg.attention_out
+                 else ConcatHeadsSelfAttention)
+    a = attention(
         num_heads=cfg.num_heads, dropout_rate=cfg.dropout, dtype=dtype,
         name="attention")(q, x, real, deterministic=deterministic)
     a = branch(slot("layer1", q, a.astype(jnp.float32)), "alpha_attn")
@@ -208,9 +233,13 @@ def init(cfg: SASRecConfig, rng: jax.Array) -> Params:
   dummy, real = jnp.zeros((1, 1, c)), jnp.ones((1, 1), bool)
   blocks = jax.vmap(lambda key: SASRecBlock(cfg).init(key, dummy, real)
                     ["params"])(jax.random.split(k_blocks, cfg.num_blocks))
+  table_init = (nn.initializers.xavier_uniform() if cfg.init == "paper"
+                else weight_init)
+  items = (embedding.init(cfg, k_item) if cfg.init == "jaxrec" else
+           {"embedding": table_init(k_item, (cfg.num_items, c))})
   return {
-      "item_embedding": embedding.init(cfg, k_item),
-      "position_embedding": {"embedding": weight_init(
+      "item_embedding": items,
+      "position_embedding": {"embedding": table_init(
           k_pos, (cfg.num_positions, c))},
       "blocks": blocks,
       "final_norm": LayerNorm(cfg.layer_norm_eps).init(k_norm,

@@ -64,3 +64,39 @@ class CausalSelfAttention(nn.MultiHeadDotProductAttention):
                            mask=mask | ~has_key, deterministic=deterministic,
                            dropout_rng=dropout_rng)
     return jnp.where(has_key[:, 0], out, jnp.zeros((), out.dtype))
+
+
+class ConcatHeadsSelfAttention(nn.Module):
+  """`CausalSelfAttention` without the output projection: the heads'
+  outputs are concatenated, as the SASRec authors' TF code does (its
+  `multihead_attention` has no W^O). Same param names for q, k and v."""
+  num_heads: int
+  dropout_rate: float = 0.0
+  dtype: Any = "float32"
+  kernel_init: Any = dense_init
+
+  @nn.compact
+  def __call__(self, queries: jax.Array, keys_values: jax.Array,
+               key_is_real: jax.Array, *, deterministic: bool) -> jax.Array:
+    c = queries.shape[-1]
+    head_dim = c // self.num_heads
+
+    def project(name, x):
+      return nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype,
+                             param_dtype=jnp.float32,
+                             kernel_init=self.kernel_init, name=name)(x)
+
+    q = project("query", queries)
+    k, v = project("key", keys_values), project("value", keys_values)
+    mask = causal_padding_mask(key_is_real)
+    has_key = mask.any(-1, keepdims=True)
+    dropout_rng = None
+    if not deterministic and self.dropout_rate > 0:
+      dropout_rng = self.make_rng("dropout")
+    out = nn.dot_product_attention(
+        q, k, v, mask=mask | ~has_key, dropout_rng=dropout_rng,
+        dropout_rate=self.dropout_rate, broadcast_dropout=False,
+        deterministic=deterministic, dtype=self.dtype)
+    # [B, T, 1, 1]: a query with no visible key returns zeros (see above).
+    out = jnp.where(has_key[:, 0][..., None], out, jnp.zeros((), out.dtype))
+    return out.reshape(*out.shape[:-2], c)
