@@ -118,6 +118,12 @@ class BackboneConfig:
     a bidirectional backbone overrides it and trains masked."""
     return True
 
+  def training_task(self) -> str:
+    """The task a plain run of this backbone trains on (`jaxrec.tasks`):
+    next_item for a causal backbone, masked_item for a bidirectional one;
+    a backbone with its own objective (GRec: gap_filling) overrides it."""
+    return "next_item" if self.is_causal() else "masked_item"
+
   def token_id(self, name: str) -> int:
     """The input id of a special token: mask V, cls V+1 (never an item)."""
     return self.num_items + SPECIAL_TOKENS.index(name)

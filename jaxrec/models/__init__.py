@@ -28,7 +28,8 @@ import numpy as np
 from jaxrec import config as config_lib
 from jaxrec import heads, method_api
 from jaxrec.errors import JaxrecError, first_line
-from jaxrec.models import bert4rec, gru4rec, hstu, nextitnet, sasrec
+from jaxrec.models import (bert4rec, grec, gru4rec, hstu, nextitnet,
+                           sasrec)
 from jaxrec.models.backbone import Backbone, Params, SurgeryRules
 from jaxrec.nn import embedding
 
@@ -54,6 +55,7 @@ register(sasrec.BACKBONE)
 register(hstu.BACKBONE)
 register(gru4rec.BACKBONE)
 register(bert4rec.BACKBONE)
+register(grec.BACKBONE)
 
 
 def names() -> tuple[str, ...]:
@@ -89,7 +91,8 @@ def init_params(cfg: Any, rng: jax.Array) -> Params:
 
 def forward(params: Params, cfg: Any, ids: jax.Array, *, train: bool = False,
             rng: jax.Array | None = None, sides: Any = None,
-            wrap: Any = None, unroll: bool = False
+            wrap: Any = None, unroll: bool = False,
+            extra: dict[str, jax.Array] | None = None
             ) -> tuple[jax.Array, dict[str, Any]]:
   """ids [B, T] -> (hidden states [B, T, C] float32, aux by method).
 
@@ -98,12 +101,17 @@ def forward(params: Params, cfg: Any, ids: jax.Array, *, train: bool = False,
   replaces the scanned block function (`method_api.BlockPlan`); `unroll`
   runs the stack as a Python loop (the test oracle). `train` switches
   dropout (and the methods' training behaviour) on and needs `rng`.
+  `extra` holds the backbone's `extra_inputs` a batch has (GRec's
+  `encoder_ids`); methods see `ids` only.
   """
+  backbone = get(cfg.model.name)
+  extra = {k: v for k, v in (extra or {}).items()
+           if k in backbone.extra_inputs}
   k_plan = None if rng is None else jax.random.fold_in(rng, 1)
   plan, aux = method_api.block_plan(params, cfg, ids, train=train,
                                     rng=k_plan, sides=sides, wrap=wrap)
-  h = get(cfg.model.name).apply(params, cfg.model, ids, train=train, rng=rng,
-                                plan=plan, unroll=unroll)
+  h = backbone.apply(params, cfg.model, ids, train=train, rng=rng,
+                     plan=plan, unroll=unroll, **extra)
   return h, aux
 
 

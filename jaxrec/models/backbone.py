@@ -19,7 +19,11 @@ scores. A backbone is one module with:
 - `surgery`: which subtrees are block stacks, which block leaves are
   norms and gates, and the block's layers, for growth and freezing;
 - `grown_config(cfg, sources, carry)`: the config of a model whose run
-  position i holds old block `sources[i]` (-1: fresh).
+  position i holds old block `sources[i]` (-1: fresh);
+- `extra_inputs`: names of per-row arrays beside the ids that `apply`
+  takes as keyword arguments when a task's batch holds them (GRec's
+  `encoder_ids`, the gap-filled view its encoder reads); without them
+  (evaluation, serving) `apply` uses its documented default.
 
 Registering the module's `BACKBONE` in `jaxrec.models` gives it every head,
 task, loss, evaluation, checkpoint, resume and growth path, and the contract
@@ -73,3 +77,4 @@ class Backbone:
   apply: Callable[..., Any]
   surgery: SurgeryRules
   grown_config: Callable[[Any, tuple[int, ...], bool], Any] = grown_depth
+  extra_inputs: tuple[str, ...] = ()

@@ -8,21 +8,24 @@ step, so a resume replays exactly), and `rank_fn(cfg)` /
 `sampled_rank_fn(cfg)` for evaluation. `next_item` is the sequential
 recommendation task every causal backbone trains on; `masked_item` trains a
 bidirectional one;
-`transfer` (PeterRec) classifies a user's sequence into a new vocabulary of
+`gap_filling` trains GRec (next items, each hidden from the encoder's
+view); `transfer` (PeterRec) classifies a user's sequence into a new vocabulary of
 target items (cold start) or classes (profiles).
 """
 
 from typing import Any
 
-from jaxrec.tasks import masked_item, next_item, transfer
+from jaxrec.tasks import gap_filling, masked_item, next_item, transfer
+
+BY_NAME = {"next_item": next_item, "masked_item": masked_item,
+           "gap_filling": gap_filling}
 
 
 def for_config(cfg: Any) -> Any:
   """The task a config trains on: `transfer` for `train.task` cold_start or
-  profile; else `masked_item` when the model is bidirectional, else
-  `next_item` (methods act through their hooks, not through a task)."""
+  profile; else the backbone's (`training_task()`: `next_item` for a causal
+  one, `masked_item` for a bidirectional one, GRec's `gap_filling`).
+  Methods act through their hooks, not through a task."""
   if cfg.train.task != "auto":
     return transfer
-  if not cfg.model.is_causal():
-    return masked_item
-  return next_item
+  return BY_NAME[cfg.model.training_task()]

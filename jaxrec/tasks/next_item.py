@@ -35,7 +35,7 @@ def loss_parts(params: models.Params, cfg: Any,
   terms (`jaxrec.method_api`). The loop logs each term."""
   k_model, k_head = jax.random.split(rng)
   h, aux = models.forward(params, cfg, batch_arrays["inputs"], train=True,
-                          rng=k_model)
+                          rng=k_model, extra=batch_arrays)
   h = h.reshape(-1, cfg.model.embed_dim).astype(cfg.model.dtype)
   targets = batch_arrays["targets"]
   mask = method_api.score_mask(aux, targets != 0).reshape(-1)
