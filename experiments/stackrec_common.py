@@ -103,6 +103,8 @@ def scenario_parser(doc: str, default_out: str) -> argparse.ArgumentParser:
   parser.add_argument("--scale", action="store_true",
                       help="GPU settings on ML-20M-sized synthetic data")
   parser.add_argument("--data", help="data source (default: synthetic)")
+  parser.add_argument("--model", help="backbone (default: the settings', "
+                      "nextitnet); settings it lacks are left out, and said")
   parser.add_argument("--seed", type=int, default=0,
                       help="train seed of every arm (init, batch order)")
   parser.add_argument("--progress", action="store_true",
@@ -117,7 +119,14 @@ def base_config(settings: dict[str, Any], args: argparse.Namespace
   if args.data:
     data["source"] = args.data
   model = dict(settings["model"])
-  backbone = models.get(model.pop("name", "nextitnet"))
+  name = model.pop("name", "nextitnet")
+  backbone = models.get(getattr(args, "model", None) or name)
+  fields = {f.name for f in dataclasses.fields(backbone.config)}
+  left_out = sorted(set(model) - fields)
+  if left_out:  # e.g. NextItNet's dilations, or `dropout` for GRU4Rec.
+    print(f"[{backbone.name}] settings it has no field for, left out: "
+          f"{', '.join(left_out)}", flush=True)
+  model = {k: v for k, v in model.items() if k in fields}
   return config_lib.Config(
       model=backbone.config(**model),
       data=config_lib.DataConfig(**data),

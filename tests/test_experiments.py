@@ -280,3 +280,16 @@ def test_lineage_runs_every_method_on_one_chain_of_checkpoints(
     assert stages[name]["infer_ms"]["mean"] > 0
   assert "| compressed | grown |" in capsys.readouterr().out
   assert (tmp_path / "lineage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scenario_model_flag_keeps_only_the_backbones_own_settings(capsys):
+  import argparse  # pylint: disable=import-outside-toplevel
+  settings = dict(model=dict(embed_dim=16, dropout=0.0, dilations=[1, 4]),
+                  data=dict(source="synthetic:tiny", max_len=10),
+                  train=dict(batch_size=8, steps=2))
+  args = argparse.Namespace(data=None, model="gru4rec", seed=1)
+  cfg = common.base_config(settings, args)
+  assert cfg.model.name == "gru4rec" and cfg.model.embed_dim == 16
+  assert "dilations, dropout" in capsys.readouterr().out
+  args.model = None  # The settings' backbone, every setting kept.
+  assert list(common.base_config(settings, args).model.dilations) == [1, 4]
