@@ -9,6 +9,9 @@ feed-forward width F:
 
   nextitnet  2 convs * 2*k*C*C
   sasrec     8*C*C (q, k, v, out) + 4*T*C (scores, mixing) + 4*C*F
+  ssept      as sasrec (C = item + user width)
+  grec       nextitnet's block in the encoder and in the decoder (L each),
+             plus the adapter's 2 * 2*C*2C once
   bert4rec   as sasrec, F = 4C, plus the output layer's 2*C*C once
   hstu       8*C*C (u, v, q, k) + 2*C*C (out) + 4*T*C
   gru4rec    3 gates * 2 matmuls * 2*C*C = 12*C*C
@@ -69,7 +72,8 @@ CPU_SET = {
                              dtype="float32"),
 }
 
-MODELS = ("nextitnet", "sasrec", "hstu", "gru4rec", "bert4rec")
+MODELS = ("nextitnet", "sasrec", "hstu", "gru4rec", "bert4rec", "grec",
+          "ssept")
 # One step of every backbone at one width: which costs what on this CPU.
 # A small catalogue, so that the blocks, not the softmax, set the time.
 BACKBONES_CPU_SET = {
@@ -87,7 +91,9 @@ def block_flops_per_token(b: Bench) -> float:
   c, t = b.channels, b.length
   if b.model == "nextitnet":
     return 2 * 2 * b.kernel * c * c
-  if b.model in ("sasrec", "bert4rec"):
+  if b.model == "grec":  # An encoder block and a decoder block per level.
+    return 2 * (2 * 2 * b.kernel * c * c)
+  if b.model in ("sasrec", "bert4rec", "ssept"):
     f = 4 * c if b.model == "bert4rec" else c
     return 8 * c * c + 4 * t * c + 4 * c * f
   if b.model == "hstu":
@@ -101,6 +107,8 @@ def model_flops_per_token(b: Bench) -> float:
   blocks = b.blocks * block_flops_per_token(b)
   if b.model == "bert4rec":
     blocks += 2 * b.channels * b.channels  # The output layer.
+  if b.model == "grec":
+    blocks += 2 * 2 * b.channels * 2 * b.channels  # The adapter.
   out = 2 * b.channels * (b.items if b.loss == "full" else b.samples + 1)
   return 3.0 * (blocks + out)
 
@@ -110,11 +118,15 @@ def model_config(b: Bench):
   from jaxrec import models  # pylint: disable=import-outside-toplevel
   fields = dict(num_items=b.items, embed_dim=b.channels, num_blocks=b.blocks,
                 dtype=b.dtype)
-  if b.model == "nextitnet":
+  if b.model in ("nextitnet", "grec"):
     fields["kernel_size"] = b.kernel
-  if b.model in ("sasrec", "hstu", "bert4rec"):
+  if b.model in ("sasrec", "hstu", "bert4rec", "ssept"):
     fields["num_heads"] = b.heads
-  return models.get(b.model).config(**fields).fit_data(b.items, b.length)
+  return models.get(b.model).config(**fields).fit_data(
+      b.items, b.length).fit_users(BENCH_USERS)
+
+
+BENCH_USERS = 1_000  # SSE-PT's user table (other backbones have none).
 
 
 def run_one(name: str, b: Bench, steps: int) -> dict:
@@ -143,7 +155,12 @@ def run_one(name: str, b: Bench, steps: int) -> dict:
   state = sharder.replicate(state_lib.init_state(params, opt))
   rng = np.random.default_rng(0)
   rows = rng.integers(1, b.items, size=(b.batch, b.length + 1), dtype=np.int32)
-  batch = sharder.put_batch({"inputs": rows[:, :-1], "targets": rows[:, 1:]})
+  # Every array some backbone reads: GRec's encoder view (the history,
+  # the same cost as a gap-filled one), SSE-PT's users.
+  batch = sharder.put_batch({
+      "inputs": rows[:, :-1], "targets": rows[:, 1:],
+      "encoder_ids": rows[:, :-1],
+      "users": rng.integers(1, BENCH_USERS, b.batch, dtype=np.int32)})
 
   t0 = time.perf_counter()
   compiled = step.lower(state, batch).compile()

@@ -134,6 +134,18 @@ class BackboneConfig:
     del max_len
     return dataclasses.replace(self, num_items=num_items)
 
+  def fit_users(self, num_users: int) -> "BackboneConfig":
+    """This config with the user table's size the data fixes (`num_users`:
+    SequenceData.num_users, 0 when it has no users); only a backbone that
+    reads users (SSE-PT) takes it."""
+    del num_users
+    return self
+
+  def item_width(self) -> int:
+    """Width of the item embedding's rows: the hidden width C, unless the
+    backbone concatenates more to them (SSE-PT: the user's)."""
+    return self.embed_dim
+
   def validate(self) -> None:
     require(self.num_items == 0 or self.num_items >= 2, "model.num_items",
             self.num_items, "0 (taken from the data) or at least 2 (padding "
@@ -550,11 +562,17 @@ class Config:
     self.head.check_train(self.train)
     self.head.check_model(self.model)
     self.validate_methods()
-    if (self.model.embedding == "adaptive"
-        and getattr(self.head, "tie_embeddings", False)):
+    tied = getattr(self.head, "tie_embeddings", False)
+    if self.model.embedding == "adaptive" and tied:
       raise JaxrecError("head.tie_embeddings=True: needs model.embedding="
                         "'full' (an adaptive embedding has no [V, C] table "
                         "to tie)")
+    if tied and self.model.item_width() != self.model.embed_dim:
+      raise JaxrecError(
+          f"head.tie_embeddings=True: model {self.model.name!r} has item "
+          f"rows of width {self.model.item_width()} and hidden width "
+          f"{self.model.embed_dim}, so the item table cannot be the output "
+          "layer; leave the head untied")
     return self
 
   def validate_methods(self) -> None:
@@ -591,10 +609,14 @@ class Config:
             or getattr(self.head, "uses_bands", False))
 
   def fit_data(self, num_items: int, max_len: int,
-               item_counts: Any = None) -> "Config":
+               item_counts: Any = None, num_users: int | None = None
+               ) -> "Config":
     """The sizes the data fixes, and the band cutoffs its training counts
-    give (when bands are used and no cutoffs were set)."""
+    give (when bands are used and no cutoffs were set); with `num_users`
+    (SequenceData.num_users) the user table's too."""
     model = self.model.fit_data(num_items, max_len)
+    if num_users is not None:
+      model = model.fit_users(num_users)
     cfg = self.replace(model=model)
     if cfg.uses_bands() and not model.band_cutoffs:
       if item_counts is None:

@@ -68,11 +68,13 @@ def evaluate_checkpoint(run_dir: str, source: str | None = None,
   for name in splits:
     inputs = getattr(data, f"{name}_inputs")
     targets = getattr(data, f"{name}_targets")
+    users = getattr(data, f"{name}_users")
     if sampled:
-      out[name] = sampled_metrics(params, cfg, inputs, targets, sampled)
+      out[name] = sampled_metrics(params, cfg, inputs, targets, sampled,
+                                  users=users)
     else:
       out[name] = evaluate_params(params, cfg, sharder, inputs, targets,
-                                        rank_fn)
+                                  rank_fn, users)
     out[f"popularity_{name}"] = ranking.popularity_metrics(
         data.item_counts, inputs, targets, mask_history)
   # What the active methods measure (SkipRec: blocks computed / (blocks x
@@ -104,7 +106,8 @@ def _sequence_data(run_dir: str, meta: dict[str, Any], cfg: Config,
 
 def sampled_metrics(params: models.Params, cfg: Config, inputs: np.ndarray,
                     targets: np.ndarray, num_negatives: int,
-                    seed: int = 0) -> dict[str, Any]:
+                    seed: int = 0, users: np.ndarray | None = None
+                    ) -> dict[str, Any]:
   """1 positive + N uniform negatives per user; labelled as sampled."""
   rng = np.random.default_rng(seed)
 
@@ -114,9 +117,11 @@ def sampled_metrics(params: models.Params, cfg: Config, inputs: np.ndarray,
     neg = ranking.sample_negatives(rng, batch["targets"],
                                    cfg.head.num_outputs(cfg.model),
                                    num_negatives)
-    return ranks(params, batch["inputs"], batch["targets"], neg)
+    return ranks(params, batch["inputs"], batch["targets"], neg,
+                 batch["users"])
 
-  out = ranking.evaluate(rank_fn, inputs, targets, cfg.train.eval_batch_size)
+  out = ranking.evaluate(rank_fn, inputs, targets, cfg.train.eval_batch_size,
+                         users)
   out["ranking"] = f"sampled:{num_negatives}"
   return out
 

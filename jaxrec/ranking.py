@@ -128,13 +128,15 @@ def sample_negatives(rng: np.random.Generator, targets: np.ndarray,
 
 
 def evaluate(rank_fn: Callable[[dict[str, np.ndarray]], Any],
-             inputs: np.ndarray, targets: np.ndarray,
-             batch_size: int) -> dict[str, float]:
-  """Runs `rank_fn(batch) -> ranks` over fixed-size batches; mean metrics."""
+             inputs: np.ndarray, targets: np.ndarray, batch_size: int,
+             users: np.ndarray | None = None) -> dict[str, float]:
+  """Runs `rank_fn(batch) -> ranks` over fixed-size batches (with the
+  rows' `users`); mean metrics."""
   # Read the ranks back only after every batch is dispatched, so device
   # work is not stalled by a host sync per batch.
   pending = [(rank_fn(batch), batch["valid"])
-             for batch in sequences.eval_batches(inputs, targets, batch_size)]
+             for batch in sequences.eval_batches(inputs, targets, batch_size,
+                                                 users)]
   ranks = np.concatenate([np.asarray(r)[valid] for r, valid in pending])
   out = metrics_from_ranks(ranks)
   out["count"] = int(len(targets))

@@ -26,12 +26,12 @@ from jaxrec.training import orbax_io
 from jaxrec.training import state as state_lib
 
 BACKBONES = models.names()
-V, T, L = 30, 12, 4
+V, T, L, U = 30, 12, 4, 7  # U: user indices (SSE-PT's table).
 
 
 def tiny(name, **train_kw):
   model = models.get(name).config(num_items=V, embed_dim=8, num_blocks=L)
-  model = model.fit_data(V, T)
+  model = model.fit_data(V, T).fit_users(U)
   if "residual" in {f.name for f in dataclasses.fields(model)}:
     model = dataclasses.replace(model, residual="alpha")
   return Config(model=model, train=TrainConfig(**train_kw))

@@ -26,6 +26,7 @@ from jaxrec.models.grec import GRecConfig
 from jaxrec.models.gru4rec import GRU4RecConfig
 from jaxrec.models.hstu import HSTUConfig
 from jaxrec.models.sasrec import SASRecConfig
+from jaxrec.models.ssept import SsePTConfig
 from jaxrec.tasks import next_item
 from jaxrec.training import checkpoints
 from jaxrec.training import checkpoint_meta
@@ -314,7 +315,9 @@ def test_eight_fake_devices_give_the_same_loss_as_one(tmp_path):
     (BERT4RecConfig(num_blocks=2, embed_dim=32), 3e-3, 1.5),
     # Half of the targets train per row: 1.2x popularity at 1e-3, 2.5x here.
     (GRecConfig(num_blocks=2, embed_dim=32), 3e-3, 2.0),
-], ids=["nextitnet", "sasrec", "hstu", "gru4rec", "bert4rec", "grec"])
+    (SsePTConfig(num_blocks=2, embed_dim=32, num_heads=2), 1e-3, 2.0),
+], ids=["nextitnet", "sasrec", "hstu", "gru4rec", "bert4rec", "grec",
+        "ssept"])
 def test_trained_model_beats_popularity_on_synthetic(
     tmp_path, model, learning_rate, times):
   cfg = config.Config(

@@ -26,7 +26,8 @@ PIPELINE_VERSION = 2  # 2: ids ranked by training-split frequency.
 
 
 _ARRAY_FIELDS = ("train", "valid_inputs", "valid_targets", "test_inputs",
-                 "test_targets", "item_counts")
+                 "test_targets", "item_counts", "train_users", "valid_users",
+                 "test_users")
 
 
 def data_fingerprint(cfg: DataConfig, source_key: str,
@@ -57,9 +58,11 @@ def load_cache(path: str, fingerprint: str) -> SequenceData | None:
     return None
   try:
     with np.load(path, allow_pickle=False) as z:
-      if "vocab_items" not in z.files:
-        # Written before vocabularies were cached: same ids, rebuilt once.
-        log.info("data: cache %s has no vocabulary; rebuilding", path)
+      if not {"vocab_items", "train_users"} <= set(z.files):
+        # Written before vocabularies (or users) were cached: the same ids,
+        # so the fingerprint stays; rebuilt once.
+        log.info("data: cache %s predates vocabularies or users; "
+                 "rebuilding", path)
         return None
       arrays = {name: z[name] for name in _ARRAY_FIELDS}
       vocab = Vocabulary(z["vocab_items"], z["vocab_users"])
@@ -92,7 +95,8 @@ def save_cache(path: str, data: SequenceData) -> None:
                 "vocab_users": data.vocab.users})
       np.savez(f, fingerprint=np.array(data.fingerprint),
                meta=np.array(json.dumps(data.meta)),
-               **{name: getattr(data, name) for name in _ARRAY_FIELDS},
+               **{name: getattr(data, name) for name in _ARRAY_FIELDS
+                  if getattr(data, name) is not None},
                **vocab)
       f.flush()
       os.fsync(f.fileno())
@@ -113,4 +117,8 @@ def _consistent(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> bool:
           and arrays["test_inputs"].shape[1:] == (max_len,)
           and len(arrays["valid_inputs"]) == len(arrays["valid_targets"])
           and len(arrays["test_inputs"]) == len(arrays["test_targets"])
-          and arrays["item_counts"].ndim == 1)
+          and arrays["item_counts"].ndim == 1
+          and all(len(arrays[f"{split}_users"]) == len(arrays[rows])
+                  for split, rows in (("train", "train"),
+                                      ("valid", "valid_targets"),
+                                      ("test", "test_targets"))))

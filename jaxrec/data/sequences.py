@@ -45,10 +45,25 @@ class SequenceData:
   # Raw ids of the items (by model id) and users; None for data built in
   # memory without one (tests, experiment scripts).
   vocab: Vocabulary | None = None
+  # The user of each row, by index: 1..U in the data's user order
+  # (`vocab.users`), 0 for a user with no training row, whom no model has
+  # seen (protocol=paper's valid and test users; a user too short to leave
+  # a training transition). None: data built without users.
+  train_users: np.ndarray | None = None  # [N_train] int32
+  valid_users: np.ndarray | None = None  # [N_valid] int32
+  test_users: np.ndarray | None = None  # [N_test] int32
 
   @property
   def max_len(self) -> int:
     return self.valid_inputs.shape[1]
+
+  @property
+  def num_users(self) -> int:
+    """Size of a user table over this data, the unseen index 0 included
+    (0: the data has no users)."""
+    if self.train_users is None:
+      return 0
+    return int(self.meta["num_users"]) + 1
 
 
 def steps_per_epoch(num_rows: int, batch_size: int) -> int:
@@ -56,20 +71,31 @@ def steps_per_epoch(num_rows: int, batch_size: int) -> int:
 
 
 def train_batch(train: np.ndarray, step: int, batch_size: int,
-                seed: int) -> dict[str, np.ndarray]:
+                seed: int, users: np.ndarray | None = None
+                ) -> dict[str, np.ndarray]:
   """The batch for optimiser step `step`: a pure function of its arguments.
 
   Each epoch is a fresh seeded permutation of the rows, so the iterator's
-  whole state is the step number and a killed run resumes exactly.
+  whole state is the step number and a killed run resumes exactly. With
+  `users` (one per row) the batch also holds each row's user.
   """
-  n = train.shape[0]
-  per_epoch = steps_per_epoch(n, batch_size)
+  picked = batch_rows(train.shape[0], step, batch_size, seed)
+  rows = train[picked]
+  out = {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
+  if users is not None:
+    out["users"] = users[picked]
+  return out
+
+
+def batch_rows(num_rows: int, step: int, batch_size: int,
+               seed: int) -> np.ndarray:
+  """The indices of the training rows in the batch of `step`."""
+  per_epoch = steps_per_epoch(num_rows, batch_size)
   epoch, index = divmod(step, per_epoch)
-  order = epoch_order(n, seed, epoch)
-  if n < batch_size:  # Tiny data: cycle the permutation to fill the batch.
+  order = epoch_order(num_rows, seed, epoch)
+  if num_rows < batch_size:  # Tiny data: cycle the permutation to fill it.
     order = np.resize(order, batch_size)
-  rows = train[order[index * batch_size:(index + 1) * batch_size]]
-  return {"inputs": rows[:, :-1], "targets": rows[:, 1:]}
+  return order[index * batch_size:(index + 1) * batch_size]
 
 
 @functools.lru_cache(maxsize=2)
@@ -80,17 +106,23 @@ def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
   return order
 
 
-def eval_batches(inputs: np.ndarray, targets: np.ndarray,
-                 batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-  """Fixed-size batches (the last padded) so evaluation compiles once."""
+def eval_batches(inputs: np.ndarray, targets: np.ndarray, batch_size: int,
+                 users: np.ndarray | None = None
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """Fixed-size batches (the last padded) so evaluation compiles once;
+  each holds its rows' `users` (0, the unseen user, without them)."""
   n = inputs.shape[0]
+  if users is None:
+    users = np.zeros(n, np.int32)
   for start in range(0, n, batch_size):
     x = inputs[start:start + batch_size]
     y = targets[start:start + batch_size]
+    u = users[start:start + batch_size]
     valid = np.ones(len(y), bool)
     pad = batch_size - len(y)
     if pad:
       x = np.concatenate([x, np.zeros((pad, x.shape[1]), x.dtype)])
       y = np.concatenate([y, np.ones(pad, y.dtype)])
+      u = np.concatenate([u, np.zeros(pad, u.dtype)])
       valid = np.concatenate([valid, np.zeros(pad, bool)])
-    yield {"inputs": x, "targets": y, "valid": valid}
+    yield {"inputs": x, "targets": y, "users": u, "valid": valid}

@@ -66,7 +66,9 @@ def build_sequences(inter: Interactions, cfg: DataConfig,
         events.item_raw, train_codes, num_codes, vocab, drop_vanished)
   seq = new_ids[codes]
   parts = split(seq, starts, ends, cfg)
-  train = _train_rows(seq, *parts.pop("train"), cfg)
+  train, row_source = _train_rows(seq, *parts.pop("train"), cfg)
+  parts.update(_user_indices(len(starts), parts.pop("train_seqs")[row_source],
+                             parts.pop("valid_seqs"), parts.pop("test_seqs")))
   # Not seq.max() + 1: a vocabulary may keep ids of items this data lacks.
   num_items = len(item_raw)
   counts = np.bincount(train.ravel(), minlength=num_items).astype(np.int64)
@@ -266,11 +268,30 @@ def _popularity_ranks(num_codes: int, train_codes: np.ndarray) -> np.ndarray:
   return new_ids
 
 
+def _user_indices(num_users: int, train_seqs: np.ndarray,
+                  valid_seqs: np.ndarray, test_seqs: np.ndarray
+                  ) -> dict[str, np.ndarray]:
+  """The user index of each train, valid and test row (`SequenceData`):
+  sequence s is user s + 1 if some training row is its, else 0 (unseen:
+  no model trained on it, so it must not look known in evaluation)."""
+  seen = np.zeros(num_users, bool)
+  seen[train_seqs] = True
+
+  def index(seqs):
+    return np.where(seen[seqs], seqs + 1, 0).astype(np.int32)
+
+  return dict(train_users=(train_seqs + 1).astype(np.int32),
+              valid_users=index(valid_seqs), test_users=index(test_seqs))
+
+
 def _split_loo(seq: np.ndarray, starts: np.ndarray, ends: np.ndarray,
                cfg: DataConfig) -> dict[str, Any]:
-  """Test: last item; valid: the one before; train: everything earlier."""
+  """Test: last item; valid: the one before; train: everything earlier.
+  `*_seqs`: the sequence (user) of each split's rows."""
+  every = np.arange(len(starts))
   return dict(
-      train=(starts, ends - 2),
+      train=(starts, ends - 2), train_seqs=every, valid_seqs=every,
+      test_seqs=every,
       valid_inputs=_left_padded(seq, starts, ends - 2, cfg.max_len),
       valid_targets=seq[ends - 2].astype(np.int32),
       test_inputs=_left_padded(seq, starts, ends - 1, cfg.max_len),
@@ -293,7 +314,8 @@ def _split_paper(seq: np.ndarray, starts: np.ndarray, ends: np.ndarray,
   test, valid = perm[:num_test], perm[num_test:num_test + num_valid]
   train = perm[num_test + num_valid:]
   return dict(
-      train=(starts[train], ends[train]),
+      train=(starts[train], ends[train]), train_seqs=train, valid_seqs=valid,
+      test_seqs=test,
       valid_inputs=_left_padded(seq, starts[valid], ends[valid] - 1,
                                 cfg.max_len),
       valid_targets=seq[ends[valid] - 1].astype(np.int32),
@@ -302,22 +324,25 @@ def _split_paper(seq: np.ndarray, starts: np.ndarray, ends: np.ndarray,
 
 
 def _train_rows(seq: np.ndarray, starts: np.ndarray, ends: np.ndarray,
-                cfg: DataConfig) -> np.ndarray:
-  """[N, max_len + 1] rows with at least one transition each: by default
-  every transition of every training history once (windows of max_len)."""
+                cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+  """([N, max_len + 1] rows with at least one transition each, the index
+  into starts/ends each row comes from): by default every transition of
+  every training history once (windows of max_len)."""
   window = cfg.max_len if cfg.window < 0 else cfg.window
+  source = np.arange(len(starts))
   if window > 0:
-    starts, ends = _windows(starts, ends, window)
+    starts, ends, source = _windows(starts, ends, window)
   width = cfg.max_len + 1
   real = np.minimum(ends - starts, width)
   keep = real >= 2
-  return _left_padded(seq, starts[keep], ends[keep], width)
+  return _left_padded(seq, starts[keep], ends[keep], width), source[keep]
 
 
-def _windows(starts: np.ndarray, ends: np.ndarray,
-             window: int) -> tuple[np.ndarray, np.ndarray]:
+def _windows(starts: np.ndarray, ends: np.ndarray, window: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Chunks of window+1 items from the end back, sharing one item, so each
-  transition of every sequence lies in exactly one chunk."""
+  transition of every sequence lies in exactly one chunk (with the
+  sequence each chunk comes from)."""
   lengths = ends - starts
   per_seq = np.where(lengths >= 2, -(-(lengths - 1) // window), 0)
   seq_of = np.repeat(np.arange(len(starts)), per_seq)
@@ -325,7 +350,7 @@ def _windows(starts: np.ndarray, ends: np.ndarray,
                                             per_seq)
   chunk_ends = ends[seq_of] - back * window
   chunk_starts = np.maximum(starts[seq_of], chunk_ends - window - 1)
-  return chunk_starts, chunk_ends
+  return chunk_starts, chunk_ends, seq_of
 
 
 def _left_padded(seq: np.ndarray, starts: np.ndarray, ends: np.ndarray,

@@ -29,7 +29,7 @@ from jaxrec import config as config_lib
 from jaxrec import heads, method_api
 from jaxrec.errors import JaxrecError, first_line
 from jaxrec.models import (bert4rec, grec, gru4rec, hstu, nextitnet,
-                           sasrec)
+                           sasrec, ssept)
 from jaxrec.models.backbone import Backbone, Params, SurgeryRules
 from jaxrec.nn import embedding
 
@@ -56,6 +56,7 @@ register(hstu.BACKBONE)
 register(gru4rec.BACKBONE)
 register(bert4rec.BACKBONE)
 register(grec.BACKBONE)
+register(ssept.BACKBONE)
 
 
 def names() -> tuple[str, ...]:

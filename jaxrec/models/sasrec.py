@@ -263,8 +263,19 @@ def apply(params: Params, cfg: SASRecConfig, ids: jax.Array, *,
     raise ValueError(f"sasrec: sequences of length {t} but "
                      f"model.num_positions={cfg.num_positions}: raise it to "
                      "at least data.max_len")
-  real = ids != 0
   x = embedding.lookup(params, cfg, ids) * cfg.embed_dim ** 0.5
+  return encode(params, cfg, x, ids, train=train, rng=rng, plan=plan,
+                unroll=unroll)
+
+
+def encode(params: Params, cfg: SASRecConfig, x: jax.Array, ids: jax.Array,
+           *, train: bool, rng: jax.Array | None, plan: BlockPlan,
+           unroll: bool) -> jax.Array:
+  """The embedded input x [B, T, C] -> hidden states: position embedding,
+  input dropout, the block scan, the final norm (SSE-PT, which embeds its
+  own input, shares it)."""
+  t = ids.shape[1]
+  real = ids != 0
   # Right-aligned slots: the most recent item always reads row P-1.
   x = x + params["position_embedding"]["embedding"][cfg.num_positions - t:]
   block_keys = None

@@ -2,7 +2,8 @@
 
 A task provides `loss(params, cfg, batch, rng, sampler) -> scalar` and
 `loss_parts(...) -> (scalar, the methods' terms in it by name)`,
-`represent(params, cfg, inputs) -> [B, C]` (what scores the outputs),
+`represent(params, cfg, inputs, users=None) -> [B, C]` (what scores the
+outputs; `users` [B], 0 = unseen, for a backbone that reads them),
 `batch(data, step, batch_size, seed) -> dict` (a pure function of the
 step, so a resume replays exactly), and `rank_fn(cfg)` /
 `sampled_rank_fn(cfg)` for evaluation. `next_item` is the sequential

@@ -72,9 +72,9 @@ def mask_last(cfg: Any, inputs: jax.Array) -> jax.Array:
   return jnp.concatenate([inputs[:, 1:], mask], axis=1)
 
 
-def masked_hidden(params: models.Params, cfg: Any,
-                  inputs: jax.Array) -> jax.Array:
-  return next_item.last_hidden(params, cfg, mask_last(cfg, inputs))
+def masked_hidden(params: models.Params, cfg: Any, inputs: jax.Array,
+                  users: jax.Array | None = None) -> jax.Array:
+  return next_item.last_hidden(params, cfg, mask_last(cfg, inputs), users)
 
 
 represent = masked_hidden

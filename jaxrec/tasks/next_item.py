@@ -22,8 +22,10 @@ NAME = "next_item"
 
 def batch(data: sequences.SequenceData, step: int, batch_size: int,
           seed: int) -> dict[str, np.ndarray]:
-  """The training batch of `step`: a pure function of (seed, step)."""
-  return sequences.train_batch(data.train, step, batch_size, seed)
+  """The training batch of `step`: a pure function of (seed, step); it
+  holds each row's user when the data has users."""
+  return sequences.train_batch(data.train, step, batch_size, seed,
+                               users=data.train_users)
 
 
 def loss_parts(params: models.Params, cfg: Any,
@@ -51,27 +53,32 @@ def loss(params: models.Params, cfg: Any, batch_arrays: dict[str, jax.Array],
   return loss_parts(params, cfg, batch_arrays, rng, sampler)[0]
 
 
-def last_hidden(params: models.Params, cfg: Any,
-                inputs: jax.Array) -> jax.Array:
-  """The representation that predicts the next item: h at the last slot."""
-  h = models.hidden_states(params, cfg, inputs)[:, -1]
+def last_hidden(params: models.Params, cfg: Any, inputs: jax.Array,
+                users: jax.Array | None = None) -> jax.Array:
+  """The representation that predicts the next item: h at the last slot.
+  `users` [B] (0: unseen) reach a backbone that reads them (SSE-PT);
+  without them (serving a bare history) every row is an unseen user."""
+  extra = None if users is None else {"users": users}
+  h = models.hidden_states(params, cfg, inputs, extra=extra)[:, -1]
   return h.astype(cfg.model.dtype)
 
 
-Represent = Callable[[models.Params, Any, jax.Array], jax.Array]
+# (params, cfg, inputs [B, T], users [B] or None) -> [B, C].
+Represent = Callable[..., jax.Array]
 represent: Represent = last_hidden  # What scores the outputs (serving).
 
 
 def rank_fn(cfg: Any, represent: Represent = last_hidden
             ) -> Callable[..., jax.Array]:
-  """(params, inputs, targets) -> 0-based full-ranking ranks of targets
-  among every output of the head; `represent(params, cfg, inputs)` is the
-  [B, C] representation that scores them (other tasks pass their own)."""
+  """(params, inputs, targets, users=None) -> 0-based full-ranking ranks
+  of targets among every output of the head; `represent(params, cfg,
+  inputs, users)` is the [B, C] representation that scores them (other
+  tasks pass their own)."""
   head = heads.get(cfg.head.name)
   mask_history = cfg.train.mask_history
 
-  def ranks(params, inputs, targets):
-    ctx = head.prepare(params, cfg, represent(params, cfg, inputs))
+  def ranks(params, inputs, targets, users=None):
+    ctx = head.prepare(params, cfg, represent(params, cfg, inputs, users))
     if head.sharded_ranks is not None and sharding.model_shards() > 1:
       return head.sharded_ranks(params, cfg, ctx, targets,
                                 inputs if mask_history else None,
@@ -86,11 +93,12 @@ def rank_fn(cfg: Any, represent: Represent = last_hidden
 
 def sampled_rank_fn(cfg: Any, represent: Represent = last_hidden
                     ) -> Callable[..., jax.Array]:
-  """(params, inputs, targets, negatives [B, N]) -> ranks among 1 + N."""
+  """(params, inputs, targets, negatives [B, N], users=None) -> ranks
+  among 1 + N."""
   head = heads.get(cfg.head.name)
 
-  def ranks(params, inputs, targets, negatives):
-    ctx = head.prepare(params, cfg, represent(params, cfg, inputs))
+  def ranks(params, inputs, targets, negatives, users=None):
+    ctx = head.prepare(params, cfg, represent(params, cfg, inputs, users))
     target = head.item_scores(params, cfg, ctx, targets[:, None])[:, 0]
     return ranking.sampled_ranks(
         target, head.item_scores(params, cfg, ctx, negatives))

@@ -35,10 +35,12 @@ def batch(data: sequences.SequenceData, step: int, batch_size: int,
   return {"inputs": rows["inputs"], "targets": rows["targets"][:, -1]}
 
 
-def user_representation(params: models.Params, cfg: Any,
-                        inputs: jax.Array) -> jax.Array:
+def user_representation(params: models.Params, cfg: Any, inputs: jax.Array,
+                        users: jax.Array | None = None) -> jax.Array:
   """[B, C]: h at the last slot (CLS), plus h at the first CLS when the
-  backbone is bidirectional."""
+  backbone is bidirectional. A fine-tuning's rows are target-domain users
+  the backbone never saw, so `users` are not read."""
+  del users
   return read_user(models.hidden_states(params, cfg, inputs), cfg, inputs)
 
 

@@ -99,7 +99,7 @@ def jit_rank_fn(cfg: Config, sharder: Sharder,
   tree it is first called with (tables split by rows over `model`)."""
   compiled: dict[Any, Callable] = {}
 
-  def ranks(params, inputs, targets):
+  def ranks(params, inputs, targets, users):
     key = jax.tree.structure(params)
     if key not in compiled:
       # Ranks come back replicated: on several hosts each process reads
@@ -107,17 +107,19 @@ def jit_rank_fn(cfg: Config, sharder: Sharder,
       compiled[key] = sharder.jit(
           task.rank_fn(cfg),
           in_shardings=(sharder.shardings(params), sharder.batch,
-                        sharder.batch),
+                        sharder.batch, sharder.batch),
           out_shardings=sharder.replicated)
-    return compiled[key](params, inputs, targets)
+    return compiled[key](params, inputs, targets, users)
 
   return ranks
 
 
 def evaluate_params(params: models.Params, cfg: Config, sharder: Sharder,
                     inputs: np.ndarray, targets: np.ndarray,
-                    rank_fn: Callable | None = None) -> dict[str, float]:
-  """Full-ranking metrics of `params` on (inputs, targets)."""
+                    rank_fn: Callable | None = None,
+                    users: np.ndarray | None = None) -> dict[str, float]:
+  """Full-ranking metrics of `params` on (inputs, targets), the rows'
+  `users` given to a backbone that reads them."""
   if rank_fn is None:
     rank_fn = jit_rank_fn(cfg, sharder)
   batch_size = sharder.check_batch(cfg.train.eval_batch_size,
@@ -125,10 +127,12 @@ def evaluate_params(params: models.Params, cfg: Config, sharder: Sharder,
 
   def ranks(batch):
     placed = sharder.put_batch({"inputs": batch["inputs"],
-                                "targets": batch["targets"]})
-    return rank_fn(params, placed["inputs"], placed["targets"])
+                                "targets": batch["targets"],
+                                "users": batch["users"]})
+    return rank_fn(params, placed["inputs"], placed["targets"],
+                   placed["users"])
 
-  return ranking.evaluate(ranks, inputs, targets, batch_size)
+  return ranking.evaluate(ranks, inputs, targets, batch_size, users)
 
 
 def train(cfg: Config, out_dir: str, data: sequences.SequenceData | None = None,
@@ -192,7 +196,8 @@ def _train_locked(cfg: Config, out_dir: str,
     cfg, init_params, lineage = _with_requested_methods(
         requested, cfg, init_params, lineage, init_opt_state)
   _check_num_items(cfg, data)
-  cfg = cfg.fit_data(data.num_items, data.max_len, data.item_counts)
+  cfg = cfg.fit_data(data.num_items, data.max_len, data.item_counts,
+                     data.num_users)
   cfg.validate()
   task = task or tasks.for_config(cfg)
   tcfg = cfg.train
@@ -318,7 +323,7 @@ def _train_locked(cfg: Config, out_dir: str,
         if eval_now:
           valid = evaluate_params(state["params"], cfg, sharder,
                                   data.valid_inputs, data.valid_targets,
-                                  rank_fn)
+                                  rank_fn, data.valid_users)
           prog.train_time_s = time.time() - clock
           improved = prog.record(valid, tcfg.select_metric, done)
           log.write({"step": done, "valid": valid,
@@ -368,7 +373,7 @@ def _finish(cfg: Config, out_dir: str, data: sequences.SequenceData,
       target=abstract_state(cfg, "best", sharder.shardings))
   restored["params"] = graft(restored["params"], frozen)
   test = evaluate_params(restored["params"], cfg, sharder, data.test_inputs,
-                         data.test_targets, rank_fn)
+                         data.test_targets, rank_fn, data.test_users)
   pop = ranking.popularity_metrics(data.item_counts, data.test_inputs,
                                    data.test_targets, cfg.train.mask_history)
   result = {
