@@ -171,10 +171,13 @@ def subset_train(data: sequences.SequenceData, fraction: float,
   Valid and test stay whole, so every stage is scored on the same users.
   """
   order = np.random.default_rng(seed).permutation(data.train.shape[0])
-  rows = data.train[np.sort(order[:max(1, int(fraction * len(order)))])]
+  kept = np.sort(order[:max(1, int(fraction * len(order)))])
+  rows = data.train[kept]
   counts = np.bincount(rows[rows != 0].ravel(), minlength=data.num_items)
+  users = None if data.train_users is None else data.train_users[kept]
   return dataclasses.replace(
-      data, train=rows, item_counts=counts.astype(np.int64),
+      data, train=rows, train_users=users,
+      item_counts=counts.astype(np.int64),
       fingerprint=f"{data.fingerprint}-train{fraction:.2f}",
       meta={**data.meta, "train_fraction": fraction,
             "num_train_rows": int(rows.shape[0])})

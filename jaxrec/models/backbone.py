@@ -23,7 +23,10 @@ scores. A backbone is one module with:
 - `extra_inputs`: names of per-row arrays beside the ids that `apply`
   takes as keyword arguments when a task's batch holds them (GRec's
   `encoder_ids`, the gap-filled view its encoder reads); without them
-  (evaluation, serving) `apply` uses its documented default.
+  (evaluation, serving) `apply` uses its documented default. `users`
+  (each row's user index, 0 = unseen; SequenceData.train_users, ...) is
+  one such array, in every next-item batch and evaluation batch; a
+  backbone that reads it sizes its table by `fit_users` on its config.
 
 Registering the module's `BACKBONE` in `jaxrec.models` gives it every head,
 task, loss, evaluation, checkpoint, resume and growth path, and the contract
