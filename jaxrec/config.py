@@ -337,6 +337,12 @@ class TrainConfig:
                          "popularity plateau early in training")
   mask_history: bool = option(False, "evaluation: never rank items already "
                               "in the input")
+  final_test: bool = option(True, "test the best validation checkpoint at "
+                            "the end (false: metrics.json holds no test "
+                            "numbers; experiments/harness.py tests once, "
+                            "after choosing on validation)",
+                            resume_may_change="it decides only what the "
+                            "end of the run writes")
   keep_checkpoints: int = option(2, "latest checkpoints kept for --resume",
                                  resume_may_change="how many are kept "
                                  "changes no result")

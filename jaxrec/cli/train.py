@@ -98,7 +98,14 @@ def run(args: argparse.Namespace) -> None:
 
 
 def format_summary(result: dict[str, Any]) -> str:
-  """Test metrics of the model next to the popularity baseline."""
+  """Test metrics of the model next to the popularity baseline (the best
+  validation metrics when the run was told not to test)."""
+  if result["test"] is None:
+    return (f"best validation at step {result['best_step']} "
+            f"({result['train_time_s']:.0f}s training; not tested: "
+            "--final-test false): " + ", ".join(
+                f"{k} {v:.4f}" for k, v in result["valid"].items()
+                if k != "count"))
   rows = [f"{'metric':<10}{'model':>10}{'popularity':>12}"]
   for name in config_lib.METRIC_NAMES:
     rows.append(f"{name:<10}{result['test'][name]:>10.4f}"

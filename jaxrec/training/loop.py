@@ -372,10 +372,14 @@ def _finish(cfg: Config, out_dir: str, data: sequences.SequenceData,
       ckpts.best, prog.best_step,
       target=abstract_state(cfg, "best", sharder.shardings))
   restored["params"] = graft(restored["params"], frozen)
-  test = evaluate_params(restored["params"], cfg, sharder, data.test_inputs,
-                         data.test_targets, rank_fn, data.test_users)
-  pop = ranking.popularity_metrics(data.item_counts, data.test_inputs,
-                                   data.test_targets, cfg.train.mask_history)
+  test = pop = None  # train.final_test=false: nobody reads test here.
+  if cfg.train.final_test:
+    test = evaluate_params(restored["params"], cfg, sharder,
+                           data.test_inputs, data.test_targets, rank_fn,
+                           data.test_users)
+    pop = ranking.popularity_metrics(data.item_counts, data.test_inputs,
+                                     data.test_targets,
+                                     cfg.train.mask_history)
   result = {
       "valid": prog.best_valid, "test": test, "popularity": pop,
       "best_step": prog.best_step, "steps": steps,
