@@ -29,6 +29,7 @@ Writes OUT/results.json:
   {"experiment", "data", "selection": "valid", "select_metric", "seeds",
    "date", "device", "jax", "arms": {ARM: {"seeds", "steps", "params",
    "budget", "valid": {METRIC: {"mean", "std", "values"}}, "test": {...},
+   "train_time_s": {...}, "curves": [[[seconds, valid], ...] per seed],
    "selected": {KNOB: VALUE}, "variants": {VARIANT: valid summary},
    "infer_ms": {"median", "min", "values"}}}}
 
@@ -153,7 +154,7 @@ def run_experiment(name: str, arms: Sequence[Arm], seeds: Sequence[int],
              "date": time.strftime("%Y-%m-%d %H:%M"), **_platform(),
              "arms": reported}
   os.makedirs(out_dir, exist_ok=True)
-  _write_json(os.path.join(out_dir, "results.json"), results)
+  write_json(os.path.join(out_dir, "results.json"), results)
   with open(os.path.join(out_dir, "table.md"), "w", encoding="utf-8") as f:
     f.write(markdown_table(results) + "\n")
   plot(results, os.path.join(out_dir, "results.png"))
@@ -282,7 +283,7 @@ def _trained(arm: Arm, seed: int, out_dir: str) -> Trial:
     return Trial(**raw)
   os.makedirs(work, exist_ok=True)
   trial = arm.train(seed, work)
-  _write_json(record, dataclasses.asdict(trial))
+  write_json(record, dataclasses.asdict(trial))
   return trial
 
 
@@ -299,6 +300,7 @@ def _arm_record(arm: Arm, seeds: Sequence[int],
       "valid": {m: summary([r.valid[m] for r in runs]) for m in runs[0].valid},
       "test": {m: summary([t[m] for t in tested]) for m in tested[0]},
       "train_time_s": summary([r.train_time_s for r in runs]),
+      "curves": [[list(p) for p in r.curve] for r in runs],
       "selected": dict(arm.knobs) if arm.variant_of else {},
       "variants": variants or {},
       "run_dirs": [r.run_dir for r in runs],
@@ -314,7 +316,7 @@ def _platform() -> dict[str, str]:
   return {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
 
 
-def _write_json(path: str, value: Any) -> None:
+def write_json(path: str, value: Any) -> None:
   """Atomically: a killed experiment leaves the old file or none."""
   tmp = f"{path}.tmp"
   with open(tmp, "w", encoding="utf-8") as f:

@@ -293,3 +293,28 @@ def test_scenario_model_flag_keeps_only_the_backbones_own_settings(capsys):
   assert "dilations, dropout" in capsys.readouterr().out
   args.model = None  # The settings' backbone, every setting kept.
   assert list(common.base_config(settings, args).model.dilations) == [1, 4]
+
+
+@pytest.mark.slow
+def test_stackrec_zoo_grows_to_scratchs_architecture_at_its_budget(
+    tmp_path, monkeypatch):
+  run_script(monkeypatch, "stackrec_zoo", tmp_path, "--data",
+             "synthetic:tiny", "--models", "sasrec", "--seeds", "0",
+             "--depths", "1,2", "--shares", "0.5,0.5", "--steps", "6",
+             "--eval-every", "3", "--batch-size", "16", "--embed-dim", "8",
+             "--methods", "cross", "--presets", "paper")
+  with open(tmp_path / "sasrec" / "results.json") as f:
+    results = json.load(f)
+  assert results["selection"] == "valid"
+  assert set(results["arms"]) == {"scratch", "cross/paper"}
+  scratch, grown = results["arms"]["scratch"], results["arms"]["cross/paper"]
+  assert scratch["steps"] == grown["steps"] == 6
+  # One validation per stage, on one clock that spans both stages.
+  (t1, _), (t2, _) = grown["curves"][0]
+  assert t2 > t1 > 0
+  _, meta = checkpoints.read_meta(scratch["run_dirs"][0])
+  _, grown_meta = checkpoints.read_meta(grown["run_dirs"][0])  # 2 blocks.
+  assert grown_meta["config"]["model"] == meta["config"]["model"]
+  assert grown_meta["lineage"][0]["op"] == "grow"
+  assert len(grown["time_to_scratch_best_s"]["values"]) == 1
+  assert "| sasrec | cross/paper |" in (tmp_path / "summary.md").read_text()
