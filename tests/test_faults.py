@@ -587,7 +587,8 @@ def test_every_option_a_resume_may_change_says_why():
   # in the resume check; an option that changes results is not on it.
   may_change = config.resume_may_change()
   assert {"data.cache_dir", "train.keep_checkpoints", "train.tensorboard",
-          "train.mesh", "train.steps", "train.epochs"} == set(may_change)
+          "train.mesh", "train.steps", "train.epochs",
+          "train.final_test"} == set(may_change)
   assert all(why for why in may_change.values())
 
 
