@@ -26,19 +26,20 @@ validation.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 from typing import Any
 
-import numpy as np
 from absl import logging as absl_logging
 
 from jaxrec import config as config_lib
 from jaxrec import models
 from jaxrec.data import pipeline
 from jaxrec.training import checkpoints, loop
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # pylint: disable=wrong-import-position
 
 absl_logging.set_verbosity(absl_logging.ERROR)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -58,14 +59,7 @@ def default_config(source: str, model: str, min_count: int | None,
 
 def curve(run_dir: str) -> list[tuple[float, float]]:
   """(training seconds, validation NDCG@10) at every validation."""
-  points = []
-  with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-    for line in f:
-      record = json.loads(line)
-      if "valid" in record and "train_time_s" in record:
-        points.append((record["train_time_s"],
-                       record["valid"][CURVE_METRIC]))
-  return points
+  return harness.validation_curve(run_dir, CURVE_METRIC)
 
 
 def time_to_quality(points: list[tuple[float, float]],
@@ -77,9 +71,7 @@ def time_to_quality(points: list[tuple[float, float]],
   return next(t for t, v in points if v >= goal)
 
 
-def summary(values: list[float]) -> dict[str, Any]:
-  return {"mean": float(np.mean(values)), "std": float(np.std(values)),
-          "values": [float(v) for v in values]}
+summary = harness.summary
 
 
 def default_runs(source: str, model: str, min_count: int | None,
