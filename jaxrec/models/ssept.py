@@ -20,14 +20,16 @@ reads the user beside each item.
 SSE-SE, in training only: each row's user index is replaced by a uniform
 random user with probability `sse_user` (the paper's 1 - threshold_user;
 ML-1M: 0.92), and each real input item by a uniform random item with
-probability `sse_item` (1 - threshold_item; ML-1M: 0.1). The replacement
-draws come from the 'dropout' rng, so evaluation is deterministic.
+probability `sse_item` (1 - threshold_item; ML-1M: 0.1). The replacements
+draw from the training rng (`apply(train=True, rng=...)`); evaluation has
+none and is deterministic.
 
 Users reach the model as the batch's `users` [B] (`Backbone.extra_inputs`;
 0: a user no training row belongs to). An unseen user (index 0, or no
 `users` at all: serving a bare history) reads the mean of the user table's
-rows 1..U-1, the documented fallback: the average trained user, never an
-untrained row.
+rows 1..U-1, the documented fallback: the average user row, never the
+row of a user it is not (a user with no training row has one, trained
+only by SSE's random draws, so evaluation gives that user index 0).
 
 Where this differs from the official code (wuliwei9278/SSE-PT):
 - The item-side replacement changes inputs only; the official sampler also
