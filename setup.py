@@ -28,8 +28,11 @@ setup(
         "tensorboard": ["tensorboardX"],
         "serving": ["flatbuffers"],
         "notebook": ["treescope", "ipykernel"],
+        # tensorflow-datasets: the tfds: source is tested through
+        # tfds.testing.mock_data, not only its missing-package error.
         "test": ["pytest", "pytest-xdist", "tensorboardX", "flatbuffers",
-                 "treescope", "nbclient", "nbformat", "ipykernel"],
+                 "treescope", "nbclient", "nbformat", "ipykernel",
+                 "tensorflow-datasets", "tensorflow-cpu"],
     },
     entry_points={
         "console_scripts": ["jaxrec=jaxrec.cli:main"],

@@ -123,8 +123,17 @@ def _synthetic_source(size: str, synthetic_fn: SyntheticFn | None) -> Source:
   return Source(key, functools.partial(synthetic.generate, size))
 
 
+TFDS_FIELDS = ("user_id", "movie_id", "timestamp")
+
+
 def read_tfds(name: str) -> Interactions:
-  """`tfds:NAME`, e.g. movielens/1m-ratings (fields user_id, movie_id, ...)."""
+  """`tfds:NAME`, e.g. movielens/1m-ratings (fields user_id, movie_id, ...).
+
+  Only the three fields are read, in batches: `tfds.load(batch_size=-1)`
+  batches every feature at once, and the MovieLens sets carry ragged genre
+  lists that cannot form one tensor. Text ids (tfds stores MovieLens ids as
+  bytes) are decoded to str so the vocabulary can be written as JSON.
+  """
   try:
     # pylint: disable-next=import-outside-toplevel
     import tensorflow_datasets as tfds
@@ -132,12 +141,23 @@ def read_tfds(name: str) -> Interactions:
     raise JaxrecError(f"tfds:{name}: tensorflow_datasets is not installed; "
                       "run `pip install jaxrec[tfds]`") from None
   try:
-    ds = tfds.as_numpy(tfds.load(name, split="train", batch_size=-1))
-    fields = [ds[k] for k in ("user_id", "movie_id", "timestamp")]
+    ds = tfds.load(name, split="train")
+    ds = ds.map(lambda row: tuple(row[k] for k in TFDS_FIELDS))
+    batches = list(tfds.as_numpy(ds.batch(1 << 16)))
   except Exception as e:  # pylint: disable=broad-except
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise JaxrecError(f"tfds:{name}: could not load: {first}") from None
-  return Interactions(*fields, name=f"tfds:{name}")
+  if not batches:
+    raise JaxrecError(f"tfds:{name}: the train split holds no rows")
+  users, items, times = (np.concatenate(column) for column in zip(*batches))
+  return Interactions(_text_ids(users), _text_ids(items), times,
+                      name=f"tfds:{name}")
+
+
+def _text_ids(ids: np.ndarray) -> np.ndarray:
+  if ids.dtype.kind in "OS":  # tf.string comes back as bytes.
+    return np.char.decode(ids.astype(bytes), "utf-8")
+  return ids
 
 
 _PARQUET_OPTIONS = ("data.user_col", "data.item_col", "data.time_col")
