@@ -318,3 +318,24 @@ def test_stackrec_zoo_grows_to_scratchs_architecture_at_its_budget(
   assert grown_meta["lineage"][0]["op"] == "grow"
   assert len(grown["time_to_scratch_best_s"]["values"]) == 1
   assert "| sasrec | cross/paper |" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_train_defaults_tests_only_the_variant_validation_chose(
+    tmp_path, monkeypatch):
+  variants = {"short": dict(steps=2, eval_every=2, batch_size=16, patience=1),
+              "long": dict(steps=8, eval_every=2, batch_size=16, patience=0)}
+  run_script(monkeypatch, "train_defaults", tmp_path, "--data",
+             "synthetic:tiny", "--models", "gru4rec", "--seeds", "0",
+             VARIANTS=variants)
+  with open(tmp_path / "results.json") as f:
+    results = json.load(f)
+  assert list(results["arms"]) == ["gru4rec"]
+  arm = results["arms"]["gru4rec"]
+  valid = {name.split("/")[1]: record["ndcg@10"]["mean"]
+           for name, record in arm["variants"].items()}
+  chosen = max(valid, key=valid.get)
+  assert arm["selected"] == variants[chosen]
+  assert arm["valid"]["ndcg@10"]["mean"] == valid[chosen]
+  assert arm["steps"] == variants[chosen]["steps"]
+  assert arm["budget"] == "own" and arm["test"]["ndcg@10"]["values"]
