@@ -81,8 +81,11 @@ def default_runs(source: str, model: str, min_count: int | None,
   for seed in seeds:
     cfg = default_config(source, model, min_count, seed)
     run_dir = os.path.join(out_dir, f"seed{seed}")
+    # A killed experiment resumes each run where it stopped; a finished one
+    # is only tested again (its best checkpoint, the same numbers).
+    resume = os.path.isdir(os.path.join(run_dir, "checkpoints"))
     result = loop.train(cfg, run_dir, pipeline.load_data(cfg.data),
-                        progress_bar=False)
+                        progress_bar=False, resume=resume)
     result["curve"] = curve(run_dir)
     runs.append(result)
     print(f"[accuracy] {model} seed {seed}: test ndcg@10 "

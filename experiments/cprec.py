@@ -103,7 +103,9 @@ def base_config(s: dict[str, Any], seed: int) -> dict[str, Any]:
                "min_user_count": 1, "min_item_count": 1},
       "train": {"batch_size": s["batch_size"], "steps": s["steps"],
                 "eval_every": s["eval_every"], "learning_rate": s["lr"],
-                "patience": s.get("patience", 0), "seed": seed}}
+                "patience": s.get("patience", 0), "seed": seed,
+                # The loop's default until 2026-12-07, as in the records.
+                "select_metric": "mrr@5"}}
 
 
 def arm_config(base: dict[str, Any], arm: str,

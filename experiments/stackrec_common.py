@@ -130,7 +130,10 @@ def base_config(settings: dict[str, Any], args: argparse.Namespace
   return config_lib.Config(
       model=backbone.config(**model),
       data=config_lib.DataConfig(**data),
-      train=config_lib.TrainConfig(**settings["train"], seed=args.seed))
+      # The best checkpoint by the metric the scenarios compare (the loop's
+      # default is NDCG@10 since 2026-12-07; their records used MRR@5).
+      train=config_lib.TrainConfig(**settings["train"], seed=args.seed,
+                                   select_metric=METRIC))
 
 
 def run_stage(cfg: config_lib.Config, out_dir: str,

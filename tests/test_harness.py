@@ -171,7 +171,7 @@ def test_a_harness_run_holds_no_test_numbers_until_the_harness_tests(
   assert metrics["test"] is None and metrics["popularity"] is None
   assert trial.steps == 6 and trial.params > 0
   assert [p[1] for p in trial.curve] == pytest.approx(
-      [r["valid"]["mrr@5"] for r in map(  # The run's select_metric.
+      [r["valid"]["ndcg@10"] for r in map(  # The run's select_metric.
           json.loads, open(tmp_path / "run" / "metrics.jsonl",
                            encoding="utf-8")) if "valid" in r])
   tested = harness.tested_metrics(trial)

@@ -131,7 +131,7 @@ def test_metrics_json_valid_is_the_best_logged_validation(tiny_run):
     validations = {r["step"]: r["valid"] for r in map(json.loads, f)
                    if "valid" in r}
   assert sorted(validations) == [6, 12]
-  best = max(validations, key=lambda s: validations[s]["mrr@5"])
+  best = max(validations, key=lambda s: validations[s]["ndcg@10"])
   assert saved["best_step"] == best
   assert saved["valid"] == validations[best]
 

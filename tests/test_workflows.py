@@ -597,12 +597,12 @@ def test_a_damaged_parquet_file_is_one_line_naming_it(tmp_path, capsys):
 
 def test_a_run_with_default_stopping_ends_once_validation_stalls(tmp_path):
   """No --steps, --eval-every or --patience: validation once per epoch,
-  and the run ends 10 validations after the last gain, not after 100
+  and the run ends 30 validations after the last gain, not after 100
   epochs (a learning rate this small never changes a rank)."""
   out = str(tmp_path / "run")
   assert cli.main(["train", "--out", out, "--data", "synthetic:tiny",
                    "--learning-rate", "1e-12", *TINY_MODEL]) == 0
   with open(os.path.join(out, "metrics.json"), encoding="utf-8") as f:
     metrics = json.load(f)
-  assert metrics["epochs"] == 11  # The first validation, then 10 stalled.
+  assert metrics["epochs"] == 31  # The first validation, then 30 stalled.
   assert metrics["best_step"] == metrics["steps_per_epoch"]
