@@ -239,7 +239,10 @@ def markdown_table(results: dict[str, Any]) -> str:
   for name, arm in results["arms"].items():
     label = name + (f" ({_knobs(arm['selected'])})" if arm["selected"]
                     else "") + ("*" if arm["budget"] == "own" else "")
-    cells = [label, f"{arm['params']:,}", f"{arm['steps']:,}"]
+    steps = arm["steps"]  # A list where seeds stopped early apart.
+    cells = [label, f"{arm['params']:,}",
+             " / ".join(f"{n:,}" for n in steps) if isinstance(steps, list)
+             else f"{steps:,}"]
     for split, metrics in shown.items():
       cells += [f"{arm[split][m]['mean']:.4f} +- {arm[split][m]['std']:.4f}"
                 for m in metrics]

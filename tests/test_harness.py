@@ -31,7 +31,8 @@ def fake_arm(name, valid, test_value=None, steps=100, events=None, **kw):
     value = valid(seed)
     with open(os.path.join(work, "test.json"), "w", encoding="utf-8") as f:
       json.dump({"ndcg@10": value if test_value is None else test_value}, f)
-    return Trial(run_dir=work, steps=steps, params=10,
+    return Trial(run_dir=work, steps=steps(seed) if callable(steps) else steps,
+                 params=10,
                  valid={"ndcg@10": value, "hr@10": 2 * value},
                  train_time_s=1.0, curve=((1.0, value),))
 
@@ -100,6 +101,15 @@ def test_an_arm_whose_budget_is_compared_says_so_and_is_marked(tmp_path):
   out = run(tmp_path, arms)
   assert out["arms"]["early"]["budget"] == "own"
   assert "early*" in harness.markdown_table(out)
+
+
+def test_an_own_budget_stopping_at_other_steps_per_seed_lists_them(
+    tmp_path):
+  arms = [fake_arm("early", lambda s: 0.1, steps=lambda s: 40 + 10 * s,
+                   budget="own")]
+  out = run(tmp_path, arms)
+  assert out["arms"]["early"]["steps"] == [40, 50, 60]
+  assert "| early* | 10 | 40 / 50 / 60 |" in harness.markdown_table(out)
 
 
 def test_a_killed_experiment_trains_only_what_is_missing(tmp_path):
