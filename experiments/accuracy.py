@@ -13,11 +13,14 @@ k-core counts given); then, with `--trials N` > 0, `experiments/tune.py`
   {"experiment": "accuracy", "data", "selection": "valid", "seeds",
    "models": {MODEL: {"default": {"valid"|"test": {METRIC: {"mean", "std",
    "values"}}, "train_time_s": {...}, "steps": [...], "time_to_95_s":
-   {...}, "curves": [[[seconds, valid ndcg@10], ...] per seed],
-   "popularity": {...}}, "tuned": {...}}}}
+   {...}, "steps_to_95": {...}, "curves": [[[seconds, valid ndcg@10], ...]
+   per seed], "popularity": {...}}, "tuned": {...}}}}
 
 `time_to_95_s` is, per seed, the training time at the first validation
-reaching 95% of that run's best validation NDCG@10. OUT/time_to_quality.png
+reaching 95% of that run's best validation NDCG@10; `steps_to_95` the
+optimiser steps there, which do not depend on how busy the machine was.
+A killed run, or one already finished in OUT, is resumed (a finished one
+only tested again). OUT/time_to_quality.png
 plots validation NDCG@10 against training time, one line per backbone and
 seed. Prints a Markdown table for RESULTS.md / the README. Test metrics are
 reported, never used to choose: a run's checkpoint is its best on
@@ -26,6 +29,7 @@ validation.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -62,6 +66,14 @@ def curve(run_dir: str) -> list[tuple[float, float]]:
   return harness.validation_curve(run_dir, CURVE_METRIC)
 
 
+def step_curve(run_dir: str) -> list[tuple[int, float]]:
+  """(step, validation NDCG@10) at every validation."""
+  with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+    records = [json.loads(line) for line in f]
+  return [(r["step"], r["valid"][CURVE_METRIC]) for r in records
+          if "valid" in r]
+
+
 def time_to_quality(points: list[tuple[float, float]],
                     share: float = QUALITY_SHARE) -> float | None:
   """Seconds at the first validation reaching `share` of the best one."""
@@ -87,11 +99,14 @@ def default_runs(source: str, model: str, min_count: int | None,
     result = loop.train(cfg, run_dir, pipeline.load_data(cfg.data),
                         progress_bar=False, resume=resume)
     result["curve"] = curve(run_dir)
+    result["step_curve"] = step_curve(run_dir)
     runs.append(result)
     print(f"[accuracy] {model} seed {seed}: test ndcg@10 "
           f"{result['test']['ndcg@10']:.4f} in {result['train_time_s']:.0f} s",
           flush=True)
   reach = [time_to_quality(r["curve"]) for r in runs]
+  # Steps do not depend on how busy the machine was; seconds do.
+  reach_steps = [time_to_quality(r["step_curve"]) for r in runs]
   return {
       "seeds": seeds,
       "valid": {m: summary([r["valid"][m] for r in runs])
@@ -101,6 +116,7 @@ def default_runs(source: str, model: str, min_count: int | None,
       "train_time_s": summary([r["train_time_s"] for r in runs]),
       "steps": [r["steps"] for r in runs],
       "time_to_95_s": summary([t for t in reach if t is not None]),
+      "steps_to_95": summary([t for t in reach_steps if t is not None]),
       "curves": [r["curve"] for r in runs],
       "popularity": runs[0]["popularity"], "data": runs[0]["data"]}
 
@@ -195,24 +211,26 @@ def _cell(stat: dict[str, Any] | float) -> str:
 def markdown(results: dict) -> str:
   """Default runs as mean ± std over seeds; a tuned run is one run."""
   rows = ["| model | run | " + " | ".join(f"test {m}" for m in SHOWN)
-          + " | valid ndcg@10 | train s | s to 95% of best valid |",
-          "| --- | --- |" + " ---: |" * (len(SHOWN) + 3)]
+          + " | valid ndcg@10 | train s | s to 95% of best valid "
+          "| steps to 95% |",
+          "| --- | --- |" + " ---: |" * (len(SHOWN) + 4)]
   for model, runs in results["models"].items():
     d = runs["default"]
     rows.append(f"| {model} | default ({len(d['seeds'])} seeds) | "
                 + " | ".join(_cell(d["test"][m]) for m in SHOWN)
                 + f" | {_cell(d['valid']['ndcg@10'])} | "
                 f"{d['train_time_s']['mean']:.0f} | "
-                f"{d['time_to_95_s']['mean']:.0f} |")
+                f"{d['time_to_95_s']['mean']:.0f} | "
+                f"{d['steps_to_95']['mean']:.0f} |")
     if "tuned" in runs:
       t = runs["tuned"]
       rows.append(f"| {model} | tuned (best of {t['trials']}) | "
                   + " | ".join(_cell(t["test"][m]) for m in SHOWN)
                   + f" | {_cell(t['valid']['ndcg@10'])} | "
-                  f"{t['train_time_s']:.0f} | |")
+                  f"{t['train_time_s']:.0f} | | |")
   pop = next(iter(results["models"].values()))["default"]["popularity"]
   rows.append("| popularity | | " + " | ".join(f"{pop[m]:.4f}" for m in SHOWN)
-              + " | | | |")
+              + " | | | | |")
   return "\n".join(rows)
 
 

@@ -82,14 +82,15 @@ def test_accuracy_table_shows_seeds_tuned_and_popularity_rows():
                            for m, v in metrics.items()},
                   "valid": {"ndcg@10": stat(0.31, 0.31)},
                   "train_time_s": stat(10.0, 14.0),
-                  "time_to_95_s": stat(5.0, 7.0), "popularity": metrics},
+                  "time_to_95_s": stat(5.0, 7.0),
+                  "steps_to_95": stat(40, 60), "popularity": metrics},
       "tuned": {"test": {**metrics, "ndcg@10": 0.4},
                 "valid": {"ndcg@10": 0.41}, "train_time_s": 30.0,
                 "trials": 10}}}}
   table = accuracy.markdown(results).splitlines()
   assert table[2] == ("| sasrec | default (2 seeds) | 0.3000 ± 0.0100 | "
                       "0.5000 ± 0.0100 | 0.2000 ± 0.0100 | 0.3100 ± 0.0000 "
-                      "| 12 | 6 |")
+                      "| 12 | 6 | 50 |")
   assert table[3].startswith("| sasrec | tuned (best of 10) | 0.4000 |")
   assert table[4].startswith("| popularity | | 0.3000 |")
 
@@ -126,4 +127,12 @@ def test_accuracy_runs_every_seed_and_writes_curves_and_plot(
   assert results["selection"] == "valid" and d["seeds"] == [0, 1]
   assert len(d["test"]["ndcg@10"]["values"]) == 2
   assert [len(c) for c in d["curves"]] == [2, 2]
+  assert set(d["steps_to_95"]["values"]) <= {2, 4}
   assert (tmp_path / "time_to_quality.png").exists()
+  # Run again over the same OUT: the finished runs are read back, not
+  # retrained, and test the same.
+  accuracy.main()
+  with open(tmp_path / "results.json") as f:
+    again = json.load(f)["models"]["gru4rec"]["default"]
+  assert again["test"] == d["test"] and again["steps"] == d["steps"]
+  assert again["curves"] == d["curves"]
