@@ -17,6 +17,7 @@ summary under "variants"), OUT/table.md and OUT/results.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Any
@@ -26,6 +27,7 @@ from absl import logging as absl_logging
 from jaxrec import config as config_lib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import accuracy  # pylint: disable=wrong-import-position
 import harness  # pylint: disable=wrong-import-position
 
 absl_logging.set_verbosity(absl_logging.ERROR)
@@ -40,11 +42,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def variant_config(model: str, source: str, min_count: int | None,
                    seed: int, knobs: dict[str, Any]) -> config_lib.Config:
-  raw: dict[str, Any] = {"model": {"name": model}, "data": {"source": source},
-                         "train": {"seed": seed, **knobs}}
-  if min_count is not None:
-    raw["data"].update(min_user_count=min_count, min_item_count=min_count)
-  return config_lib.from_dict(raw).validate()
+  """accuracy.py's default run with the variant's train options."""
+  cfg = accuracy.default_config(source, model, min_count, seed)
+  return cfg.replace(train=dataclasses.replace(cfg.train, **knobs)).validate()
 
 
 def variant_arm(model: str, name: str, knobs: dict[str, Any], source: str,
@@ -79,8 +79,7 @@ def main() -> None:
   results = harness.run_experiment("train_defaults", arms, seeds, args.out,
                                    data=args.data, select_metric="ndcg@10")
   for model, arm in results["arms"].items():
-    variants = results["arms"][model].get("variants") or {}
-    for name, record in variants.items():
+    for name, record in arm["variants"].items():
       score = record["ndcg@10"]
       print(f"{name}: valid ndcg@10 {score['mean']:.4f} "
             f"+- {score['std']:.4f} {score['values']}")
