@@ -29,7 +29,6 @@ validation.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -66,12 +65,9 @@ def curve(run_dir: str) -> list[tuple[float, float]]:
   return harness.validation_curve(run_dir, CURVE_METRIC)
 
 
-def step_curve(run_dir: str) -> list[tuple[int, float]]:
+def step_curve(run_dir: str) -> list[tuple[float, float]]:
   """(step, validation NDCG@10) at every validation."""
-  with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-    records = [json.loads(line) for line in f]
-  return [(r["step"], r["valid"][CURVE_METRIC]) for r in records
-          if "valid" in r]
+  return harness.validation_curve(run_dir, CURVE_METRIC, clock="step")
 
 
 def time_to_quality(points: list[tuple[float, float]],

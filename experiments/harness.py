@@ -110,14 +110,16 @@ def train_run(cfg: Any, run_dir: str, data: Any = None,
                curve=tuple(validation_curve(run_dir, metric)))
 
 
-def validation_curve(run_dir: str, metric: str) -> list[tuple[float, float]]:
-  """(training seconds, validation `metric`) at every validation."""
+def validation_curve(run_dir: str, metric: str, clock: str = "train_time_s"
+                     ) -> list[tuple[float, float]]:
+  """(`clock`, validation `metric`) at every validation; `clock` is
+  "train_time_s" (training seconds) or "step"."""
   points = []
   with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
     for line in f:
       record = json.loads(line)
-      if "valid" in record and "train_time_s" in record:
-        points.append((record["train_time_s"], record["valid"][metric]))
+      if "valid" in record and clock in record:
+        points.append((record[clock], record["valid"][metric]))
   return points
 
 
