@@ -467,6 +467,76 @@ def test_peterrec_experiment_writes_results_targets_and_plot(tmp_path,
   assert not any(module.targets(arms).values())
 
 
+def profiles_module(monkeypatch):
+  import importlib  # pylint: disable=import-outside-toplevel
+  monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..",
+                                           "experiments"))
+  return importlib.import_module("peterrec_profiles")
+
+
+def test_the_linear_profile_reference_reads_a_label_the_items_decide(
+    tmp_path, monkeypatch):
+  module = profiles_module(monkeypatch)
+  path = tmp_path / "profile.txt"
+  # Item 1 or 2 decides the label; the other items are noise. The window
+  # keeps only the last item, which never decides.
+  rng = np.random.default_rng(0)
+  with open(path, "w", encoding="utf-8") as f:
+    for u in range(200):
+      label = "F" if u % 2 else "M"
+      noise = ",".join(str(i) for i in rng.integers(3, 40, size=5))
+      f.write(f"{1 if label == 'F' else 2},{noise},,{label}\n")
+  data = config.DataConfig()
+  reference = module.items_logreg(str(path), data, steps=100)
+  assert reference["test"] == 1.0 and reference["l2"] in module.L2_GRID
+  assert module.items_logreg(str(path), data, window=1, steps=100)[
+      "test"] < 0.8
+
+
+@pytest.mark.slow
+def test_profile_experiment_fine_tunes_each_arm_beside_the_references(
+    tmp_path, monkeypatch):
+  import sys  # pylint: disable=import-outside-toplevel
+  import test_datasets as ds  # pylint: disable=import-outside-toplevel
+  module = profiles_module(monkeypatch)
+  blob = ds.grouplens_zip()
+  dataset = ds.register(monkeypatch, "http://unused/ml-100k.zip", blob)
+  home = tmp_path / "home"
+  os.makedirs(home / ds.NAME)
+  (home / ds.NAME / dataset.archive.filename).write_bytes(blob)
+  monkeypatch.setenv("JAXREC_DATA", str(home))
+  pre_cfg = config.from_dict({
+      "model": {"name": "nextitnet", "embed_dim": 8, "num_blocks": 2},
+      "data": {"source": ds.NAME, "min_user_count": 1, "min_item_count": 1,
+               "max_len": 10, "cache_dir": str(tmp_path / "cache")},
+      "train": {"steps": 2, "eval_every": 2, "batch_size": 8}}).validate()
+  pre = tmp_path / "pre0"
+  loop.train(pre_cfg, str(pre), progress_bar=False)
+  monkeypatch.setattr(sys, "argv", [
+      "peterrec_profiles.py", "--out", str(tmp_path / "out"), "--data",
+      ds.NAME, "--pretrained", str(tmp_path / "pre{seed}"), "--seeds", "0",
+      "--labels", "gender", "--arms", "peter,fine_cls,fine_all",
+      "--epochs", "2", "--eval-every", "2", "--batch-size", "8"])
+  module.main()
+  with open(tmp_path / "out" / "results.json", encoding="utf-8") as f:
+    gender = json.load(f)["labels"]["gender"]
+  arms = gender["arms"]
+  assert set(arms) == {"peter", "fine_cls", "fine_all"}
+  trainable = {a: arms[a]["trainable_params"] for a in arms}
+  assert trainable["fine_cls"] < trainable["peter"] < trainable["fine_all"]
+  assert all(len(a["test"]["values"]) == 1 for a in arms.values())
+  assert gender["items_logreg"]["window_items"] == 9  # max_len 10 - CLS.
+  assert 0 <= gender["items_logreg"]["all"]["test"] <= 1
+  with open(tmp_path / "out" / "runs" / "gender" / "peter" / "seed0" /
+            "metrics.json", encoding="utf-8") as f:
+    assert json.load(f)["steps"] >= 2
+  # Run again: every fine-tuning is read back, the same table.
+  module.main()
+  with open(tmp_path / "out" / "results.json", encoding="utf-8") as f:
+    assert json.load(f)["labels"]["gender"]["arms"] == arms
+  assert (tmp_path / "out" / "peterrec_profiles.png").stat().st_size > 0
+
+
 def test_a_masked_model_serves_the_next_item_from_a_trailing_mask():
   from jaxrec import serving  # pylint: disable=import-outside-toplevel
   cfg = full_cfg(causal=False)
