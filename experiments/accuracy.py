@@ -20,7 +20,9 @@ k-core counts given); then, with `--trials N` > 0, `experiments/tune.py`
 reaching 95% of that run's best validation NDCG@10; `steps_to_95` the
 optimiser steps there, which do not depend on how busy the machine was.
 A killed run, or one already finished in OUT, is resumed (a finished one
-only tested again). OUT/time_to_quality.png
+only tested again); rows OUT/results.json already holds for other
+`--models` under the same data, k-core counts and seeds are kept, so a
+backbone can be added to a table without rerunning the others. OUT/time_to_quality.png
 plots validation NDCG@10 against training time, one line per backbone and
 seed. Prints a Markdown table for RESULTS.md / the README. Test metrics are
 reported, never used to choose: a run's checkpoint is its best on
@@ -29,6 +31,7 @@ validation.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -161,6 +164,23 @@ def plot(results: dict[str, Any], path: str) -> None:
   plt.close(fig)
 
 
+def earlier_rows(path: str, data: str, min_count: int | None,
+                 seeds: list[int]) -> dict[str, Any]:
+  """The models an earlier run wrote to `path` under the same protocol;
+  none (said in one line) when it measured something else."""
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    old = json.load(f)
+  if (old.get("data"), old.get("min_count"), old.get("seeds")) != (
+      data, min_count, seeds):
+    print(f"[accuracy] {path}: measured data={old.get('data')!r}, "
+          f"min_count={old.get('min_count')}, seeds={old.get('seeds')}; "
+          "its rows are replaced", flush=True)
+    return {}
+  return dict(old.get("models", {}))
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(
       description=__doc__.splitlines()[0],
@@ -180,9 +200,11 @@ def main() -> None:
   args = parser.parse_args()
   seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
   os.makedirs(args.out, exist_ok=True)
+  path = os.path.join(args.out, "results.json")
   results = {"experiment": "accuracy", "data": args.data,
              "selection": "valid", "min_count": args.min_count,
-             "seeds": seeds, "models": {}}
+             "seeds": seeds,
+             "models": earlier_rows(path, args.data, args.min_count, seeds)}
   for model in args.models:
     entry = {"default": default_runs(
         args.data, model, args.min_count, seeds,
@@ -193,7 +215,7 @@ def main() -> None:
                                               f"tune_{model}"),
                                  args.trials, args.seed)
     results["models"][model] = entry
-    checkpoints.write_json(os.path.join(args.out, "results.json"), results)
+    checkpoints.write_json(path, results)
   plot(results, os.path.join(args.out, "time_to_quality.png"))
   print(markdown(results))
 

@@ -102,6 +102,19 @@ def test_time_to_quality_is_the_first_validation_at_95_percent_of_best():
   assert accuracy.time_to_quality([]) is None
 
 
+def test_accuracy_keeps_earlier_rows_only_under_the_same_protocol(tmp_path):
+  import accuracy  # pylint: disable=import-outside-toplevel
+  path = str(tmp_path / "results.json")
+  assert accuracy.earlier_rows(path, "movielens-100k", 1, [0, 1, 2]) == {}
+  with open(path, "w") as f:
+    json.dump({"data": "movielens-100k", "min_count": 1, "seeds": [0, 1, 2],
+               "models": {"sasrec": {"default": {}}}}, f)
+  assert list(accuracy.earlier_rows(path, "movielens-100k", 1,
+                                    [0, 1, 2])) == ["sasrec"]
+  assert accuracy.earlier_rows(path, "movielens-100k", 5, [0, 1, 2]) == {}
+  assert accuracy.earlier_rows(path, "movielens-100k", 1, [0]) == {}
+
+
 @pytest.mark.slow
 def test_accuracy_runs_every_seed_and_writes_curves_and_plot(
     tmp_path, monkeypatch):
