@@ -35,7 +35,8 @@ budget (`--epochs` passes over the training users, validation every
 items but no label: the profile labels are new to it, as in the paper,
 where the source-domain behaviour of the same users is pretrained on.
 
-Writes OUT/results.json ({"labels": {LABEL: {"majority": acc, "arms":
+The task files are written to OUT/tasks/ (MovieLens data: never commit
+them; .gitignore keeps them out). Writes OUT/results.json ({"labels": {LABEL: {"majority": acc, "arms":
 {ARM: {"test"|"valid": {"mean", "std", "values"}, "trainable_params",
 "backbone_params", "train_time_s"}}}}}) and OUT/peterrec_profiles.png, and
 prints a Markdown table beside the paper's claims. Where jaxrec differs
@@ -305,9 +306,16 @@ def plot(results: dict[str, Any], path: str) -> None:
            yerr=[entry["arms"][a]["test"]["std"] for a in arms], capsize=3)
     ax.axhline(entry["majority"], color="k", ls="--", lw=1,
                label="majority class")
+    refs = entry["items_logreg"]
+    for name, style in (("all", "-"), ("window", ":")):
+      ax.axhline(refs[name]["test"], color="C3", ls=style, lw=1,
+                 label=f"items_logreg ({name})")
+    lowest = min([entry["majority"], refs["window"]["test"]]
+                 + [entry["arms"][a]["test"]["mean"] for a in arms])
+    ax.set_ylim(0.8 * lowest, None)  # The differences, not the bars' feet.
     ax.set_xticks(range(len(arms)), arms, rotation=45, ha="right")
     ax.set_title(f"{label}: test accuracy")
-    ax.legend()
+    ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
