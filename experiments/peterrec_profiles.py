@@ -23,7 +23,8 @@ are exactly these), then per label (`jaxrec data profile movielens-100k
 and two references outside the paper, `items_logreg`: a linear softmax
 classifier over the multi-hot set of the user's items, its L2 weight
 chosen on validation, once over every item of the history and once over
-the last max_len - 1 (49) items, the window the fine-tuned networks read.
+the last max_len - 1 items (49 at the default), the window the fine-tuned
+networks read (`--max-len` widens it: NextItNet has no position table).
 They say how much of a label the histories hold at all on 660 training
 users, and how much of it the window keeps.
 
@@ -120,15 +121,22 @@ def train_config(args: argparse.Namespace, seed: int
 
 
 def run_arm(pre: str, task_path: str, out: str, arm: str,
-            train: config_lib.TrainConfig, data: config_lib.DataConfig
-            ) -> dict[str, Any]:
-  """One fine-tuning; a finished one is read back, a killed one resumed."""
+            train: config_lib.TrainConfig, data: config_lib.DataConfig,
+            max_len: int | None = None) -> dict[str, Any]:
+  """One fine-tuning; a finished one is read back, a killed one resumed.
+  A run made at another window is refused: OUT holds one study."""
   done = os.path.join(out, "metrics.json")
   if os.path.exists(done):
-    with open(done, encoding="utf-8") as f:
-      return json.load(f)
+    window = max_len or _read(os.path.join(pre, "config.json"))["data"][
+        "max_len"]
+    made = _read(os.path.join(out, "config.json"))["data"]["max_len"]
+    if made != window:
+      raise SystemExit(f"{out}: fine-tuned at max_len {made}, not "
+                       f"{window}; give this study another --out")
+    return _read(done)
   return peterrec.finetune(pre, "profile", task_path, out, arm, "serial",
                            train=train, data=data, progress_bar=False,
+                           max_len=max_len,
                            resume=os.path.isdir(
                                os.path.join(out, "checkpoints")))
 
@@ -191,6 +199,11 @@ def items_logreg(task_path: str, data: config_lib.DataConfig,
           "trainable_params": int(len(items) * len(classes) + len(classes))}
 
 
+def _read(path: str) -> dict[str, Any]:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(
       description=__doc__.splitlines()[0],
@@ -208,6 +221,9 @@ def main() -> None:
   parser.add_argument("--patience", type=int, default=10)
   parser.add_argument("--batch-size", type=int, default=64)
   parser.add_argument("--lr", type=float, default=3e-3)
+  parser.add_argument("--max-len", type=int, default=None,
+                      help="fine-tuning window (default: the pretraining's "
+                      "max_len; NextItNet reads longer ones)")
   parser.add_argument("--valid-fraction", type=float, default=0.1)
   parser.add_argument("--test-fraction", type=float, default=0.2)
   args = parser.parse_args()
@@ -220,7 +236,7 @@ def main() -> None:
       "experiment": "peterrec_profiles", "data": args.data, "seeds": seeds,
       "selection": "valid accuracy", "budget": {
           k: getattr(args, k) for k in ("epochs", "eval_every", "patience",
-                                        "batch_size", "lr")},
+                                        "batch_size", "lr", "max_len")},
       "pretrained": [pretrained_run(args.out, args.pretrained, s, args.data)
                      for s in seeds],
       "labels": {}}
@@ -232,7 +248,7 @@ def main() -> None:
         row = run_arm(pre, task_path,
                       os.path.join(args.out, "runs", label, arm,
                                    f"seed{seed}"),
-                      arm, train_config(args, seed), data)
+                      arm, train_config(args, seed), data, args.max_len)
         runs[arm].append(row)
         print(f"[profiles] {label} {arm} seed {seed}: test accuracy "
               f"{row['test']['accuracy']:.4f} (valid "

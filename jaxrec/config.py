@@ -165,7 +165,9 @@ class BackboneConfig:
     leading axis under `params["blocks"]`, run by `scan_blocks`),
     `residual_gate` (a gate of 0 at the `branch` slot makes a block the
     identity), `slot:NAME` (the block calls that slot), `row_local_blocks`
-    (a block's rows do not interact, so a subset of rows can run alone)."""
+    (a block's rows do not interact, so a subset of rows can run alone),
+    `any_length` (no parameter is tied to a position: a trained model
+    reads longer inputs than it trained on)."""
     return frozenset()
 
   def layer_pairs(self) -> dict[str, str]:

@@ -29,9 +29,9 @@ BACKBONES = models.names()
 V, T, L, U = 30, 12, 4, 7  # U: user indices (SSE-PT's table).
 
 
-def tiny(name, **train_kw):
+def tiny(name, max_len=T, **train_kw):
   model = models.get(name).config(num_items=V, embed_dim=8, num_blocks=L)
-  model = model.fit_data(V, T).fit_users(U)
+  model = model.fit_data(V, max_len).fit_users(U)
   if "residual" in {f.name for f in dataclasses.fields(model)}:
     model = dataclasses.replace(model, residual="alpha")
   return Config(model=model, train=TrainConfig(**train_kw))
@@ -112,6 +112,24 @@ def test_output_at_t_ignores_items_after_t_iff_causal(name):
     np.testing.assert_allclose(a[:, :7], b[:, :7], rtol=1e-5, atol=1e-6)
   else:
     assert not np.allclose(a[:, 4:7], b[:, 4:7], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_any_length_iff_no_parameter_depends_on_the_window(name):
+  """`any_length` (a fine-tuning may read a longer window than the
+  pretraining did): the tree is the same at any max_len, and a model
+  made for T reads 3T; without it, the tree grows with the window."""
+  def shapes(cfg):
+    return jax.tree.map(lambda a: a.shape, jax.eval_shape(
+        lambda: models.init_params(cfg, jax.random.key(0))))
+
+  cfg = tiny(name)
+  same = shapes(cfg) == shapes(tiny(name, max_len=3 * T))
+  assert same == ("any_length" in cfg.model.capabilities())
+  if same:
+    longer = jnp.concatenate([ids(1), ids(2), ids(3)], axis=1)
+    h = hidden(trained_like(cfg), longer, cfg=cfg)
+    assert h.shape[:2] == (3, 3 * T) and np.isfinite(h).all()
 
 
 @pytest.mark.parametrize("name", BACKBONES)

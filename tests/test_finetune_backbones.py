@@ -244,6 +244,19 @@ def finetune_live(monkeypatch, root, paths, out, preset):
   return seen["frozen"], tuned, cfg, start
 
 
+def test_a_longer_window_than_sasrec_pretrained_on_is_refused_in_one_line(
+    sasrec_world, tmp_path):
+  root, paths = sasrec_world
+  pre_len = state_lib.load_params(str(root / "pre"))[1].data.max_len
+  with pytest.raises(JaxrecError, match=(
+      f"--max-len={pre_len + 1}: .* pretrained at max_len {pre_len}, with "
+      "position vectors for no more")):
+    peterrec.finetune(str(root / "pre"), "profile", paths["profile"],
+                      str(tmp_path / "x"), "peter", progress_bar=False,
+                      max_len=pre_len + 1)
+  assert not (tmp_path / "x").exists()
+
+
 def changed(a, b):
   return not np.array_equal(np.asarray(a), np.asarray(b))
 

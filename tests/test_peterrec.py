@@ -405,6 +405,27 @@ def test_peter_zero_starts_fresh_and_stores_everything(world, tmp_path):
                          pretrained["item_embedding"]["embedding"], atol=0.01)
 
 
+def test_a_conv_backbone_fine_tunes_on_a_longer_window_than_it_pretrained_on(
+    world, tmp_path):
+  """Profile labels live in old items too: NextItNet has no position
+  table, so `--max-len` may exceed the pretraining's 12."""
+  root, paths = world
+  out = tmp_path / "long"
+  assert cli.main(["finetune", "--from", str(root / "pre"), "--task",
+                   "profile", "--data", paths["profile"], "--out", str(out),
+                   "--max-len", "20", "--steps", "2", "--eval-every", "2",
+                   "--batch-size", "16", "--quiet"]) == 0
+  with open(out / "config.json") as f:
+    assert json.load(f)["data"]["max_len"] == 20
+  _, cfg, _ = state_lib.load_params(str(out))
+  data = transfer_task.load_task_data(cfg, str(out))
+  assert data.valid_inputs.shape[1] == 20
+  longest = max(len(line.split(",,")[0].split(","))
+                for line in open(paths["profile"]))
+  read = int((data.valid_inputs != 0).sum(axis=1).max())
+  assert read == min(longest, 19) + 1 > 12  # 19 source slots and CLS.
+
+
 def test_finetune_refuses_bad_options_in_one_line(world, tmp_path, capsys):
   root, paths = world
   base = ["finetune", "--from", str(root / "pre"), "--task", "profile",
@@ -530,10 +551,14 @@ def test_profile_experiment_fine_tunes_each_arm_beside_the_references(
   with open(tmp_path / "out" / "runs" / "gender" / "peter" / "seed0" /
             "metrics.json", encoding="utf-8") as f:
     assert json.load(f)["steps"] >= 2
-  # Run again: every fine-tuning is read back, the same table.
+  # Run again: every fine-tuning is read back, the same table; at another
+  # window the runs are not mistaken for that study's.
   module.main()
   with open(tmp_path / "out" / "results.json", encoding="utf-8") as f:
     assert json.load(f)["labels"]["gender"]["arms"] == arms
+  monkeypatch.setattr(sys, "argv", sys.argv + ["--max-len", "14"])
+  with pytest.raises(SystemExit, match="fine-tuned at max_len 10, not 14"):
+    module.main()
   assert (tmp_path / "out" / "peterrec_profiles.png").stat().st_size > 0
 
 

@@ -43,6 +43,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                  help="peter: also train the norms of each block's lower "
                       "layers (NextItNet: ln1; SASRec: ln_attn), not only "
                       "the last layer's")
+  p.add_argument("--max-len", type=int, default=None, metavar="N",
+                 help="inputs of N slots (the source's last N-1 or N-2 "
+                      "items and CLS); default: the pretraining's max_len. "
+                      "Longer only on backbones without a position table "
+                      "(NextItNet, GRU4Rec, GRec)")
   p.add_argument("--resume", action="store_true",
                  help="continue the run in --out from its latest checkpoint")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -60,7 +65,7 @@ def run(args: argparse.Namespace) -> None:
       args.pretrained, args.task, args.data_path, args.out, args.preset,
       args.placement, train=cfg.train, data=cfg.data,
       train_ln1=args.train_ln1, resume=args.resume,
-      progress_bar=not args.quiet, kind=args.kind)
+      progress_bar=not args.quiet, kind=args.kind, max_len=args.max_len)
   print(format_summary(result))
   print(json.dumps({k: result[k] for k in ("trainable_params",
                                            "backbone_params",

@@ -71,7 +71,7 @@ class GRU4RecConfig(BackboneConfig):
 
   def capabilities(self) -> frozenset[str]:
     caps = {"block_stack", "own_blocks", "causal", "slot:layer1",
-            "slot:branch"}
+            "slot:branch", "any_length"}
     if self.residual == "alpha":
       caps.add("residual_gate")
     return frozenset(caps)

@@ -94,9 +94,11 @@ class NextItNetConfig(BackboneConfig):
   def capabilities(self) -> frozenset[str]:
     """Slots layer1/layer2 (after each conv) and branch; the residual
     gate holds for both residuals (x + g * h is x at g = 0); whole
-    blocks share no state across rows, so rows can run alone."""
+    blocks share no state across rows, so rows can run alone; convs have
+    no position table, so any input length reads the same weights."""
     caps = {"block_stack", "own_blocks", "slot:layer1", "slot:layer2",
-            "slot:branch", "residual_gate", "row_local_blocks", "layer_pair"}
+            "slot:branch", "residual_gate", "row_local_blocks", "layer_pair",
+            "any_length"}
     if self.causal:
       caps.add("causal")
     return frozenset(caps)

@@ -227,8 +227,10 @@ def check_source(cfg: Config, origin: str, preset: str | None = None
 def finetune_config(src: Config, task: str, data_path: str, preset: str,
                     placement: str, num_outputs: int, pretrained_dir: str,
                     train: TrainConfig, data: DataConfig,
-                    train_ln1: bool = False) -> Config:
-  """The fine-tuning run's config (see the module docstring)."""
+                    train_ln1: bool = False, max_len: int | None = None
+                    ) -> Config:
+  """The fine-tuning run's config (see the module docstring). `max_len`
+  (default: the pretraining's) is the downstream input's length."""
   check_preset(src.model.name, preset)
   if placement not in PLACEMENTS:
     raise JaxrecError(f"--placement={placement!r}: expected one of "
@@ -237,19 +239,38 @@ def finetune_config(src: Config, task: str, data_path: str, preset: str,
   tokens = tuple(dict.fromkeys((*src.model.special_tokens, *OWN_TOKENS)))
   model = dataclasses.replace(src.model, special_tokens=tokens)
   data = dataclasses.replace(data, source=f"{task}:{data_path}",
-                             max_len=src.data.max_len)
+                             max_len=max_len or src.data.max_len)
   head = heads.get("softmax").config(num_classes=num_outputs + 1)
   patches = (PeterRecConfig(placement=placement),) if arm.patches else ()
   methods = (*(m for m in src.methods if m.COMPRESSES), *patches)
   cfg = Config(model=model, head=head, data=data,
                train=dataclasses.replace(train, task=task, freeze=()),
                methods=methods)
+  check_max_len(cfg, src, pretrained_dir)
   frozen = frozen_patterns(cfg.validate(), preset, train_ln1)
   train = dataclasses.replace(
       train, task=task, freeze=frozen, train_top_blocks=arm.top_blocks,
       frozen_from=os.path.abspath(pretrained_dir)
       if arm.pretrained and frozen else "")
   return cfg.replace(train=train).validate()
+
+
+def check_max_len(cfg: Config, src: Config, pretrained_dir: str) -> None:
+  """Refuses, in one line, a window longer than the pretraining's on a
+  backbone whose parameters are tied to positions.
+
+  A convolutional or recurrent backbone (the `any_length` capability)
+  reads any length, so a fine-tuning may see more of each history than
+  the pretraining did (profile labels live in old items too). A backbone
+  with a position table (SASRec, HSTU, BERT4Rec) learned vectors for the
+  pretraining's slots only: without this guard the fine-tuning would fail
+  at its first batch, or read untrained rows of a larger table."""
+  if (cfg.data.max_len > src.data.max_len
+      and "any_length" not in src.model.capabilities()):
+    raise JaxrecError(
+        f"--max-len={cfg.data.max_len}: {pretrained_dir} is a "
+        f"{cfg.model.name} pretrained at max_len {src.data.max_len}, with "
+        "position vectors for no more; fine-tune it at that length or less")
 
 
 def transfer_params(pretrained: models.Params, cfg: Config,
@@ -282,12 +303,15 @@ def finetune(pretrained_dir: str, task: str, data_path: str, out_dir: str,
              data: DataConfig | None = None, train_ln1: bool = False,
              resume: bool = False, progress_bar: bool = True,
              kind: str | None = None,
-             step_callback: Any = None) -> dict[str, Any]:
+             step_callback: Any = None,
+             max_len: int | None = None) -> dict[str, Any]:
   """Fine-tunes `pretrained_dir` (its `kind` checkpoint, default best) on
   `task`; writes OUT/metrics.json (with `trainable_params`,
   `backbone_params` and the source ids the vocabulary did not know).
   `resume` continues a killed fine-tuning exactly; `step_callback` as in
-  `jaxrec.training.loop.train`."""
+  `jaxrec.training.loop.train`; `max_len` reads a longer (or shorter)
+  window of each history than the pretraining did, where the backbone
+  allows it (`check_max_len`)."""
   train = train or TrainConfig()
   data = data or DataConfig()
   kind = kind or checkpoints.default_kind(pretrained_dir)
@@ -295,7 +319,7 @@ def finetune(pretrained_dir: str, task: str, data_path: str, out_dir: str,
   check_source(src_cfg, pretrained_dir, preset)
   vocab = vocabulary.of_run(pretrained_dir)
   downstream = transfer_data.load(
-      data_path, task, vocab, data, src_cfg.data.max_len,
+      data_path, task, vocab, data, max_len or src_cfg.data.max_len,
       src_cfg.model.is_causal(), src_cfg.model.token_id("cls"),
       src_cfg.model.token_id("unk"))
   unknown = downstream.meta["unknown_source_tokens"]
@@ -306,7 +330,7 @@ def finetune(pretrained_dir: str, task: str, data_path: str, out_dir: str,
           file=sys.stderr)
   cfg = finetune_config(src_cfg, task, data_path, preset, placement,
                         downstream.meta["num_outputs"], pretrained_dir,
-                        train, data, train_ln1)
+                        train, data, train_ln1, max_len)
   rng = jax.random.key(cfg.train.seed)
   params = (transfer_params(src_params, cfg, rng)
             if PRESETS[preset].pretrained else models.init_params(cfg, rng))
