@@ -20,9 +20,10 @@ k-core counts given); then, with `--trials N` > 0, `experiments/tune.py`
 reaching 95% of that run's best validation NDCG@10; `steps_to_95` the
 optimiser steps there, which do not depend on how busy the machine was.
 A killed run, or one already finished in OUT, is resumed (a finished one
-only tested again); rows OUT/results.json already holds for other
-`--models` under the same data, k-core counts and seeds are kept, so a
-backbone can be added to a table without rerunning the others. OUT/time_to_quality.png
+only tested again); rows OUT/results.json holds for other `--models`
+under the same data, k-core counts and seeds are kept (read again at
+each write, so two processes may fill one table), and a backbone can be
+added without rerunning the others. OUT/time_to_quality.png
 plots validation NDCG@10 against training time, one line per backbone and
 seed. Prints a Markdown table for RESULTS.md / the README. Test metrics are
 reported, never used to choose: a run's checkpoint is its best on
@@ -203,8 +204,8 @@ def main() -> None:
   path = os.path.join(args.out, "results.json")
   results = {"experiment": "accuracy", "data": args.data,
              "selection": "valid", "min_count": args.min_count,
-             "seeds": seeds,
-             "models": earlier_rows(path, args.data, args.min_count, seeds)}
+             "seeds": seeds, "models": {}}
+  own = {}
   for model in args.models:
     entry = {"default": default_runs(
         args.data, model, args.min_count, seeds,
@@ -214,7 +215,11 @@ def main() -> None:
                                  os.path.join(args.out, "runs",
                                               f"tune_{model}"),
                                  args.trials, args.seed)
-    results["models"][model] = entry
+    own[model] = entry
+    # Read the file again at each write: a run of other --models beside
+    # this one (a second process) wrote its rows meanwhile.
+    results["models"] = {**earlier_rows(path, args.data, args.min_count,
+                                        seeds), **own}
     checkpoints.write_json(path, results)
   plot(results, os.path.join(args.out, "time_to_quality.png"))
   print(markdown(results))
