@@ -514,6 +514,24 @@ def test_the_linear_profile_reference_reads_a_label_the_items_decide(
       "test"] < 0.8
 
 
+def test_profile_claims_count_less_than_one_test_user_as_a_tie(monkeypatch):
+  module = profiles_module(monkeypatch)
+
+  def entry(**acc):
+    return {"majority": 0.70, "users": {"test": 100}, "arms": {
+        arm: {"test": {"mean": acc.get(arm, 0.70)}, "trainable_params": 5,
+              "backbone_params": 100} for arm in module.ARMS}}
+
+  tie = module.claims(entry(peter=0.705))  # Half a user above the rest.
+  assert not tie["peter_above_peter_zero"] and not tie["above_majority"]
+  assert tie["peter_near_fine_all"] and tie["peter_under_a_tenth"]
+  clear = module.claims(entry(peter=0.75, fine_last2=0.74, fine_last1=0.73,
+                              fine_cls=0.72))
+  assert clear["peter_above_peter_zero"] and clear["above_majority"]
+  assert clear["last2_last1_cls_order"]
+  assert not module.claims(entry(fine_cls=0.73))["last2_last1_cls_order"]
+
+
 @pytest.mark.slow
 def test_profile_experiment_fine_tunes_each_arm_beside_the_references(
     tmp_path, monkeypatch):
