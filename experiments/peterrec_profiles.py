@@ -60,8 +60,9 @@ import numpy as np
 import optax
 from absl import logging as absl_logging
 
+from jaxrec import cli
 from jaxrec import config as config_lib
-from jaxrec.data import pipeline, side_info, transfer
+from jaxrec.data import pipeline, transfer
 from jaxrec.methods.peterrec import finetune as peterrec
 from jaxrec.training import checkpoints, loop
 
@@ -71,7 +72,6 @@ import harness  # pylint: disable=wrong-import-position
 
 absl_logging.set_verbosity(absl_logging.ERROR)
 DATA = "movielens-100k"
-LABELS = ("gender", "age", "occupation")
 ARMS = ("peter", "fine_all", "fine_cls", "fine_last1", "fine_last2",
         "peter_zero")
 PAPER_CLAIMS = {
@@ -106,14 +106,11 @@ def pretrained_run(out: str, pattern: str | None, seed: int,
 
 
 def profile_file(out: str, label: str, data: str = DATA) -> str:
+  """The task file `jaxrec data profile` writes (one writer, atomic)."""
   path = os.path.join(out, "tasks", f"{label}.txt")
-  if not os.path.exists(path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    lines = side_info.profile_lines(data, label)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.writelines(line + "\n" for line in lines)
-    os.replace(tmp, path)
+  if not os.path.exists(path) and cli.main(
+      ["data", "profile", data, "--label", label, "--out", path]) != 0:
+    raise SystemExit(f"jaxrec data profile {data} --label {label} failed")
   return path
 
 
