@@ -130,6 +130,23 @@ def tested_metrics(trial: Trial) -> dict[str, float]:
   return {k: v for k, v in out.items() if k != "count"}
 
 
+def tested_on(data: Any) -> Callable[[Trial], dict[str, float]]:
+  """A `test` for data built in memory (a world no data source names):
+  full-ranking test metrics of the trial's best validation checkpoint on
+  `data`'s test split."""
+  def test(trial: Trial) -> dict[str, float]:
+    # pylint: disable=import-outside-toplevel
+    from jaxrec.training.loop import evaluate_params
+    from jaxrec.training.mesh import Sharder, make_mesh
+    from jaxrec.training.state import load_params
+    sharder = Sharder(make_mesh())
+    params, cfg, _ = load_params(trial.run_dir, sharding=sharder.replicated)
+    out = evaluate_params(params, cfg, sharder, data.test_inputs,
+                          data.test_targets, users=data.test_users)
+    return {k: v for k, v in out.items() if k != "count"}
+  return test
+
+
 def run_experiment(name: str, arms: Sequence[Arm], seeds: Sequence[int],
                    out_dir: str, data: str, select_metric: str = "ndcg@10",
                    test: Callable[[Trial], dict[str, float]] = tested_metrics,
@@ -277,18 +294,33 @@ def plot(results: dict[str, Any], path: str,
   plt.close(fig)
 
 
+def work_dir(out_dir: str, arm_name: str, seed: int) -> str:
+  """Where an arm's trial under `seed` works: an arm that builds on another
+  arm's trained model (a static depth chosen by a policy's usage) reads
+  that arm's run from here."""
+  return os.path.join(out_dir, "runs", arm_name, f"seed{seed}")
+
+
+def finished_trial(out_dir: str, arm_name: str, seed: int) -> Trial | None:
+  """The arm's finished trial under `seed`, or None."""
+  record = os.path.join(work_dir(out_dir, arm_name, seed), "trial.json")
+  if not os.path.exists(record):
+    return None
+  with open(record, encoding="utf-8") as f:
+    raw = json.load(f)
+  raw["curve"] = tuple(tuple(p) for p in raw["curve"])
+  return Trial(**raw)
+
+
 def _trained(arm: Arm, seed: int, out_dir: str) -> Trial:
   """The arm's trial under `seed`: read back if a finished one exists."""
-  work = os.path.join(out_dir, "runs", arm.name, f"seed{seed}")
-  record = os.path.join(work, "trial.json")
-  if os.path.exists(record):
-    with open(record, encoding="utf-8") as f:
-      raw = json.load(f)
-    raw["curve"] = tuple(tuple(p) for p in raw["curve"])
-    return Trial(**raw)
+  done = finished_trial(out_dir, arm.name, seed)
+  if done is not None:
+    return done
+  work = work_dir(out_dir, arm.name, seed)
   os.makedirs(work, exist_ok=True)
   trial = arm.train(seed, work)
-  write_json(record, dataclasses.asdict(trial))
+  write_json(os.path.join(work, "trial.json"), dataclasses.asdict(trial))
   return trial
 
 

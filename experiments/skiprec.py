@@ -1,31 +1,45 @@
-"""SkipRec: a per-user policy skips residual blocks of a deep NextItNet+.
+"""SkipRec against full depth and the best static depth, at equal budgets.
 
-  python experiments/skiprec.py --out runs/skiprec            # CPU, minutes
+  python experiments/skiprec.py --out results/skiprec         # 2 populations
+  python experiments/skiprec.py --data movielens-100k --out results/skiprec_ml100k
   python experiments/skiprec.py --out runs/skiprec --scale    # GPU
 
-Data: two user populations over one item world (the embedded generator's
-rules): `short` users follow mostly lag-1 successor rules, `long` users
-mostly a lag-LONG_LAG rule. The backbone's blocks all have dilation 1, so
-each block widens the receptive field by 6 items: a long user needs about
-LONG_LAG / 6 blocks, a short one a single block. Users who need long-range
-context should keep more blocks.
+Every arm of a seed starts from one `base`: a 16-block NextItNet+ (alpha
+residual blocks, dilations 1,2,4,8 repeated) trained `base_steps`. Each arm
+then trains `tune_steps` more, so every arm spends the same optimiser
+steps (the harness refuses otherwise):
 
-Arms (all on the same data; full-ranking metrics over all items):
+  full           the base at full depth, trained on (what SkipRec must match)
+  skip_l{X}      the base plus a policy, trained jointly by straight-through
+                 Gumbel with usage penalty lambda X (the paper's method)
+  skip_rl        the same, the policy trained by self-critical REINFORCE
+                 (reward hit@5 - rl_penalty x usage)
+  static_{S}     the base's bottom k blocks, fine-tuned: k = round(usage x
+                 16) with the usage skip_{S}'s policy has on validation, so
+                 each static arm computes what its skip arm computes
 
-  full          the NextItNet+ backbone (alpha blocks) at full depth
-  skiprec/l=X   the backbone plus a policy, trained jointly (straight-through
-                Gumbel, usage penalty lambda X) from `full`
-  random_skip/l=X  `full` with each block kept at random with the usage of
-                skiprec/l=X (no training)
-  truncated/l=X  `full`'s bottom k blocks, k = round(usage x L), fine-tuned
-                for as many steps as skiprec/l=X trains (truncated_untuned/l=X:
-                the same blocks without fine-tuning)
+The question the paper's claim needs answered: does a learned per-user
+policy beat the best fixed depth of the same cost, trained as long? Every
+checkpoint is chosen on validation; test is read once, by the harness,
+after every arm trained. Inference (batch 256 of validation histories,
+top 10 over all items) is timed with real skipping, the faster of a
+per-block `lax.cond` and compaction, in rounds interleaved over the arms.
 
-Each arm records valid/test metrics, block_usage, infer_ms_per_user at
-batch 1 and 256 (compile excluded, synchronised, median of repeats; skipping
-arms run the faster of lax.cond and compaction, both recorded), and
-train_time_s. Writes OUT/results.json, OUT/ndcg_vs_usage.png,
-OUT/usage_by_group.png and prints a Markdown table.
+Data: `two_populations` (default) is 1,000 "short" users (mostly lag-1
+rules) and 1,000 "long" users (mostly a lag-30 rule) over one 200-item
+world: the bottom block sees 6 items back, the bottom three 42, so a
+per-user depth could help here. `--data NAME` takes any data source
+(MovieLens-100k: leave-one-out, min counts 1).
+
+The policy's diversity is measured on validation histories: distinct masks
+over users, the share of users on the most common mask, the mean entropy
+of each user's keep probabilities, and usage per group (the two
+populations; on other data, histories shorter than the window against
+full windows).
+
+Writes OUT/results.json (the harness's, plus `policy` per skip arm,
+`static_depth` per static arm, `claims` and `settings`), table.md,
+results.png, ndcg_vs_usage.png and summary.md.
 """
 from __future__ import annotations
 
@@ -33,7 +47,7 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
+import sys
 import time
 from typing import Any
 
@@ -42,33 +56,36 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging as absl_logging
 
-from jaxrec import config as config_lib
-from jaxrec import heads
-from jaxrec import models
-from jaxrec.data import pipeline, synthetic
-from jaxrec.data.sequences import Interactions
-from jaxrec.methods.skiprec import policy, skipping
-from jaxrec.methods.skiprec.config import SkipRecConfig
-from jaxrec import ranking
-from jaxrec.surgery.checkpoint import save_start_checkpoint
-from jaxrec.training import loop, state
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # pylint: disable=wrong-import-position
+from jaxrec import config as config_lib  # pylint: disable=wrong-import-position
+from jaxrec import heads, models  # pylint: disable=wrong-import-position
+from jaxrec.data import pipeline, synthetic  # pylint: disable=wrong-import-position
+from jaxrec.data.sequences import Interactions  # pylint: disable=wrong-import-position
+from jaxrec.methods.skiprec import policy, skipping  # pylint: disable=wrong-import-position
+from jaxrec.methods.skiprec.config import SkipRecConfig  # pylint: disable=wrong-import-position
+from jaxrec.surgery.checkpoint import save_start_checkpoint  # pylint: disable=wrong-import-position
+from jaxrec.training.state import load_params  # pylint: disable=wrong-import-position
 
 absl_logging.set_verbosity(absl_logging.ERROR)
 
+TWO_POPULATIONS = "two_populations"
 LONG_LAG = 30
 # Conv dilations 1,2 / 2,4 / 4,8 / 8,16 repeated: the bottom block sees 6
 # items back (enough for lag 1), the bottom three 42 (lag LONG_LAG).
 DILATIONS = (1, 2, 4, 8)
 CPU = dict(users=1000, items=200, embed_dim=32, num_blocks=16, max_len=40,
-           batch_size=64, full_steps=1200, skip_steps=600, eval_every=200,
-           lr=3e-3, lambdas=[0.0, 0.5, 2.0], repeats=5, batch1_users=32)
+           batch_size=64, base_steps=1200, tune_steps=600, eval_every=200,
+           lr=3e-3, lambdas=(0.5, 2.0), rl_penalty=0.1, infer_batch=256)
 SCALE = dict(users=20000, items=2000, embed_dim=128, num_blocks=32,
-             max_len=50, batch_size=256, full_steps=6000, skip_steps=2000,
-             eval_every=1000, lr=1e-3, lambdas=[0.0, 0.5, 1.0, 2.0],
-             repeats=20, batch1_users=64)
-SETTINGS = CPU
-SHOWN = ("ndcg@10", "hr@10", "mrr@5")
-BATCHES = (1, 256)
+             max_len=50, batch_size=256, base_steps=6000, tune_steps=2000,
+             eval_every=1000, lr=1e-3, lambdas=(0.5, 1.0, 2.0),
+             rl_penalty=0.1, infer_batch=256)
+# The paper's claims (Chen et al., AAAI 2021; ../shared/SEEDS.md).
+PAPER = {"accuracy": "comparable or better accuracy than the full model",
+         "speed": "much less inference time (about 30-40% of blocks skipped "
+                  "on ML-20M at no loss)",
+         "per_user": "the policy chooses each user's depth"}
 
 
 # -------------------------------------------------------------------- data
@@ -102,349 +119,367 @@ def two_populations(users: int, items: int, seed: int
   return inter, np.r_[np.zeros(users, bool), np.ones(users, bool)]
 
 
-# ----------------------------------------------------------------- configs
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What every arm shares: settings, the base config, data and groups."""
+  s: dict[str, Any]
+  base: config_lib.Config
+  data: Any
+  groups: dict[str, np.ndarray]  # Name -> mask over validation rows.
+  out: str
+
+  def config(self, seed: int, steps: int) -> config_lib.Config:
+    return self.base.replace(train=dataclasses.replace(
+        self.base.train, steps=steps, seed=seed))
 
 
-def base_config(s: dict[str, Any], seed: int) -> config_lib.Config:
-  return config_lib.from_dict({
+def make_setup(s: dict[str, Any], source: str, out: str,
+               world_seed: int = 0) -> Setup:
+  data_cfg = {"source": "synthetic" if source == TWO_POPULATIONS else source,
+              "max_len": s["max_len"], "min_user_count": 1,
+              "min_item_count": 1}
+  base = config_lib.from_dict({
       "model": {"embed_dim": s["embed_dim"], "num_blocks": s["num_blocks"],
                 "dilations": list(DILATIONS), "dropout": 0.1},
-      "data": {"source": "synthetic", "max_len": s["max_len"],
-               "min_user_count": 1, "min_item_count": 1},
-      "train": {"batch_size": s["batch_size"], "steps": s["full_steps"],
-                "eval_every": s["eval_every"], "learning_rate": s["lr"],
-                "patience": 0, "seed": seed,
-                # The loop's default until 2026-12-07, as in the records.
-                "select_metric": "mrr@5"}})
+      "data": data_cfg,
+      "train": {"batch_size": s["batch_size"], "eval_every": s["eval_every"],
+                "learning_rate": s["lr"], "patience": 0,
+                "select_metric": "ndcg@10"}}).validate()
+  if source == TWO_POPULATIONS:
+    inter, is_long = two_populations(s["users"], s["items"], world_seed)
+    data = pipeline.build_sequences(inter, base.data,
+                                    fingerprint=f"{inter.name}:{world_seed}")
+    # Leave-one-out: validation rows are the users in id order.
+    if data.meta["num_users"] != len(is_long):
+      raise SystemExit(f"{inter.name}: users were filtered out")
+    groups = {"short users": ~is_long, "long users": is_long}
+  else:
+    data = pipeline.load_data(base.data)
+    full = (data.valid_inputs != 0).all(axis=1)
+    groups = {"history < window": ~full, "full window": full}
+  return Setup(s, base, data, groups, out)
 
 
-def skip_config(cfg: config_lib.Config, s: dict[str, Any],
-                lam: float) -> config_lib.Config:
-  train = dataclasses.replace(cfg.train, steps=s["skip_steps"])
-  return cfg.with_method(SkipRecConfig(mode="gumbel", lam=lam)).replace(
-      train=train)
+# -------------------------------------------------------------------- arms
 
 
-def gated_hidden(params, cfg: config_lib.Config, ids, gates,
-                 mode: str = "masked"):
-  """Hidden states under `gates` [L, B] (None: every block), skipping by
-  `mode`; a model without a policy runs SkipRec's gate slot with them."""
-  if gates is None:
-    return models.hidden_states(params, cfg, ids)
-  if cfg.method(SkipRecConfig.NAME) is None:
-    cfg = cfg.with_method(SkipRecConfig())
-  return skipping.hidden_states(params, cfg, ids, mode, gates)
+def trained_base(setup: Setup, seed: int) -> harness.Trial:
+  """The seed's shared base (trained once, then read back)."""
+  done = harness.finished_trial(setup.out, "base", seed)
+  if done is not None:
+    return done
+  work = harness.work_dir(setup.out, "base", seed)
+  trial = harness.train_run(setup.config(seed, setup.s["base_steps"]),
+                            os.path.join(work, "run"), setup.data)
+  harness.write_json(os.path.join(work, "trial.json"),
+                     dataclasses.asdict(trial))
+  return trial
 
 
-# ----------------------------------------------------------------- timing
+def full_arm(setup: Setup) -> harness.Arm:
+  def train(seed: int, work: str) -> harness.Trial:
+    base = trained_base(setup, seed)
+    return harness.train_run(setup.config(seed, setup.s["tune_steps"]),
+                             os.path.join(work, "run"), setup.data,
+                             steps_before=base.steps, init_from=base.run_dir)
+  return harness.Arm("full", train, infer=lambda d: serving(d, setup))
 
 
-def scorer(cfg: config_lib.Config, mode: str):
-  """(params, ids, gates) -> scores [B, V] of the next item: the inference
-  a recommender serves (skipping `mode` when gates are given)."""
-  head = heads.get(cfg.head.name)
-
-  def score(params, ids, gates):
-    h = gated_hidden(params, cfg, ids, gates, mode)[:, -1]
-    ctx = head.prepare(params, cfg, h)
-    return head.tile_scores(params, cfg, ctx, 0, cfg.model.num_items)
-
-  return jax.jit(score)
+def skip_arm(setup: Setup, name: str, method: SkipRecConfig) -> harness.Arm:
+  def train(seed: int, work: str) -> harness.Trial:
+    base = trained_base(setup, seed)
+    cfg = setup.config(seed, setup.s["tune_steps"]).with_method(method)
+    return harness.train_run(cfg, os.path.join(work, "run"), setup.data,
+                             steps_before=base.steps, init_from=base.run_dir)
+  return harness.Arm(name, train, infer=lambda d: serving(d, setup))
 
 
-def gate_fn(kind: str, cfg: config_lib.Config, usage: float, seed: int):
-  """ids -> gates [L, B] for an arm (None: no gates)."""
-  if kind == "skiprec":
-    return lambda params, ids: policy.inference_gates(params, cfg, ids)
-  if kind == "random_skip":
-    def random_gates(params, ids):
-      del params
-      key = jax.random.fold_in(jax.random.key(seed), ids.sum())
-      return jax.random.bernoulli(
-          key, usage, (cfg.model.num_blocks, ids.shape[0])).astype(
-              jnp.float32)
-    return random_gates
-  return lambda params, ids: None
+def static_arm(setup: Setup, skip_name: str) -> harness.Arm:
+  """The base's bottom blocks, as many as `skip_name`'s policy keeps on
+  validation, fine-tuned as long as the skip arm trained."""
+  name = "static_" + skip_name.removeprefix("skip_")
+
+  def train(seed: int, work: str) -> harness.Trial:
+    base = trained_base(setup, seed)
+    skip = harness.finished_trial(setup.out, skip_name, seed)
+    if skip is None:  # Arms train in list order: the skip arm comes first.
+      raise harness.HarnessError(f"{name}: {skip_name} has not trained")
+    params, cfg, _ = load_params(skip.run_dir)
+    usage = float(np.mean(policy.block_usage(params, cfg,
+                                             setup.data.valid_inputs)))
+    depth = max(1, int(round(usage * cfg.model.num_blocks)))
+    start = os.path.join(work, "start")
+    if not os.path.isdir(os.path.join(start, "checkpoints")):
+      base_params, base_cfg, _ = load_params(base.run_dir)
+      save_start_checkpoint(start, *reversed(truncate(base_params, base_cfg,
+                                                      depth)),
+                            setup.data.fingerprint, [])
+    harness.write_json(os.path.join(work, "static_depth.json"),
+                       {"depth": depth, "valid_usage_of": skip_name,
+                        "usage": usage})
+    return harness.train_run(setup.config(seed, setup.s["tune_steps"]),
+                             os.path.join(work, "run"), setup.data,
+                             steps_before=base.steps, init_from=start)
+  return harness.Arm(name, train, infer=lambda d: serving(d, setup))
 
 
-def infer_ms(params, cfg, kind: str, mode: str, inputs: np.ndarray,
-             s: dict[str, Any], usage: float = 1.0, seed: int = 0
-             ) -> dict[str, float]:
-  """Median ms per user of scoring, gates included, at batch 1 and 256."""
-  gates_of = gate_fn(kind, cfg, usage, seed)
-  score = scorer(cfg, mode if kind != "full" else "masked")
-
-  @jax.jit
-  def serve(params, ids):
-    return score(params, ids, gates_of(params, ids))
-
-  out = {}
-  for b in BATCHES:
-    if b == 1:
-      batches = [inputs[i:i + 1] for i in range(s["batch1_users"])]
-    else:
-      batches = [np.resize(inputs, (b, inputs.shape[1]))]
-    batches = [jnp.asarray(x) for x in batches]
-    serve(params, batches[0]).block_until_ready()  # Compile.
-    times = []
-    for _ in range(s["repeats"]):
-      t0 = time.perf_counter()
-      for x in batches:
-        serve(params, x).block_until_ready()
-      times.append((time.perf_counter() - t0) / (len(batches) * b))
-    out[str(b)] = float(np.median(times) * 1e3)
-  return out
-
-
-# ------------------------------------------------------------- evaluation
-
-
-def metrics(params, cfg, kind: str, data, usage: float, seed: int
-            ) -> tuple[dict[str, Any], dict[str, np.ndarray],
-                       dict[str, np.ndarray]]:
-  """valid/test full-ranking metrics and per-user usage under an arm's gates."""
-  gates_of = gate_fn(kind, cfg, usage, seed)
-  head = heads.get(cfg.head.name)
-
-  @jax.jit
-  def ranks_and_usage(params, inputs, targets):
-    gates = gates_of(params, inputs)
-    h = gated_hidden(params, cfg, inputs, gates)[:, -1]
-    ctx = head.prepare(params, cfg, h)
-    ranks = ranking.target_ranks(
-        lambda start, size: head.tile_scores(params, cfg, ctx, start, size),
-        cfg.model.num_items, targets, tile=cfg.train.loss_chunk)
-    used = (jnp.ones(inputs.shape[0]) if gates is None else gates.mean(0))
-    return ranks, used
-
-  out, usage_by_split, ranks_by_split = {}, {}, {}
-  for split in ("valid", "test"):
-    inputs = getattr(data, f"{split}_inputs")
-    targets = getattr(data, f"{split}_targets")
-    all_ranks, all_used = [], []
-    step = 256
-    for start in range(0, len(targets), step):
-      x, y = inputs[start:start + step], targets[start:start + step]
-      pad = step - len(y)
-      if pad:
-        x = np.concatenate([x, np.zeros((pad, x.shape[1]), x.dtype)])
-        y = np.concatenate([y, np.ones(pad, y.dtype)])
-      r, u = ranks_and_usage(params, x, y)
-      all_ranks.append(np.asarray(r)[:step - pad])
-      all_used.append(np.asarray(u)[:step - pad])
-    ranks_by_split[split] = np.concatenate(all_ranks)
-    out[split] = ranking.metrics_from_ranks(ranks_by_split[split])
-    usage_by_split[split] = np.concatenate(all_used)
-  return out, usage_by_split, ranks_by_split
-
-
-def truncate(params, cfg, depth: int):
+def truncate(params: models.Params, cfg: config_lib.Config, depth: int):
   """The bottom `depth` blocks of a model (the rest dropped)."""
   blocks = jax.tree.map(lambda a: a[:depth], params["blocks"])
   model = dataclasses.replace(cfg.model, num_blocks=depth)
   return {**params, "blocks": blocks}, cfg.replace(model=model)
 
 
-# -------------------------------------------------------------------- arms
-
-
-def arm_entry(params, cfg, kind, data, s, is_long, usage=1.0, seed=0,
-              train_time=0.0) -> dict[str, Any]:
-  result, used, ranks = metrics(params, cfg, kind, data, usage, seed)
-  entry = {**result, "block_usage": float(np.mean(used["test"])),
-           "train_time_s": train_time}
-  if kind == "full":
-    entry["infer_ms_per_user"] = infer_ms(params, cfg, "full", "masked",
-                                          data.test_inputs, s)
-  else:
-    by_mode = {m: infer_ms(params, cfg, kind, m, data.test_inputs, s, usage,
-                           seed) for m in ("cond", "compact", "masked")}
-    entry["infer_ms_by_mode"] = by_mode
-    entry["infer_ms_per_user"] = {
-        b: min(by_mode["cond"][b], by_mode["compact"][b]) for b in by_mode[
-            "cond"]}
-    entry["faster_mode"] = {
-        b: min(("cond", "compact"), key=lambda m: by_mode[m][b])
-        for b in by_mode["cond"]}
-  entry["usage_by_group"] = {
-      "short": float(np.mean(used["test"][~is_long])),
-      "long": float(np.mean(used["test"][is_long]))}
-  entry["test_ndcg10_by_group"] = {
-      "short": ranking.metrics_from_ranks(ranks["test"][~is_long])["ndcg@10"],
-      "long": ranking.metrics_from_ranks(ranks["test"][is_long])["ndcg@10"]}
-  entry["usage_hist"] = {
-      g: np.histogram(used["test"][mask], bins=10, range=(0, 1))[0].tolist()
-      for g, mask in (("short", ~is_long), ("long", is_long))}
-  return entry
-
-
-def run(out_dir: str, s: dict[str, Any], seed: int) -> dict[str, Any]:
-  inter, is_long_user = two_populations(s["users"], s["items"], seed)
-  cfg = base_config(s, seed)
-  data = pipeline.build_sequences(inter, cfg.data,
-                                  fingerprint=f"{inter.name}:{seed}")
-  assert data.meta["num_users"] == len(is_long_user)  # No user filtered.
-  is_long = is_long_user  # loo: valid/test rows are users in id order.
-  arms: dict[str, Any] = {}
-
-  full_dir = os.path.join(out_dir, "full")
-  res = loop.train(cfg, full_dir, data=data, progress_bar=False)
-  params, full_cfg, _ = state.load_params(full_dir)
-  arms["full"] = arm_entry(params, full_cfg, "full", data, s, is_long,
-                           train_time=res["train_time_s"])
-  print(f"full: test ndcg@10 {arms['full']['test']['ndcg@10']:.4f}",
-        flush=True)
-
-  for lam in s["lambdas"]:
-    tag = f"l={lam:g}"
-    run_dir = os.path.join(out_dir, f"skiprec_{tag}")
-    res = loop.train(skip_config(cfg, s, lam), run_dir, data=data,
-                     init_from=full_dir, progress_bar=False)
-    sp, scfg, _ = state.load_params(run_dir)
-    entry = arm_entry(sp, scfg, "skiprec", data, s, is_long,
-                      train_time=arms["full"]["train_time_s"]
-                      + res["train_time_s"])
-    entry["lambda"] = lam
-    arms[f"skiprec/{tag}"] = entry
-    u = entry["block_usage"]
-    arms[f"random_skip/{tag}"] = arm_entry(params, full_cfg, "random_skip",
-                                           data, s, is_long, usage=u,
-                                           seed=seed)
-    depth = max(1, int(round(u * full_cfg.model.num_blocks)))
-    tp, tcfg = truncate(params, full_cfg, depth)
-    arms[f"truncated_untuned/{tag}"] = arm_entry(tp, tcfg, "full", data, s,
-                                                 is_long)
-    start = os.path.join(out_dir, f"truncated_{tag}_start")
-    save_start_checkpoint(start, tcfg, tp, data.fingerprint, [])
-    ft_dir = os.path.join(out_dir, f"truncated_{tag}")
-    res = loop.train(tcfg.replace(train=dataclasses.replace(
-        tcfg.train, steps=s["skip_steps"])), ft_dir, data=data,
-                     init_from=start, progress_bar=False)
-    ftp, ftcfg, _ = state.load_params(ft_dir)
-    arms[f"truncated/{tag}"] = arm_entry(
-        ftp, ftcfg, "full", data, s, is_long,
-        train_time=arms["full"]["train_time_s"] + res["train_time_s"])
-    for name in (f"truncated_untuned/{tag}", f"truncated/{tag}"):
-      arms[name]["block_usage"] = depth / cfg.model.num_blocks
-      arms[name]["usage_by_group"] = {g: depth / cfg.model.num_blocks
-                                      for g in ("short", "long")}
-    print(f"skiprec {tag}: usage {u:.3f} (short "
-          f"{entry['usage_by_group']['short']:.3f}, long "
-          f"{entry['usage_by_group']['long']:.3f}), test ndcg@10 "
-          f"{entry['test']['ndcg@10']:.4f}", flush=True)
+def arms_of(setup: Setup) -> list[harness.Arm]:
+  arms = [full_arm(setup)]
+  skips = {f"skip_l{lam:g}": SkipRecConfig(mode="gumbel", lam=lam)
+           for lam in setup.s["lambdas"]}
+  if setup.s["rl_penalty"] is not None:  # None: no RL arm.
+    skips["skip_rl"] = SkipRecConfig(mode="rl",
+                                     rl_penalty=setup.s["rl_penalty"])
+  for name, method in skips.items():
+    arms += [skip_arm(setup, name, method), static_arm(setup, name)]
   return arms
 
 
-# ----------------------------------------------------------------- report
+# ---------------------------------------------------------------- serving
 
 
-def targets(arms: dict[str, Any]) -> dict[str, Any]:
-  """The issue's targets, checked for every skiprec arm using <= 60% of
-  the blocks against `full` and the baselines at its usage; met if some
-  arm meets all four (each arm's checks are recorded)."""
-  full = arms["full"]
-  ndcg = lambda a: a["test"]["ndcg@10"]  # pylint: disable=unnecessary-lambda-assignment
-  per_arm = {}
-  for name, arm in arms.items():
-    if not name.startswith("skiprec/") or arm["block_usage"] > 0.6:
+def serving(run_dir: str, setup: Setup):
+  """A call serving one batch (top 10 over every item) from the run's best
+  checkpoint; a skip model skips for real, by the faster of `lax.cond`
+  and compaction on this batch."""
+  params, cfg, _ = load_params(run_dir)
+  ids = jnp.asarray(np.resize(setup.data.valid_inputs,
+                              (setup.s["infer_batch"],
+                               setup.data.valid_inputs.shape[1])))
+  head = heads.get(cfg.head.name)
+
+  def make(mode: str | None):
+    @jax.jit
+    def serve(params, ids):
+      if mode is None:
+        h = models.hidden_states(params, cfg, ids)
+      else:
+        h = skipping.hidden_states(params, cfg, ids, mode,
+                                   policy.inference_gates(params, cfg, ids))
+      h = h[:, -1]
+      ctx = head.prepare(params, cfg, h)
+      scores = head.tile_scores(params, cfg, ctx, 0, cfg.model.num_items)
+      return jax.lax.top_k(scores, 10)
+    return lambda: jax.block_until_ready(serve(params, ids))
+
+  if cfg.method(SkipRecConfig.NAME) is None:
+    return make(None)
+  calls = {mode: make(mode) for mode in ("cond", "compact")}
+  return min(calls.values(), key=_fastest_of_three)
+
+
+def _fastest_of_three(call) -> float:
+  call()  # Compile.
+  times = []
+  for _ in range(3):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
+  return min(times)
+
+
+# ----------------------------------------------------------------- policy
+
+
+def policy_stats(run_dir: str, setup: Setup) -> dict[str, Any]:
+  """How the policy of a run spreads over validation users."""
+  params, cfg, _ = load_params(run_dir)
+  mcfg = cfg.method(SkipRecConfig.NAME)
+  keep = jax.jit(lambda p, ids: jax.nn.softmax(policy.logits(
+      p[SkipRecConfig.NAME], cfg.model, mcfg, ids), axis=-1)[..., policy.KEEP])
+  inputs = setup.data.valid_inputs
+  probs = np.concatenate([np.asarray(keep(params, inputs[i:i + 512]))
+                          for i in range(0, len(inputs), 512)])  # [N, L]
+  # Inference keeps a block where keep > skip, i.e. keep_p > 1/2.
+  masks = probs > 0.5
+  _, counts = np.unique(masks, axis=0, return_counts=True)
+  p = np.clip(probs, 1e-7, 1 - 1e-7)
+  entropy = -(p * np.log2(p) + (1 - p) * np.log2(1 - p)).mean(axis=1)
+  usage = masks.mean(axis=1)
+  return {"distinct_masks": int(len(counts)),
+          "modal_mask_share": float(counts.max() / len(masks)),
+          "entropy_bits_per_block": float(entropy.mean()),
+          "usage": float(usage.mean()),
+          "usage_by_group": {g: float(usage[m].mean())
+                             for g, m in setup.groups.items()}}
+
+
+def policies(results: dict[str, Any], setup: Setup) -> dict[str, Any]:
+  """Per skip arm: each seed's policy statistics and their means."""
+  out = {}
+  for name, arm in results["arms"].items():
+    if not name.startswith("skip"):
       continue
-    tag = name.split("/", 1)[1]
-    checks = {
-        "keeps_97pct_of_full_ndcg10": ndcg(arm) >= 0.97 * ndcg(full),
-        "beats_random_skip": ndcg(arm) > ndcg(arms[f"random_skip/{tag}"]),
-        "beats_truncated": ndcg(arm) > ndcg(arms[f"truncated/{tag}"]),
-        "batch256_time_at_most_75pct": arm["infer_ms_per_user"]["256"]
-        <= 0.75 * full["infer_ms_per_user"]["256"]}
-    per_arm[name] = {**checks, "met": all(checks.values())}
-  met = [k for k, v in per_arm.items() if v["met"]]
-  return {"per_arm": per_arm, "met": bool(met), "arms_meeting": met}
+    per_seed = [policy_stats(d, setup) for d in arm["run_dirs"]]
+    mean = {k: float(np.mean([p[k] for p in per_seed]))
+            for k in ("distinct_masks", "modal_mask_share",
+                      "entropy_bits_per_block", "usage")}
+    mean["usage_by_group"] = {
+        g: float(np.mean([p["usage_by_group"][g] for p in per_seed]))
+        for g in setup.groups}
+    out[name] = {"seeds": per_seed, "mean": mean}
+  return out
 
 
-def table(arms: dict[str, Any]) -> str:
-  rows = ["| arm | usage | usage short/long | " + " | ".join(
-      f"test {m}" for m in SHOWN) + " | ndcg@10 short/long | ms/user b1 | "
-          "ms/user b256 | train s |",
-          "|" + " --- |" * (9 + len(SHOWN) - 2)]
-  for name, a in arms.items():
-    g, n = a["usage_by_group"], a["test_ndcg10_by_group"]
-    rows.append(
-        f"| {name} | {a['block_usage']:.3f} | {g['short']:.2f}/{g['long']:.2f}"
-        f" | " + " | ".join(f"{a['test'][m]:.4f}" for m in SHOWN)
-        + f" | {n['short']:.3f}/{n['long']:.3f}"
-        + f" | {a['infer_ms_per_user']['1']:.3f} | "
-        f"{a['infer_ms_per_user']['256']:.4f} | {a['train_time_s']:.0f} |")
-  return "\n".join(rows)
+def static_depths(results: dict[str, Any]) -> dict[str, Any]:
+  out = {}
+  for name, arm in results["arms"].items():
+    if name.startswith("static"):
+      records = []
+      for run_dir in arm["run_dirs"]:
+        path = os.path.join(os.path.dirname(run_dir), "static_depth.json")
+        with open(path, encoding="utf-8") as f:
+          records.append(json.load(f))
+      out[name] = records
+  return out
 
 
-def plot(arms: dict[str, Any], out_dir: str) -> None:
+# ----------------------------------------------------------------- claims
+
+
+def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
+  """Each skip arm against `full` and against its static depth, paired by
+  seed; a difference under one validation user's worth is no difference."""
+  arms = results["arms"]
+  full = arms["full"]
+  test = lambda a: np.array(a["test"]["ndcg@10"]["values"])  # pylint: disable=unnecessary-lambda-assignment
+  rows = []
+  for name, arm in arms.items():
+    if not name.startswith("skip"):
+      continue
+    static = arms["static_" + name.removeprefix("skip_")]
+    vs_static = test(arm) - test(static)
+    ahead = int((vs_static > 0).sum())
+    if ahead == len(vs_static):
+      verdict = "beats it on every seed"
+    elif ahead == 0:
+      verdict = "loses to it on every seed"
+    else:
+      verdict = f"ahead on {ahead} of {len(vs_static)} seeds: no clear winner"
+    pol = results["policy"][name]["mean"]
+    rows.append({
+        "arm": name, "usage": pol["usage"],
+        "ndcg_vs_full": float(test(arm).mean() / test(full).mean()),
+        "infer_vs_full": (arm["infer_ms"]["median"]
+                          / full["infer_ms"]["median"])
+        if "infer_ms" in arm and "infer_ms" in full else None,
+        "minus_static": {"mean": float(vs_static.mean()),
+                         "values": vs_static.tolist()},
+        "vs_static": verdict,
+        "distinct_masks": pol["distinct_masks"],
+        "one_mask_for_all": pol["distinct_masks"] <= 1.0})
+  return rows
+
+
+def claims_table(rows: list[dict[str, Any]]) -> str:
+  out = ["| skip arm | blocks used | NDCG@10 vs full | batch-256 time vs "
+         "full | minus static depth (per seed) | vs static depth | "
+         "distinct masks |", "| --- | ---: | ---: | ---: | --- | --- | ---: |"]
+  for r in rows:
+    infer = "-" if r["infer_vs_full"] is None else f"{r['infer_vs_full']:.2f}"
+    out.append(
+        f"| {r['arm']} | {r['usage']:.3f} | {r['ndcg_vs_full']:.3f} | "
+        f"{infer} | {r['minus_static']['mean']:+.4f} ("
+        + ", ".join(f"{v:+.4f}" for v in r["minus_static"]["values"])
+        + f") | {r['vs_static']} | {r['distinct_masks']:.1f} |")
+  return "\n".join(out)
+
+
+def policy_table(pols: dict[str, Any]) -> str:
+  groups = list(next(iter(pols.values()))["mean"]["usage_by_group"])
+  out = ["| skip arm | usage | " + " | ".join(f"usage, {g}" for g in groups)
+         + " | distinct masks | users on the commonest mask | keep "
+         "entropy (bits/block) |", "|" + " --- |" * (5 + len(groups))]
+  for name, pol in pols.items():
+    m = pol["mean"]
+    out.append(f"| {name} | {m['usage']:.3f} | " + " | ".join(
+        f"{m['usage_by_group'][g]:.3f}" for g in groups)
+               + f" | {m['distinct_masks']:.1f} | {m['modal_mask_share']:.3f}"
+               f" | {m['entropy_bits_per_block']:.3f} |")
+  return "\n".join(out)
+
+
+def plot_usage(results: dict[str, Any], path: str) -> None:
+  """Test NDCG@10 against the share of blocks computed, per arm."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for kind, marker in (("full", "*"), ("skiprec", "o"),
-                       ("random_skip", "x"), ("truncated", "s"),
-                       ("truncated_untuned", "v")):
-    pts = [a for k, a in arms.items() if k.split("/")[0] == kind]
-    ys = [a["test"]["ndcg@10"] for a in pts]
-    axes[0].scatter([a["block_usage"] for a in pts], ys, marker=marker,
-                    label=kind)
-    axes[1].scatter([a["infer_ms_per_user"]["256"] for a in pts], ys,
-                    marker=marker, label=kind)
-  axes[0].set_xlabel("block usage (blocks computed / (blocks x users))")
-  axes[1].set_xlabel("inference ms per user, batch 256")
-  for ax in axes:
-    ax.set_ylabel("test NDCG@10")
-    ax.legend()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  depth = {n: np.mean([r["depth"] for r in recs])
+           for n, recs in results["static_depth"].items()}
+  blocks = results["settings"]["num_blocks"]
+  for name, arm in results["arms"].items():
+    if name.startswith("skip"):
+      x, marker = results["policy"][name]["mean"]["usage"], "o"
+    elif name.startswith("static"):
+      x, marker = depth[name] / blocks, "s"
+    else:
+      x, marker = 1.0, "*"
+    ndcg = arm["test"]["ndcg@10"]
+    ax.errorbar([x], [ndcg["mean"]], yerr=[ndcg["std"]], fmt=marker,
+                capsize=4, label=name)
+  ax.set_xlabel("share of blocks computed")
+  ax.set_ylabel(f"test NDCG@10 (mean +- std, {len(results['seeds'])} seeds)")
+  ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "ndcg_vs_usage.png"), dpi=120)
-  plt.close(fig)
-  skip_arms = [k for k in arms if k.startswith("skiprec/")]
-  fig, axes = plt.subplots(1, len(skip_arms), figsize=(4 * len(skip_arms), 3),
-                           squeeze=False)
-  edges = np.linspace(0, 1, 11)
-  for ax, name in zip(axes[0], skip_arms):
-    for group in ("short", "long"):
-      ax.stairs(arms[name]["usage_hist"][group], edges, label=group)
-    ax.set_title(name)
-    ax.set_xlabel("per-user block usage")
-    ax.legend()
-  axes[0][0].set_ylabel("test users")
-  fig.tight_layout()
-  fig.savefig(os.path.join(out_dir, "usage_by_group.png"), dpi=120)
+  fig.savefig(path, dpi=120)
   plt.close(fig)
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+      description=__doc__.splitlines()[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog=__doc__)
   parser.add_argument("--out", required=True)
+  parser.add_argument("--data", default=TWO_POPULATIONS,
+                      help=f"{TWO_POPULATIONS} (default) or a data source")
+  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--max-len", type=int, default=0,
+                      help="the window (0: the settings')")
+  parser.add_argument("--lambdas", default="",
+                      help="usage penalties of the Gumbel arms, comma "
+                           "separated (default: the settings')")
+  parser.add_argument("--rl-penalty", default="",
+                      help="the RL arm's penalty, or none for no RL arm "
+                           "(default: the settings')")
   parser.add_argument("--scale", action="store_true",
                       help="GPU-sized data, model and steps")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--from-results", action="store_true",
-                      help="recompute targets, table and plots from "
-                           "OUT/results.json (no training or timing)")
   args = parser.parse_args()
-  s = dict(SCALE if args.scale else SETTINGS)
-  os.makedirs(args.out, exist_ok=True)
-  if args.from_results:
-    with open(os.path.join(args.out, "results.json"), encoding="utf-8") as f:
-      results = json.load(f)
-    arms = results["arms"]
-    results["targets"] = targets(arms)
-  else:
-    t0 = time.time()
-    arms = run(args.out, s, args.seed)
-    results = {"arms": arms, "targets": targets(arms), "settings": s,
-               "long_lag": LONG_LAG, "dilations": list(DILATIONS),
-               "device": jax.devices()[0].device_kind,
-               "platform": platform.platform(), "jax": jax.__version__,
-               "wall_s": time.time() - t0}
-  with open(os.path.join(args.out, "results.json"), "w",
-            encoding="utf-8") as f:
-    json.dump(results, f, indent=2)
-  plot(arms, args.out)
-  print(table(arms))
-  print("targets:", json.dumps(results["targets"]))
+  s = dict(SCALE if args.scale else CPU)
+  if args.max_len:
+    s["max_len"] = args.max_len
+  if args.lambdas:
+    s["lambdas"] = tuple(float(x) for x in args.lambdas.split(","))
+  if args.rl_penalty:
+    s["rl_penalty"] = (None if args.rl_penalty == "none"
+                       else float(args.rl_penalty))
+  seeds = tuple(int(x) for x in args.seeds.split(","))
+  setup = make_setup(s, args.data, args.out)
+  results = harness.run_experiment(
+      "skiprec", arms_of(setup), seeds, args.out, args.data,
+      test=harness.tested_on(setup.data))
+  results["policy"] = policies(results, setup)
+  results["static_depth"] = static_depths(results)
+  results["settings"] = {**s, "dilations": list(DILATIONS),
+                         "long_lag": LONG_LAG, "data": args.data}
+  results["claims"] = claims(results)
+  results["paper"] = PAPER
+  harness.write_json(os.path.join(args.out, "results.json"), results)
+  plot_usage(results, os.path.join(args.out, "ndcg_vs_usage.png"))
+  with open(os.path.join(args.out, "table.md"), encoding="utf-8") as f:
+    summary = [f.read().rstrip(), "", claims_table(results["claims"]), "",
+               policy_table(results["policy"])]
+  with open(os.path.join(args.out, "summary.md"), "w", encoding="utf-8") as f:
+    f.write("\n".join(summary) + "\n")
+  print("\n".join(summary), flush=True)
 
 
 if __name__ == "__main__":

@@ -190,6 +190,28 @@ def test_rl_variant_trains_backbone_and_policy():
   assert np.isfinite(float(jnp.abs(grads["skiprec"]["head"]["kernel"]).sum()))
 
 
+def mean_keep_probability_after_rl(penalty, steps=40):
+  """The mean keep probability over a batch after `steps` of the RL
+  variant (Adam) from one initialisation."""
+  import optax  # pylint: disable=import-outside-toplevel
+  cfg = make_cfg(skip="rl", skip_rl_penalty=penalty)
+  params = init(cfg)
+  opt = optax.adam(1e-2)
+  grad = jax.jit(jax.grad(lambda p, key: next_item.loss(p, cfg, batch_of(),
+                                                       key)))
+  state = opt.init(params)
+  for step in range(steps):
+    updates, state = opt.update(grad(params, jax.random.key(step)), state)
+    params = optax.apply_updates(params, updates)
+  z = policy.logits(params["skiprec"], cfg.model, opts(cfg), ids())
+  return float(jax.nn.softmax(z, axis=-1)[..., policy.KEEP].mean())
+
+
+def test_a_larger_rl_penalty_makes_the_policy_keep_fewer_blocks():
+  free, taxed = (mean_keep_probability_after_rl(p) for p in (0.0, 2.0))
+  assert taxed < free - 0.1, (taxed, free)
+
+
 @pytest.mark.parametrize("bad,msg", [
     ({"skip": "always"}, "methods.skiprec.mode="),
     ({"skip_tau": 0.0}, "methods.skiprec.tau="),
@@ -332,34 +354,35 @@ def test_attach_checkpoint_saves_a_start_that_train_init_from_reads(
 
 
 @pytest.mark.slow
-def test_skiprec_experiment_writes_results_plots_and_targets(
+def test_skiprec_experiment_compares_equal_budgets_and_the_policys_depth(
     tmp_path, monkeypatch):
   import importlib
   import sys
   monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..",
                                            "experiments"))
   module = importlib.import_module("skiprec")
-  monkeypatch.setattr(module, "SETTINGS", dict(
-      module.CPU, users=40, num_blocks=4, embed_dim=8, max_len=12,
-      full_steps=2, skip_steps=2, eval_every=2, lambdas=[1.0],
-      repeats=1, batch1_users=2))
-  monkeypatch.setattr(sys, "argv", ["skiprec.py", "--out", str(tmp_path)])
+  monkeypatch.setattr(module, "CPU", dict(
+      module.CPU, users=40, items=30, num_blocks=4, embed_dim=8, max_len=12,
+      batch_size=16, base_steps=4, tune_steps=2, eval_every=2,
+      lambdas=(1.0,), rl_penalty=None, infer_batch=8))
+  monkeypatch.setattr(sys, "argv", ["skiprec.py", "--out", str(tmp_path),
+                                    "--seeds", "0"])
   module.main()
   with open(tmp_path / "results.json", encoding="utf-8") as f:
     results = json.load(f)
   arms = results["arms"]
-  assert set(arms) == {"full", "skiprec/l=1", "random_skip/l=1",
-                       "truncated/l=1", "truncated_untuned/l=1"}
-  for arm in arms.values():
-    assert set(arm["infer_ms_per_user"]) == {"1", "256"}
-    assert 0 < arm["block_usage"] <= 1
-    for split in ("valid", "test"):
-      assert 0 <= arm[split]["ndcg@10"] <= 1
-    assert set(arm["usage_by_group"]) == {"short", "long"}
-    assert set(arm["test_ndcg10_by_group"]) == {"short", "long"}
-  assert "met" in results["targets"]
+  assert set(arms) == {"full", "skip_l1", "static_l1"}
+  assert {arm["steps"] for arm in arms.values()} == {6}  # Base 4 + 2 each.
+  assert all(arm["infer_ms"]["median"] > 0 for arm in arms.values())
+  pol = results["policy"]["skip_l1"]["seeds"][0]
+  assert set(pol["usage_by_group"]) == {"short users", "long users"}
+  depth = results["static_depth"]["static_l1"][0]
+  assert depth["usage"] == pytest.approx(pol["usage"])
+  assert depth["depth"] == max(1, round(pol["usage"] * 4))
+  (claim,) = results["claims"]
+  assert claim["arm"] == "skip_l1" and "vs_static" in claim
   assert (tmp_path / "ndcg_vs_usage.png").stat().st_size > 0
-  assert (tmp_path / "usage_by_group.png").stat().st_size > 0
+  assert "| skip_l1 |" in (tmp_path / "summary.md").read_text()
 
 
 def test_a_skiprec_run_is_served_and_exported_with_its_inference_gates(
