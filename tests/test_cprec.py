@@ -314,6 +314,76 @@ def test_metrics_from_the_early_exit_top_20_equal_full_ranking_metrics():
       ranking.metrics_from_ranks(np.asarray(full))
 
 
+# ------------------------------------------------ logit-skipping top-N
+
+
+def spread_biases(params, cfg, seed=4):
+  """Band biases spread like a trained model's, and tokens raised, so the
+  bound rules out some rows and not others."""
+  lay = ts.layout(cfg.model, cfg.head)
+  keys = jax.random.split(jax.random.key(seed), lay.num_tail)
+  head = params["head"]
+  for j, key in enumerate(keys, start=1):
+    band = head[f"band_{j}"]
+    band["bias"] = jax.random.normal(key, band["bias"].shape) * 2.0
+  head["head_bias"] = head["head_bias"].at[lay.sizes[0]:].add(1.0)
+  return params
+
+
+@pytest.mark.parametrize("clusters", [1, 3, 100])
+def test_a_band_bound_is_never_below_the_bands_best_item(clusters):
+  cfg = make_cfg(band_cutoffs=[30, 40, 50])
+  params = spread_biases(init(cfg), cfg)
+  h = hidden(batch=64, seed=5)
+  lay = ts.layout(cfg.model, cfg.head)
+  index = ts.search_index(params, cfg, clusters=clusters)
+  full = ts.full_log_probs(params, cfg, h)
+  hl = ts.head_log_probs(params["head"], h)
+  for j, (lo, hi) in enumerate(zip((30, 40, 50), (40, 50, V)), start=1):
+    bound = ts.band_bound(params["head"][f"band_{j}"], index[j - 1], h,
+                          hl[:, lay.sizes[0] + j - 1])
+    assert bool((bound >= full[:, lo:hi].max(axis=1)).all())
+
+
+@pytest.mark.parametrize("n,batch", [(5, 40), (20, 17), (20, 1)])
+def test_logit_skipping_top_n_gives_the_full_computations_items(n, batch):
+  cfg = make_cfg(band_cutoffs=[30, 40, 50])
+  params = spread_biases(init(cfg), cfg)
+  h = hidden(batch=batch, seed=batch)
+  index = ts.search_index(params, cfg, clusters=4)
+  scores, ids, searched = ts.top_n(params, cfg, h, n, index=index)
+  full_scores, full_ids, _ = ts.top_n(params, cfg, h, n, early_exit=False)
+  np.testing.assert_array_equal(ids, full_ids)
+  np.testing.assert_allclose(scores, full_scores, rtol=1e-6, atol=1e-6)
+  assert searched.shape == (batch, 3)
+
+
+def test_logit_skipping_computes_a_band_only_where_its_bound_reaches_tau():
+  cfg = make_cfg(band_cutoffs=[30, 40, 50])
+  params = spread_biases(init(cfg), cfg)
+  lay = ts.layout(cfg.model, cfg.head)
+  h = hidden(batch=40, seed=6)
+  index = ts.search_index(params, cfg, clusters=4)
+  b = ts._bound_jit(params, cfg, index, h, 20)  # pylint: disable=protected-access
+  _, _, searched = ts.top_n(params, cfg, h, 20, index=index)
+  np.testing.assert_array_equal(
+      searched, np.asarray(b.bound >= b.scores[:, -1:]))
+  assert 0 < searched.mean() < 1  # Some rows ruled out, not all.
+  # A band whose token is pushed far down is never searched.
+  params["head"]["head_bias"] = params["head"]["head_bias"].at[
+      lay.sizes[0]].add(-40.0)
+  _, _, searched = ts.top_n(params, cfg, h, 20, index=index)
+  assert not searched[:, 0].any()
+
+
+def test_an_index_of_another_layout_is_refused_in_one_line():
+  cfg = make_cfg(band_cutoffs=[30, 40, 50])
+  params = init(cfg)
+  index = ts.search_index(params, cfg)[:2]
+  with pytest.raises(JaxrecError, match="the index has 2 bands"):
+    ts.top_n(params, cfg, hidden(batch=4), 5, index=index)
+
+
 # ----------------------------------------------------------------- sharing
 
 

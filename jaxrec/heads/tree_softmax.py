@@ -39,6 +39,12 @@ never raw tail logits.
   computation bit for bit. The band token alone (our first bound) skips
   only where a band's whole mass is below tau, which a band holding a
   fifth of the mass never is (RESULTS.md, CpRec at C=64).
+- Logit-skipping top-N (`top_n(..., index=search_index(params, cfg))`):
+  the exit above still computes every band's logits. With an index of
+  each band's output rows cut into clusters, a bound on the band's best
+  item reads only the cluster summaries (Jensen's inequality below the
+  normaliser, the clusters' radii above the max), so a band's logits are
+  computed only for the rows the bound cannot rule out.
 """
 from __future__ import annotations
 
@@ -380,12 +386,25 @@ def _merge(lay: Layout, n: int, s: _Scored,
     log_p = token + (pick(s.logits[j - 1]) - pick(s.lse[j - 1])[:, None])
     top, ids = _padded_top_k(log_p, n)
     ids = ids + lay.start(j)
-    if r is not ...:  # Back to [B, n]; unscored rows never win.
-      top = jnp.full((batch, n), -jnp.inf, top.dtype).at[r].set(
-          top, mode="drop")
-      ids = jnp.zeros((batch, n), ids.dtype).at[r].set(ids, mode="drop")
+    if r is not ...:
+      top, ids = _scatter_rows(batch, r, top, ids)
     cand_scores.append(top)
     cand_ids.append(ids)
+  return _best_of(cand_scores, cand_ids, n)
+
+
+def _scatter_rows(batch: int, rows: jax.Array, top: jax.Array,
+                  ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A band's top n of some rows back to [B, n]; unscored rows never win."""
+  n = top.shape[1]
+  top = jnp.full((batch, n), -jnp.inf, top.dtype).at[rows].set(
+      top, mode="drop")
+  ids = jnp.zeros((batch, n), ids.dtype).at[rows].set(ids, mode="drop")
+  return top, ids
+
+
+def _best_of(cand_scores: list[jax.Array], cand_ids: list[jax.Array],
+             n: int) -> tuple[jax.Array, jax.Array]:
   # Candidates are in id order between bands, and top_k prefers the lower
   # index among ties, so ties break by id as in the full computation.
   best, pos = jax.lax.top_k(jnp.concatenate(cand_scores, axis=1), n)
@@ -417,8 +436,149 @@ def _merge_all_jit(lay: Layout, n: int, s: _Scored):
   return _merge(lay, n, s, (...,) * lay.num_tail)
 
 
+# ------------------------------------------------ logit-skipping search
+
+# Added to every bound: float32 rounding of the bound's sums (terms of
+# magnitude ~10) is ~1e-5, so a bound this much too high costs a row's
+# search now and then, and a rounding can never drop an item from a top n.
+BOUND_SLACK = 1e-3
+
+
+class BandIndex(NamedTuple):
+  """A tail band's output rows cut into clusters (`search_index`)."""
+  centroids: jax.Array  # [M, d_j] each cluster's mean row
+  log_count: jax.Array  # [M] log of its number of rows (never empty)
+  bias_mean: jax.Array  # [M] its rows' mean bias
+  reach: jax.Array  # [M] its largest ||row - centroid||
+  bias_max: jax.Array  # [M] its largest bias
+
+
+def _kmeans(rows: np.ndarray, clusters: int, iters: int,
+            seed: int) -> np.ndarray:
+  """Cluster ids [k] of rows [k, d] (Lloyd's k-means; no empty cluster)."""
+  rng = np.random.default_rng(seed)
+  centroids = rows[rng.choice(len(rows), clusters, replace=False)]
+  assign = np.zeros(len(rows), np.int64)
+  for _ in range(iters):
+    dist = ((rows ** 2).sum(1)[:, None] - 2 * rows @ centroids.T
+            + (centroids ** 2).sum(1)[None])
+    assign = dist.argmin(1)
+    for g in range(clusters):
+      if (assign == g).any():
+        centroids[g] = rows[assign == g].mean(0)
+  _, assign = np.unique(assign, return_inverse=True)  # Drop empty ids.
+  return assign
+
+
+def search_index(params: Params, cfg: Any, clusters: int = 256,
+                 iters: int = 10, seed: int = 0) -> tuple[BandIndex, ...]:
+  """Per tail band, its output rows cut into at most `clusters` clusters
+  by k-means, with what the bound needs of each. Built once per params on
+  the host (seconds for 10^4 rows); any clustering gives a valid bound, a
+  tighter one rules out more rows."""
+  lay = layout(cfg.model, cfg.head)
+  out = []
+  for j in range(1, lay.num_tail + 1):
+    band = params["head"][f"band_{j}"]
+    rows = np.asarray(band["kernel"], np.float64)
+    bias = np.asarray(band["bias"], np.float64)
+    assign = _kmeans(rows, min(clusters, len(rows)), iters, seed)
+    groups = [np.flatnonzero(assign == g) for g in range(assign.max() + 1)]
+    centroids = np.stack([rows[g].mean(0) for g in groups])
+    reach = [np.linalg.norm(rows[g] - c, axis=1).max()
+             for g, c in zip(groups, centroids)]
+    out.append(BandIndex(
+        jnp.asarray(centroids, F32),
+        jnp.asarray(np.log([len(g) for g in groups]), F32),
+        jnp.asarray([bias[g].mean() for g in groups], F32),
+        jnp.asarray(reach, F32),
+        jnp.asarray([bias[g].max() for g in groups], F32)))
+  return tuple(out)
+
+
+def band_bound(band: Params, index: BandIndex, h: jax.Array,
+               token: jax.Array) -> jax.Array:
+  """An upper bound [B] of the log-probability of a band's best item that
+  reads no logit of the band.
+
+  With z_i = q . w_i + b_i (q = h Q_j), cluster g's mean row c_g, and
+  z_max, lse the band's max logit and normaliser:
+    z_i <= q . c_g + ||q|| reach_g + bias_max_g     (Cauchy-Schwarz)
+    lse >= logsumexp_g(log n_g + q . c_g + bias_mean_g)   (Jensen in each
+                                                            cluster)
+  and the best item's log-probability is token + z_max - lse <= token.
+  """
+  q = jnp.einsum("bc,cd->bd", h, band["projection"].astype(h.dtype),
+                 preferred_element_type=F32)
+  at_centroid = q @ index.centroids.T  # [B, M]
+  norm = jnp.linalg.norm(q, axis=-1, keepdims=True)
+  upper = jnp.max(at_centroid + norm * index.reach + index.bias_max, axis=1)
+  lower = jax.nn.logsumexp(at_centroid + index.log_count + index.bias_mean,
+                           axis=1)
+  return token + jnp.minimum(upper - lower, 0.0) + BOUND_SLACK
+
+
+class _Bounded(NamedTuple):
+  """The head's top n and every tail band's bound, no tail logit."""
+  hl: jax.Array
+  scores: jax.Array
+  ids: jax.Array
+  bound: jax.Array  # [B, tail bands]
+
+
+@functools.partial(jax.jit, static_argnums=(1, 4))
+def _bound_jit(params: Params, cfg: Any, index: tuple[BandIndex, ...],
+               h: jax.Array, n: int) -> _Bounded:
+  lay = layout(cfg.model, cfg.head)
+  hl = head_log_probs(params["head"], h)
+  scores, ids = _padded_top_k(hl[:, :lay.sizes[0]], n)
+  bound = [band_bound(params["head"][f"band_{j}"], index[j - 1], h,
+                      hl[:, lay.sizes[0] + j - 1])
+           for j in range(1, lay.num_tail + 1)]
+  return _Bounded(hl, scores, ids, jnp.stack(bound, axis=1))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _search_rows_jit(lay: Layout, n: int, head: Params, h: jax.Array,
+                     b: _Bounded, rows: tuple[Any, ...]):
+  """The top n over the head's and, per band, the top n of its `rows`
+  (an index array padded with entries >= B, or None), whose logits alone
+  are computed."""
+  batch = h.shape[0]
+  cand_scores, cand_ids = [b.scores], [b.ids]
+  for j, r in enumerate(rows, start=1):
+    if r is None:
+      continue
+    z = band_logits(head[f"band_{j}"], jnp.take(h, r, axis=0, mode="clip"))
+    token = jnp.take(b.hl[:, lay.sizes[0] + j - 1], r, mode="clip")
+    log_p = token[:, None] + (z - jax.nn.logsumexp(z, axis=-1)[:, None])
+    top, ids = _padded_top_k(log_p, n)
+    top, ids = _scatter_rows(batch, r, top, ids + lay.start(j))
+    cand_scores.append(top)
+    cand_ids.append(ids)
+  return _best_of(cand_scores, cand_ids, n)
+
+
+def _top_n_skipping_logits(params: Params, cfg: Any, h: jax.Array, n: int,
+                           index: tuple[BandIndex, ...]
+                           ) -> tuple[jax.Array, jax.Array, np.ndarray]:
+  lay = layout(cfg.model, cfg.head)
+  if len(index) != lay.num_tail:
+    raise JaxrecError(f"top_n: the index has {len(index)} bands, the model "
+                      f"{lay.num_tail} tail bands; build it with "
+                      "search_index(params, cfg)")
+  b = _bound_jit(params, cfg, index, h, n)
+  searched = np.asarray(b.bound) >= np.asarray(b.scores[:, n - 1:n])
+  rows = tuple(_bucket(np.flatnonzero(searched[:, j]), h.shape[0])
+               for j in range(lay.num_tail))
+  if all(r is None for r in rows):
+    return b.scores, b.ids, searched
+  return (*_search_rows_jit(lay, n, params["head"], h, b, rows), searched)
+
+
 def top_n(params: Params, cfg: Any, h: jax.Array, n: int,
-          early_exit: bool = True
+          early_exit: bool = True,
+          index: tuple[BandIndex, ...] | None = None
           ) -> tuple[jax.Array, jax.Array, np.ndarray]:
   """The n most probable items: (log-probs [B, n], ids [B, n], scored
   [B, tail bands]), ties broken by id.
@@ -444,7 +604,15 @@ def top_n(params: Params, cfg: Any, h: jax.Array, n: int,
   every band on a 2-core CPU, and reading `top_k`'s values on device in
   the same program made XLA's CPU TopK fall back to a full sort.
   Not traceable: call it outside `jax.jit`.
+
+  With an `index` (`search_index(params, cfg)`, built once per params), a
+  band's logits are computed only for the rows whose `band_bound` reaches
+  tau, and `scored` says which; the ids equal the full computation's and
+  the scores agree to float rounding (the rows' logits come from a
+  product over the gathered rows, not the batch).
   """
+  if index is not None and early_exit:
+    return _top_n_skipping_logits(params, cfg, h, n, index)
   lay = layout(cfg.model, cfg.head)
   s = _score_jit(params, cfg, h, n)
   if not early_exit:
