@@ -538,22 +538,45 @@ def _bound_jit(params: Params, cfg: Any, index: tuple[BandIndex, ...],
   return _Bounded(hl, scores, ids, jnp.stack(bound, axis=1))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _search_rows_jit(lay: Layout, n: int, head: Params, h: jax.Array,
-                     b: _Bounded, rows: tuple[Any, ...]):
-  """The top n over the head's and, per band, the top n of its `rows`
-  (an index array padded with entries >= B, or None), whose logits alone
-  are computed."""
-  batch = h.shape[0]
-  cand_scores, cand_ids = [b.scores], [b.ids]
+class _Gathered(NamedTuple):
+  """One band's logits for the rows its bound could not rule out."""
+  log_p: jax.Array  # [R, k_j] log-probabilities of the band's items
+  best: jax.Array  # [R] the best of them
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _gathered_jit(lay: Layout, head: Params, h: jax.Array, b: _Bounded,
+                  rows: tuple[Any, ...]) -> tuple[_Gathered | None, ...]:
+  """Per band, the log-probabilities of its `rows` (an index array padded
+  with entries >= B, or None): the only tail logits computed."""
+  out = []
   for j, r in enumerate(rows, start=1):
     if r is None:
+      out.append(None)
       continue
     z = band_logits(head[f"band_{j}"], jnp.take(h, r, axis=0, mode="clip"))
     token = jnp.take(b.hl[:, lay.sizes[0] + j - 1], r, mode="clip")
     log_p = token[:, None] + (z - jax.nn.logsumexp(z, axis=-1)[:, None])
-    top, ids = _padded_top_k(log_p, n)
-    top, ids = _scatter_rows(batch, r, top, ids + lay.start(j))
+    out.append(_Gathered(log_p, jnp.max(log_p, axis=-1)))
+  return tuple(out)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _merge_gathered_jit(lay: Layout, n: int, b: _Bounded,
+                        gathered: tuple[_Gathered | None, ...],
+                        picks: tuple[Any, ...]):
+  """The top n over the head's and each band's picked gathered rows:
+  picks[j-1] is None or (positions in the gathered rows, their row ids
+  padded with entries >= B)."""
+  batch = b.scores.shape[0]
+  cand_scores, cand_ids = [b.scores], [b.ids]
+  for j, (g, pick) in enumerate(zip(gathered, picks), start=1):
+    if pick is None:
+      continue
+    positions, row_ids = pick
+    top, ids = _padded_top_k(jnp.take(g.log_p, positions, axis=0,
+                                      mode="clip"), n)
+    top, ids = _scatter_rows(batch, row_ids, top, ids + lay.start(j))
     cand_scores.append(top)
     cand_ids.append(ids)
   return _best_of(cand_scores, cand_ids, n)
@@ -562,18 +585,37 @@ def _search_rows_jit(lay: Layout, n: int, head: Params, h: jax.Array,
 def _top_n_skipping_logits(params: Params, cfg: Any, h: jax.Array, n: int,
                            index: tuple[BandIndex, ...]
                            ) -> tuple[jax.Array, jax.Array, np.ndarray]:
+  """Three programs, two host decisions: the head and the bounds; the
+  logits of the rows each bound keeps; `top_k` on the rows whose exact
+  best item reaches tau (as the early exit decides)."""
   lay = layout(cfg.model, cfg.head)
   if len(index) != lay.num_tail:
     raise JaxrecError(f"top_n: the index has {len(index)} bands, the model "
                       f"{lay.num_tail} tail bands; build it with "
                       "search_index(params, cfg)")
+  batch = h.shape[0]
   b = _bound_jit(params, cfg, index, h, n)
-  searched = np.asarray(b.bound) >= np.asarray(b.scores[:, n - 1:n])
-  rows = tuple(_bucket(np.flatnonzero(searched[:, j]), h.shape[0])
-               for j in range(lay.num_tail))
+  tau = np.asarray(b.scores[:, n - 1])
+  searched = np.asarray(b.bound) >= tau[:, None]
+  kept = [np.flatnonzero(searched[:, j]) for j in range(lay.num_tail)]
+  rows = tuple(_bucket(r, batch) for r in kept)
   if all(r is None for r in rows):
     return b.scores, b.ids, searched
-  return (*_search_rows_jit(lay, n, params["head"], h, b, rows), searched)
+  gathered = _gathered_jit(lay, params["head"], h, b, rows)
+  picks = []
+  for r, g in zip(kept, gathered):
+    if g is None:
+      picks.append(None)
+      continue
+    # The same test as the early exit's, on the gathered rows' logits.
+    reach = np.flatnonzero(np.asarray(g.best)[:len(r)] >= tau[r])
+    positions = _bucket(reach, batch)
+    picks.append(None if positions is None else
+                 (positions, np.pad(r[reach], (0, len(positions) - len(
+                     reach)), constant_values=batch)))
+  if all(p is None for p in picks):
+    return b.scores, b.ids, searched
+  return (*_merge_gathered_jit(lay, n, b, gathered, tuple(picks)), searched)
 
 
 def top_n(params: Params, cfg: Any, h: jax.Array, n: int,
@@ -607,9 +649,10 @@ def top_n(params: Params, cfg: Any, h: jax.Array, n: int,
 
   With an `index` (`search_index(params, cfg)`, built once per params), a
   band's logits are computed only for the rows whose `band_bound` reaches
-  tau, and `scored` says which; the ids equal the full computation's and
-  the scores agree to float rounding (the rows' logits come from a
-  product over the gathered rows, not the batch).
+  tau (`scored` says which), and `top_k` runs on those whose exact best
+  item reaches it, as above: three programs, two host decisions. The ids
+  equal the full computation's and the scores agree to float rounding
+  (the rows' logits come from a product over the gathered rows).
   """
   if index is not None and early_exit:
     return _top_n_skipping_logits(params, cfg, h, n, index)
