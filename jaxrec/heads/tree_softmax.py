@@ -475,7 +475,9 @@ def search_index(params: Params, cfg: Any, clusters: int = 256,
   """Per tail band, its output rows cut into at most `clusters` clusters
   by k-means, with what the bound needs of each. Built once per params on
   the host (seconds for 10^4 rows); any clustering gives a valid bound, a
-  tighter one rules out more rows."""
+  tighter one rules out more rows. The bound holds only for the params it
+  was built from: rebuild it after any update of the head (a stale index
+  can rule out a row that belongs in the top n)."""
   lay = layout(cfg.model, cfg.head)
   out = []
   for j in range(1, lay.num_tail + 1):
