@@ -176,19 +176,15 @@ def trained_base(setup: Setup, seed: int) -> harness.Trial:
   return trial
 
 
-def full_arm(setup: Setup) -> harness.Arm:
+def tuned_arm(setup: Setup, name: str,
+              method: SkipRecConfig | None = None) -> harness.Arm:
+  """The base trained `tune_steps` more: at full depth (`full`), or with a
+  SkipRec policy added and trained jointly."""
   def train(seed: int, work: str) -> harness.Trial:
     base = trained_base(setup, seed)
-    return harness.train_run(setup.config(seed, setup.s["tune_steps"]),
-                             os.path.join(work, "run"), setup.data,
-                             steps_before=base.steps, init_from=base.run_dir)
-  return harness.Arm("full", train, infer=lambda d: serving(d, setup))
-
-
-def skip_arm(setup: Setup, name: str, method: SkipRecConfig) -> harness.Arm:
-  def train(seed: int, work: str) -> harness.Trial:
-    base = trained_base(setup, seed)
-    cfg = setup.config(seed, setup.s["tune_steps"]).with_method(method)
+    cfg = setup.config(seed, setup.s["tune_steps"])
+    if method is not None:
+      cfg = cfg.with_method(method)
     return harness.train_run(cfg, os.path.join(work, "run"), setup.data,
                              steps_before=base.steps, init_from=base.run_dir)
   return harness.Arm(name, train, infer=lambda d: serving(d, setup))
@@ -210,9 +206,8 @@ def static_arm(setup: Setup, skip_name: str) -> harness.Arm:
     depth = max(1, int(round(usage * cfg.model.num_blocks)))
     start = os.path.join(work, "start")
     if not os.path.isdir(os.path.join(start, "checkpoints")):
-      base_params, base_cfg, _ = load_params(base.run_dir)
-      save_start_checkpoint(start, *reversed(truncate(base_params, base_cfg,
-                                                      depth)),
+      shallow, shallow_cfg = truncate(*load_params(base.run_dir)[:2], depth)
+      save_start_checkpoint(start, shallow_cfg, shallow,
                             setup.data.fingerprint, [])
     harness.write_json(os.path.join(work, "static_depth.json"),
                        {"depth": depth, "valid_usage_of": skip_name,
@@ -231,14 +226,14 @@ def truncate(params: models.Params, cfg: config_lib.Config, depth: int):
 
 
 def arms_of(setup: Setup) -> list[harness.Arm]:
-  arms = [full_arm(setup)]
+  arms = [tuned_arm(setup, "full")]
   skips = {f"skip_l{lam:g}": SkipRecConfig(mode="gumbel", lam=lam)
            for lam in setup.s["lambdas"]}
   if setup.s["rl_penalty"] is not None:  # None: no RL arm.
     skips["skip_rl"] = SkipRecConfig(mode="rl",
                                      rl_penalty=setup.s["rl_penalty"])
   for name, method in skips.items():
-    arms += [skip_arm(setup, name, method), static_arm(setup, name)]
+    arms += [tuned_arm(setup, name, method), static_arm(setup, name)]
   return arms
 
 
