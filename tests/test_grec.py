@@ -1,14 +1,24 @@
-"""GRec: the gap-filling objective and the encoder-decoder around it. The
-contract (growth of both stacks, gates, checkpoints, freezing) is
+"""GRec: the gap-filling objective, the encoder-decoder around it, and its
+encoder taken out as a masked NextItNet for PeterRec. The contract (growth of both stacks, gates, checkpoints, freezing) is
 tests/test_contract.py's."""
+import json
+import os
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from jaxrec import models, tasks
-from jaxrec.config import Config
+from cli_helpers import run_error
+from jaxrec import cli, models, tasks
+from jaxrec.config import Config, DataConfig, TrainConfig
+from jaxrec.data import transfer
 from jaxrec.models import grec, nextitnet
-from jaxrec.tasks import gap_filling
+from jaxrec.surgery import parts
+from jaxrec.tasks import gap_filling, masked_item
+from jaxrec.training import checkpoints, loop
+from jaxrec.training import state as state_lib
 
 V = 20
 
@@ -74,3 +84,84 @@ def test_trains_by_gap_filling_and_the_batch_feeds_the_encoder():
   without = gap_filling.loss(params, cfg, dict(
       arrays, encoder_ids=arrays["inputs"]), jax.random.key(0))
   assert np.isfinite(with_gaps) and with_gaps != without
+
+
+def test_a_left_padded_history_reads_as_the_history_alone():
+  cfg, params = model(residual="alpha")
+  params = {**params, **{stack: {**params[stack], "alpha": jnp.full_like(
+      params[stack]["alpha"], 0.7)} for stack in ("encoder_blocks", "blocks")}}
+  run = jax.jit(lambda x: models.hidden_states(params, cfg, x))
+  row = jnp.array([[3, 7, 1, 9, 4]], jnp.int32)
+  padded = jnp.array([[0, 0, 0, 3, 7, 1, 9, 4]], jnp.int32)
+  np.testing.assert_allclose(run(padded)[:, 3:], run(row), rtol=1e-5,
+                             atol=1e-6)
+
+
+# ----------------------------------------- the encoder as a model of its own
+
+
+@pytest.fixture(scope="module")
+def grec_run(tmp_path_factory):
+  """A GRec pretrained on a tiny two-domain world's source, and the world."""
+  root = tmp_path_factory.mktemp("grec_parts")
+  paths = transfer.synthetic_world(str(root / "world"),
+                                   transfer.WORLD_SIZES["tiny"])
+  cfg = Config(
+      model=grec.GRecConfig(embed_dim=8, num_blocks=2, dropout=0.0),
+      data=DataConfig(source="csv:" + paths["source"], max_len=12,
+                      min_item_count=2),
+      train=TrainConfig(steps=8, eval_every=4, batch_size=16))
+  loop.train(cfg, str(root / "grec"), progress_bar=False)
+  return root, paths
+
+
+def test_the_extracted_encoder_is_a_masked_nextitnet_computing_grec_s_encoder(
+    grec_run):
+  root, _ = grec_run
+  out = str(root / "encoder")
+  assert cli.main(["extract", "--from", str(root / "grec"), "--part",
+                   "encoder", "--out", out]) == 0
+  whole, whole_cfg, _ = state_lib.load_params(str(root / "grec"), "best")
+  part, part_cfg, _ = state_lib.load_params(out)
+  assert part_cfg.model.name == "nextitnet" and not part_cfg.model.causal
+  assert tasks.for_config(part_cfg) is masked_item
+  chex.assert_trees_all_equal(part["blocks"], whole["encoder_blocks"])
+  ids = jnp.array([[0, 0, 5, 9, 2, whole_cfg.model.token_id("mask"), 4]])
+  # GRec's encoder states, the ones its decoder adds to its input.
+  enc_params, enc_cfg = grec.encoder(whole, whole_cfg.model)
+  np.testing.assert_allclose(
+      models.hidden_states(part, part_cfg, ids),
+      nextitnet.apply(enc_params, enc_cfg, ids), rtol=1e-6)
+  with open(os.path.join(out, "config.json")) as f:
+    assert json.load(f)["model"]["name"] == "nextitnet"
+  lineage = checkpoints.read_meta(out)[1]["lineage"]
+  assert lineage[-1]["op"] == "extract" and lineage[-1]["part"] == "encoder"
+
+
+def test_peterrec_fine_tunes_grec_s_encoder_and_leaves_it_frozen(grec_run):
+  root, paths = grec_run
+  encoder_dir = str(root / "encoder_for_peter")
+  parts.extract_checkpoint(str(root / "grec"), encoder_dir, "encoder")
+  out = str(root / "peter")
+  assert cli.main(["finetune", "--from", encoder_dir, "--task", "profile",
+                   "--data", paths["profile"], "--out", out, "--steps", "6",
+                   "--eval-every", "3", "--batch-size", "16", "--quiet"]) == 0
+  whole, _, _ = state_lib.load_params(str(root / "grec"), "best")
+  tuned, _, _ = state_lib.load_params(out)
+  for name in ("conv1", "conv2", "ln1"):
+    chex.assert_trees_all_equal(tuned["blocks"][name],
+                                whole["encoder_blocks"][name])
+  assert "peterrec" in tuned  # The patches trained, inside the frozen encoder.
+
+
+def test_extract_refuses_a_part_the_backbone_lacks_in_one_line(
+    grec_run, trained_run, capsys, tmp_path):
+  root, _ = grec_run
+  line = run_error(capsys, ["extract", "--from", root / "grec", "--part",
+                            "decoder", "--out", tmp_path / "d"])
+  assert "--part='decoder'" in line and "['encoder']" in line
+  line = run_error(capsys, ["extract", "--from", trained_run, "--part",
+                            "encoder", "--out", tmp_path / "e"])
+  assert "has no parts" in line
+  assert not os.path.exists(tmp_path / "d")
+  assert not os.path.exists(tmp_path / "e")

@@ -72,6 +72,18 @@ def test_a_causal_model_never_sees_later_items_a_bidirectional_one_does():
     assert np.array_equal(h[:, :5], h2[:, :5]) == causal
 
 
+def test_a_bidirectional_model_reads_a_left_padded_row_as_the_row_alone():
+  """A centred conv carries values into the padding and back out into the
+  row's first items unless padding is zeroed after every block."""
+  cfg = full_cfg(causal=False)
+  params = active(models.init_params(cfg, jax.random.key(0)))
+  run = jax.jit(lambda p, x: models.hidden_states(p, cfg, x))
+  row = jnp.array([[3, 4, 5, 6, 7]])
+  padded = jnp.array([[0, 0, 0, 3, 4, 5, 6, 7]])
+  np.testing.assert_allclose(run(params, padded)[:, 3:], run(params, row),
+                             rtol=1e-5, atol=1e-6)
+
+
 def test_a_bidirectional_model_gets_the_mask_token_and_needs_an_odd_kernel():
   assert model_cfg(causal=False).special_tokens == ("mask",)
   with pytest.raises(JaxrecError, match="model.kernel_size"):

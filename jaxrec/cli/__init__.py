@@ -1,5 +1,5 @@
-"""The `jaxrec` command: train, eval, inspect, grow, finetune, predict,
-export, data; one module per verb.
+"""The `jaxrec` command: train, eval, inspect, grow, extract, finetune,
+predict, export, data; one module per verb.
 
 A user mistake or a fault (a damaged checkpoint, a full disk, an unreadable
 file) prints one line, `jaxrec: error: ...`, and exits with status 2; Ctrl-C
@@ -31,10 +31,11 @@ def verbs():
   """The verb modules, each with `add_parser(subparsers)` and `run(args)`."""
   # pylint: disable=import-outside-toplevel
   from jaxrec.cli import eval as eval_verb
-  from jaxrec.cli import data, export, finetune, grow, inspect, predict, train
+  from jaxrec.cli import (data, export, extract, finetune, grow, inspect,
+                          predict, train)
   return {"train": train, "eval": eval_verb, "inspect": inspect,
-          "grow": grow, "finetune": finetune, "predict": predict,
-          "export": export, "data": data}
+          "grow": grow, "extract": extract, "finetune": finetune,
+          "predict": predict, "export": export, "data": data}
 
 
 def build_parser() -> Parser:

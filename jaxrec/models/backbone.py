@@ -20,6 +20,11 @@ scores. A backbone is one module with:
   norms and gates, and the block's layers, for growth and freezing;
 - `grown_config(cfg, sources, carry)`: the config of a model whose run
   position i holds old block `sources[i]` (-1: fresh);
+- `parts`: networks inside the backbone that are models of another
+  registered backbone, by name: (params, cfg) -> (that model's backbone
+  params, its config). GRec's `encoder` is a bidirectional NextItNet;
+  `jaxrec extract --part encoder` saves it as a run of its own, which
+  PeterRec fine-tunes like any masked pretraining;
 - `extra_inputs`: names of per-row arrays beside the ids that `apply`
   takes as keyword arguments when a task's batch holds them (GRec's
   `encoder_ids`, the gap-filled view its encoder reads); without them
@@ -81,3 +86,5 @@ class Backbone:
   surgery: SurgeryRules
   grown_config: Callable[[Any, tuple[int, ...], bool], Any] = grown_depth
   extra_inputs: tuple[str, ...] = ()
+  parts: dict[str, Callable[[Params, Any], tuple[Params, Any]]] = (
+      dataclasses.field(default_factory=dict))

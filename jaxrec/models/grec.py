@@ -29,10 +29,10 @@ act on the decoder stack, the one `blocks` names; StackRec grows both
 stacks by the same map.
 
 Where this differs from the official code (fajieyuan/WWW2020-grec):
-- Padding positions are zeroed after every encoder block and at the
-  decoder's input, so a left-padded history reads as the causal conv's own
-  zero padding (the official code pads with an item id and lets the
-  centred convs mix it in).
+- Padding positions are zeroed between the convs and after every block
+  of both stacks, so a left-padded history reads as the convs' own zero
+  padding and a row's states do not depend on how much padding it has
+  (the official code pads with an item id and lets the convs mix it in).
 - Residuals are StackRec's gated ones by default (`--residual plain`: the
   official x + h); dropout as jaxrec's NextItNet (the official: none).
 - The decoder's output is scored by jaxrec's heads (the official: ReLU,
@@ -145,19 +145,19 @@ def init(cfg: GRecConfig, rng: jax.Array) -> Params:
       rng, 5)
   c = cfg.embed_dim
   dummy = jnp.zeros((1, 1, c))
-  encoder, decoder = cfg.stack(False), cfg.stack(True)
+  encoder_cfg, decoder_cfg = cfg.stack(False), cfg.stack(True)
 
   def stack(part, key):
     return jax.vmap(lambda k: nextitnet.NextItNetBlock(part, 1).init(
         k, dummy)["params"])(jax.random.split(key, cfg.num_blocks))
 
   return {
-      "encoder_embedding": embedding.init(encoder, k_enc),
-      "encoder_blocks": stack(encoder, k_enc_blocks),
+      "encoder_embedding": embedding.init(encoder_cfg, k_enc),
+      "encoder_blocks": stack(encoder_cfg, k_enc_blocks),
       "adapter": Adapter(cfg.adapter_dim or 2 * c).init(
           k_adapter, dummy)["params"],
-      "item_embedding": embedding.init(decoder, k_dec),
-      "blocks": stack(decoder, k_dec_blocks),
+      "item_embedding": embedding.init(decoder_cfg, k_dec),
+      "blocks": stack(decoder_cfg, k_dec_blocks),
   }
 
 
@@ -170,43 +170,51 @@ def apply(params: Params, cfg: GRecConfig, ids: jax.Array, *,
   dropping = train and cfg.dropout > 0
   if dropping and rng is None:
     raise ValueError("grec: train=True with dropout needs an rng key")
-  encoder, decoder = cfg.stack(False), cfg.stack(True)
+  decoder = cfg.stack(True)
   real = (ids != 0)[..., None]
   gapped = ids if encoder_ids is None else encoder_ids
   k_enc = k_dec = None
   if dropping:
     k_enc, k_dec = jax.random.split(rng)
 
-  def run(part, stack, x, block_plan, key):
-    keys = None
-    if key is not None:
-      x, keys = input_dropout(x, cfg.dropout, key, cfg.num_blocks)
-    x = x * real
-
-    def block(p, x, dilation, inputs):
-      key, side = inputs["key"], inputs["side"]
-      out = nextitnet.NextItNetBlock(part, dilation).apply(
-          {"params": p}, x,
-          lambda name, x_in, x_out: block_plan.at(name, x_in, x_out, side),
-          deterministic=key is None,
-          rngs=None if key is None else {"dropout": key})
-      # A centred conv would carry values into padding and back out of it.
-      return out * real
-
-    if block_plan.wrap is not None:
-      block = block_plan.wrap(block)
-    return scan_blocks(block, stack, x, statics=cfg.block_dilations(),
-                       xs={"key": keys, "side": block_plan.side},
-                       remat=cfg.remat, unroll=unroll)
-
-  tables = {"item_embedding": params["encoder_embedding"],
-            "tokens": params["tokens"]}
-  e = run(encoder, params["encoder_blocks"],
-          embedding.lookup(tables, encoder, gapped), BlockPlan(), k_enc)
+  # The encoder is a bidirectional NextItNet, run as one (`encoder`).
+  encoder_params, encoder_cfg = encoder(params, cfg)
+  e = nextitnet.apply(encoder_params, encoder_cfg, gapped, train=dropping,
+                      rng=k_enc, unroll=unroll)
   z = e + embedding.lookup(params, decoder, ids)
   z = Adapter(cfg.adapter_dim or 2 * cfg.embed_dim).apply(
       {"params": params["adapter"]}, z)
-  return run(decoder, plan.run_blocks(params), z, plan, k_dec)
+  keys = None
+  if dropping:
+    z, keys = input_dropout(z, cfg.dropout, k_dec, cfg.num_blocks)
+  z = z * real
+
+  def block(p, x, dilation, inputs):
+    key, side = inputs["key"], inputs["side"]
+    # Padding zeroed inside and after each block, as in the encoder.
+    return nextitnet.NextItNetBlock(decoder, dilation).apply(
+        {"params": p}, x,
+        lambda name, x_in, x_out: plan.at(name, x_in, x_out, side),
+        deterministic=key is None,
+        rngs=None if key is None else {"dropout": key}, real=real)
+
+  if plan.wrap is not None:
+    block = plan.wrap(block)
+  return scan_blocks(block, plan.run_blocks(params), z,
+                     statics=cfg.block_dilations(),
+                     xs={"key": keys, "side": plan.side},
+                     remat=cfg.remat, unroll=unroll)
+
+
+def encoder(params: Params, cfg: GRecConfig
+            ) -> tuple[Params, nextitnet.NextItNetConfig]:
+  """GRec's encoder as a model of its own: the params and config of the
+  bidirectional NextItNet it is (`--model nextitnet --causal false`, what
+  PeterRec's masked pretraining trains). A view: the leaves are GRec's.
+  `jaxrec extract --part encoder` saves it as a run PeterRec fine-tunes."""
+  return ({"item_embedding": params["encoder_embedding"],
+           "blocks": params["encoder_blocks"], "tokens": params["tokens"]},
+          cfg.stack(False))
 
 
 def grown_config(cfg: GRecConfig, sources: tuple[int, ...],
@@ -224,4 +232,5 @@ BACKBONE = Backbone(
                          norms=("ln*/scale", "ln*/bias"), gates=("alpha",),
                          layers=(BlockLayer(("conv1/*",), ("ln1/*",)),
                                  BlockLayer(("conv2/*",), ("ln2/*",)))),
-    grown_config=grown_config, extra_inputs=("encoder_ids",))
+    grown_config=grown_config, extra_inputs=("encoder_ids",),
+    parts={"encoder": encoder})

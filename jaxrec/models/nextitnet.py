@@ -21,9 +21,12 @@ layer1/layer2 or branch, SkipRec's gate at branch):
         -> alpha * h -> [branch] -> x + h
                                 (alpha learned, init 0)
 
-`causal=False` makes both convs centred (GRec's encoder: a position sees
-(k-1)d/2 items on each side), trained as masked item prediction
-(`jaxrec.tasks.masked_item`).
+`causal=False` makes both convs centred (a position sees (k-1)d/2 items
+on each side), trained as masked item prediction
+(`jaxrec.tasks.masked_item`); padding is zeroed between the convs and
+after every block, so a left-padded row reads as the row alone. This is GRec's encoder, the one
+implementation (`jaxrec.models.grec` runs it; `grec.encoder` takes it out
+of a trained GRec as a model of its own).
 
 Dilations are config: a cycle of first-conv dilations ([1, 4] gives conv
 dilations 1,2,4,8,1,2,4,8,...), or one per block to pin each (StackRec's
@@ -146,8 +149,14 @@ class NextItNetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, slot: Any = None, *,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True,
+               real: jax.Array | None = None) -> jax.Array:
+    """`real` [B, T, 1] (1 at items, 0 at padding), where given, zeroes
+    the padding between the convs and at the output: a conv then reads
+    the padding as its own zero padding, and a row's states do not depend
+    on how much padding it has."""
     slot = slot or _no_slot
+    keep = (lambda v: v) if real is None else (lambda v: v * real)
     cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
     c, k, d = cfg.embed_dim, cfg.kernel_size, self.dilation
     conv1 = CausalConv(c, k, d, cfg.causal, name="conv1")
@@ -155,14 +164,14 @@ class NextItNetBlock(nn.Module):
     conv2 = CausalConv(c, k, 2 * d, cfg.causal, name="conv2")
     ln2 = LayerNorm(cfg.layer_norm_eps, name="ln2")
     z = x.astype(dtype)
-    h = jax.nn.relu(ln1(slot("layer1", z, conv1(z, None))))
+    h = keep(jax.nn.relu(ln1(slot("layer1", z, conv1(z, None)))))
     h = h.astype(dtype)
     h = jax.nn.relu(ln2(slot("layer2", h, conv2(h, 2 * d))))
     h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
     if cfg.residual == "alpha":
       # Each new block starts as the identity (ReZero, dynamical isometry).
       h = self.param("alpha", nn.initializers.zeros, ()) * h
-    return x + slot("branch", z, h)
+    return keep(x + slot("branch", z, h))
 
 
 def init(cfg: NextItNetConfig, rng: jax.Array) -> Params:
@@ -191,15 +200,21 @@ def apply(params: Params, cfg: NextItNetConfig, ids: jax.Array, *,
     x, block_keys = input_dropout(x, cfg.dropout, rng, cfg.num_blocks)
   # Zeroing padding makes a left-padded sequence see exactly the causal
   # conv's own zero padding at the bottom of the stack.
-  x = x * (ids != 0)[..., None]
+  real = (ids != 0)[..., None]
+  x = x * real
 
   def block(p, x, dilation, inputs):
     key, side = inputs["key"], inputs["side"]
+    # A centred conv carries values into the padding and back out of it
+    # into the row's first items: without `real` a bidirectional model
+    # read a row differently by how much padding it had. The causal model
+    # keeps the official code's behaviour (padding states pass forward).
     return NextItNetBlock(cfg, dilation).apply(
         {"params": p}, x,
         lambda name, x_in, x_out: plan.at(name, x_in, x_out, side),
         deterministic=key is None,
-        rngs=None if key is None else {"dropout": key})
+        rngs=None if key is None else {"dropout": key},
+        real=None if cfg.causal else real)
 
   if plan.wrap is not None:
     block = plan.wrap(block)
