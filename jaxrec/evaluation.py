@@ -86,16 +86,18 @@ def evaluate_checkpoint(run_dir: str, source: str | None = None,
 def _sequence_data(run_dir: str, meta: dict[str, Any], cfg: Config,
                    data_cfg: config_lib.DataConfig,
                    source: str | None) -> Any:
-  """The run's sequence data (or another version of it, `source`)."""
-  vocab = None
-  if source:  # Another data version: number its items the run's way.
-    vocab = vocab_lib.find(run_dir)
-    if vocab is not None:
-      vocab.check_matches(meta.get("vocabulary"), run_dir)
+  """The run's sequence data (or another version of it, `source`), its
+  items numbered by the run's vocabulary. Numbered afresh, data a run
+  trained on through another run's vocabulary (`train --init-from` on a
+  new domain) got other ids than the model learned, and the metrics were
+  silently wrong."""
+  vocab = vocab_lib.find(run_dir)
+  if vocab is not None:
+    vocab.check_matches(meta.get("vocabulary"), run_dir)
   data = pipeline.load_data(data_cfg, vocab=vocab)
   new = (data.meta.get("vocab_growth") or {}).get("new", 0)
   if new:
-    raise JaxrecError(f"--data={source}: {new} items the checkpoint "
+    raise JaxrecError(f"--data={data_cfg.source}: {new} items the checkpoint "
                       f"{run_dir} never saw; fine-tune on it with `jaxrec "
                       "train --init-from` to add them")
   if data.num_items != cfg.model.num_items:

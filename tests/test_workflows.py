@@ -6,13 +6,13 @@ import os
 import numpy as np
 import pytest
 
-from jaxrec import cli
+from jaxrec import cli, config
 from jaxrec.config import DataConfig
 from jaxrec.data import pipeline, synthetic
 from jaxrec.data import vocabulary as vocab_lib
 from jaxrec.data.sequences import Interactions
 from jaxrec.errors import JaxrecError
-from jaxrec.training import checkpoints
+from jaxrec.training import checkpoints, loop
 
 from cli_helpers import TINY_MODEL, run_error
 
@@ -451,6 +451,26 @@ def test_init_from_on_a_grown_catalogue_trains_and_records_the_counts(
           "(kept)") in printed
   assert vocab.items[:old.num_items].tolist() == old.items.tolist()
   assert meta["config"]["model"]["num_items"] == old.num_items + 10
+
+
+def test_eval_of_a_run_trained_on_new_data_reads_it_by_the_runs_vocabulary(
+    trained_run, new_version):
+  """The run numbered v2 by trained_run's vocabulary; numbered afresh (by
+  v2's own frequencies) the ids were not the model's: a refusal here, and
+  silently wrong metrics where the catalogue's size happened to match."""
+  from jaxrec import evaluation
+  v2, root = new_version
+  out = str(root / "run_v2_eval")
+  loop.train(config.from_dict({
+      "model": {"name": "nextitnet", "num_blocks": 2, "embed_dim": 8},
+      "data": {"source": v2, "max_len": 20},
+      "train": {"steps": 4, "eval_every": 2, "batch_size": 16}}).validate(),
+             out, progress_bar=False, init_from=trained_run)
+  with open(os.path.join(out, "metrics.json"), encoding="utf-8") as f:
+    trained = json.load(f)["test"]
+  evaluated = evaluation.evaluate_checkpoint(out, split="test")["test"]
+  for metric in ("ndcg@10", "hr@10", "mrr@5"):
+    assert evaluated[metric] == pytest.approx(trained[metric], abs=1e-6)
 
 
 def test_dropping_vanished_items_closes_up_the_ids_in_their_old_order(
