@@ -312,16 +312,25 @@ def finished_trial(out_dir: str, arm_name: str, seed: int) -> Trial | None:
   return Trial(**raw)
 
 
-def _trained(arm: Arm, seed: int, out_dir: str) -> Trial:
-  """The arm's trial under `seed`: read back if a finished one exists."""
-  done = finished_trial(out_dir, arm.name, seed)
+def shared_stage(out_dir: str, name: str, seed: int,
+                 train: Callable[[str], Trial]) -> Trial:
+  """A stage several arms of a seed start from (SkipRec's base, StackRec
+  CL's deployed shallow model): `train(work_dir)` runs once under
+  `work_dir(out_dir, name, seed)`, later calls read its trial back."""
+  done = finished_trial(out_dir, name, seed)
   if done is not None:
     return done
-  work = work_dir(out_dir, arm.name, seed)
+  work = work_dir(out_dir, name, seed)
   os.makedirs(work, exist_ok=True)
-  trial = arm.train(seed, work)
+  trial = train(work)
   write_json(os.path.join(work, "trial.json"), dataclasses.asdict(trial))
   return trial
+
+
+def _trained(arm: Arm, seed: int, out_dir: str) -> Trial:
+  """The arm's trial under `seed`: read back if a finished one exists."""
+  return shared_stage(out_dir, arm.name, seed,
+                      lambda work: arm.train(seed, work))
 
 
 def _arm_record(arm: Arm, seeds: Sequence[int],

@@ -165,15 +165,10 @@ def make_setup(s: dict[str, Any], source: str, out: str,
 
 def trained_base(setup: Setup, seed: int) -> harness.Trial:
   """The seed's shared base (trained once, then read back)."""
-  done = harness.finished_trial(setup.out, "base", seed)
-  if done is not None:
-    return done
-  work = harness.work_dir(setup.out, "base", seed)
-  trial = harness.train_run(setup.config(seed, setup.s["base_steps"]),
-                            os.path.join(work, "run"), setup.data)
-  harness.write_json(os.path.join(work, "trial.json"),
-                     dataclasses.asdict(trial))
-  return trial
+  return harness.shared_stage(
+      setup.out, "base", seed, lambda work: harness.train_run(
+          setup.config(seed, setup.s["base_steps"]),
+          os.path.join(work, "run"), setup.data))
 
 
 def tuned_arm(setup: Setup, name: str,

@@ -42,44 +42,11 @@ def test_subset_counts_only_its_rows_and_changes_fingerprint():
   assert sub.fingerprint != "fp"
 
 
-def write_run(path, times_and_values, train_time, test_mrr):
-  os.makedirs(path)
-  with open(os.path.join(path, "metrics.jsonl"), "w") as f:
-    for t, v in times_and_values:
-      f.write(json.dumps({"step": 1, "valid": {"mrr@5": v},
-                          "train_time_s": t}) + "\n")
-  best = max(v for _, v in times_and_values)
-  with open(os.path.join(path, "metrics.json"), "w") as f:
-    json.dump({"valid": {"mrr@5": best}, "test": {"mrr@5": test_mrr},
-               "train_time_s": train_time, "steps": 10}, f)
-
-
-def test_arm_clock_adds_stages_and_growth(tmp_path):
-  write_run(tmp_path / "a", [(1.0, 0.1), (2.0, 0.2)], 2.5, 0.15)
-  write_run(tmp_path / "b", [(1.0, 0.3), (3.0, 0.25)], 3.0, 0.28)
-  arm = common.Arm("x")
-  arm.add_run(str(tmp_path / "a"), "shallow")
-  arm.add_growth(0.5)
-  arm.add_run(str(tmp_path / "b"), "deep")
-  assert arm.clock == pytest.approx(6.0)
-  assert arm.stack_points == [pytest.approx(3.0)]
-  assert [p[0] for p in arm.curve] == pytest.approx([1.0, 2.0, 4.0, 6.0])
-  assert arm.best_valid == 0.3 and arm.best_test == {"mrr@5": 0.28}
-  assert common.time_to_reach(arm, 0.25) == pytest.approx(4.0)
-  assert common.time_to_reach(arm, 0.5) is None
-
-
-def test_unrecorded_stage_only_advances_the_clock(tmp_path):
-  write_run(tmp_path / "src", [(1.0, 0.9)], 4.0, 0.9)
-  arm = common.Arm("x")
-  arm.add_run(str(tmp_path / "src"), "pretrain", record=False)
-  assert arm.clock == 4.0 and arm.curve == [] and arm.best_valid == -1.0
-
-
 def test_new_output_layer_keeps_blocks_and_embedding(tmp_path):
   import jax  # pylint: disable=import-outside-toplevel
   # pylint: disable=import-outside-toplevel
   from jaxrec import config, evaluation, heads
+  from jaxrec.surgery import heads as head_surgery
   from jaxrec.models.nextitnet import NextItNetConfig
   from jaxrec.training import loop
   cfg = config.Config(
@@ -89,7 +56,7 @@ def test_new_output_layer_keeps_blocks_and_embedding(tmp_path):
                                eval_batch_size=8))
   src, out = str(tmp_path / "src"), str(tmp_path / "head")
   loop.train(cfg, src, progress_bar=False)
-  common.reset_output_layer(src, out, seed=5)
+  head_surgery.new_head_checkpoint(src, out, seed=5)
   before, src_cfg, _ = evaluation.load_params(src)
   after, _, meta = evaluation.load_params(out)
   fresh = heads.get(src_cfg.head.name).init(src_cfg.head, src_cfg.model,
@@ -103,46 +70,15 @@ def test_new_output_layer_keeps_blocks_and_embedding(tmp_path):
 
 # ------------------------------------------- the scripts, end to end (tiny)
 
-TINY = dict(model=dict(embed_dim=8),
-            data=dict(source="synthetic:tiny", max_len=20),
-            train=dict(batch_size=16, eval_batch_size=64))
-ARM_FIELDS = {"best_valid_mrr@5", "test", "best_stage", "wall_s",
-              "time_to_scratch_best_s", "time_ratio_vs_scratch",
-              "stack_points_s", "stages", "curve"}
-
-
 def run_script(monkeypatch, name, out, *extra, **settings):
   """Runs experiments/NAME.py's main() with --out OUT and module attributes
-  (its SMALL settings, the grown arms) patched to tiny ones."""
+  (its settings) patched to tiny ones."""
   module = importlib.import_module(name)
   for key, value in settings.items():
-    target = common if key == "GROWN_ARMS" else module
-    monkeypatch.setattr(target, key, value)
+    monkeypatch.setattr(module, key, value)
   monkeypatch.setattr(sys, "argv", [f"{name}.py", "--out", str(out),
                                     *extra])
   module.main()
-
-
-def read_results(out, scenario, arms, stack_points):
-  """results.json: the documented fields for every arm; the plot exists."""
-  with open(out / "results.json") as f:
-    results = json.load(f)
-  assert results["scenario"] == scenario
-  assert results["metric"] == "valid mrr@5"
-  assert set(results["arms"]) == set(arms)
-  for name, arm in results["arms"].items():
-    assert set(arm) == ARM_FIELDS, name
-    assert len(arm["stack_points_s"]) == stack_points[name], name
-    assert arm["curve"] and arm["best_valid_mrr@5"] == max(
-        p[1] for p in arm["curve"])
-    assert arm["test"]["count"] > 0
-    assert all(np.isfinite(v) for v in arm["test"].values())
-    counted = sum(s["train_time_s"] for s in arm["stages"])
-    assert arm["wall_s"] >= counted > 0
-    for stage in arm["stages"]:
-      assert os.path.isfile(os.path.join(stage["dir"], "metrics.json"))
-  assert (out / "valid_mrr5.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  return results
 
 
 @pytest.mark.slow
@@ -170,48 +106,68 @@ def test_demo_trains_grows_finetunes_and_compares(tmp_path, monkeypatch,
 
 
 @pytest.mark.slow
-def test_stackrec_ts_writes_results_and_plot(tmp_path, monkeypatch):
-  small = dict(TINY, blocks=(1, 2), steps=(2,), max_steps=4, patience=1,
-               eval_every=2)
-  run_script(monkeypatch, "stackrec_ts", tmp_path, SMALL=small,
-             GROWN_ARMS=(("adjacent", "paper"), ("cross", "preserve")))
-  results = read_results(tmp_path, "TS",
-                         ["scratch", "adjacent/paper", "cross/preserve"],
-                         {"scratch": 0, "adjacent/paper": 1,
-                          "cross/preserve": 1})
-  assert results["settings"]["blocks"] == [1, 2]
-  assert {name: len(arm["stages"]) for name, arm in results["arms"].items()
-          } == {"scratch": 1, "adjacent/paper": 2, "cross/preserve": 2}
+def test_stackrec_cl_grows_the_deployed_model_to_scratchs_architecture(
+    tmp_path, monkeypatch):
+  run_script(monkeypatch, "stackrec_cl", tmp_path, "--data",
+             "synthetic:tiny", "--seeds", "0", "--blocks", "1",
+             "--increment-steps", "2", "--steps", "4", "--eval-every", "2",
+             "--batch-size", "16", "--embed-dim", "8", "--arms",
+             "cross/preserve")
+  with open(tmp_path / "results.json") as f:
+    results = json.load(f)
+  arms = results["arms"]
+  assert set(arms) == {"scratch", "shallow", "cross/preserve"}
+  assert {arm["steps"] for arm in arms.values()} == {4}
+  configs = {name: checkpoints.read_meta(arm["run_dirs"][0])[1]
+             for name, arm in arms.items()}
+  assert (configs["cross/preserve"]["config"]["model"]
+          == configs["scratch"]["config"]["model"])  # 2 blocks, same dilations.
+  assert configs["shallow"]["config"]["model"]["num_blocks"] == 1
+  # Grown from the deployed model, which saw the four subsets in turn.
+  lineage = configs["cross/preserve"]["lineage"]
+  assert [e["op"] for e in lineage].count("init_from") == 4
+  assert lineage[-2]["op"] == "grow"
+  deployed = tmp_path / "runs" / "deployed" / "seed0"
+  fractions = sorted(p.name for p in deployed.iterdir() if p.is_dir())
+  assert fractions == ["subset0.2", "subset0.4", "subset0.6", "subset0.8"]
+  assert "| nextitnet | cross/preserve |" in (
+      tmp_path / "summary.md").read_text()
 
 
 @pytest.mark.slow
-def test_stackrec_cl_writes_results_and_plot(tmp_path, monkeypatch):
-  small = dict(TINY, blocks=1, increment_steps=2, max_steps=4, patience=1,
-               eval_every=2)
-  run_script(monkeypatch, "stackrec_cl", tmp_path, SMALL=small,
-             FRACTIONS=(0.5, 1.0), GROWN_ARMS=(("adjacent", "preserve"),))
-  results = read_results(tmp_path, "CL",
-                         ["scratch", "shallow", "adjacent/preserve"],
-                         {"scratch": 0, "shallow": 0,
-                          "adjacent/preserve": 1})
-  assert results["settings"]["deep_blocks"] == 2
-  with open(tmp_path / "shallow_0.5" / "metrics.json") as f:
-    assert json.load(f)["data"]["train_fraction"] == 0.5
-
-
-@pytest.mark.slow
-def test_stackrec_tf_writes_results_and_plot(tmp_path, monkeypatch):
-  small = dict(TINY, blocks=(1, 2), steps=(2, 2), max_steps=4, patience=1,
-               eval_every=2, target="synthetic:tiny,seed=3")  # Same 50 ids.
-  run_script(monkeypatch, "stackrec_tf", tmp_path, SMALL=small,
-             GROWN_ARMS=(("cross", "paper"),))
-  results = read_results(tmp_path, "TF",
-                         ["scratch", "no_pretrain", "cross/paper"],
-                         {"scratch": 1, "no_pretrain": 0, "cross/paper": 2})
-  assert results["settings"]["target"] == "synthetic:tiny,seed=3"
-  # Pretraining stages advance the clock but are not on the target curve.
-  counted = [s["counted"] for s in results["arms"]["cross/paper"]["stages"]]
-  assert counted == [False, False, True]
+def test_stackrec_tf_transfers_to_a_user_split_at_equal_budgets(
+    tmp_path, monkeypatch):
+  run_script(monkeypatch, "stackrec_tf", tmp_path, "--data",
+             "synthetic:tiny", "--seeds", "0", "--depths", "1,2",
+             "--shares", "0.5,0.5", "--pretrain-steps", "4",
+             "--finetune-steps", "2", "--eval-every", "2", "--batch-size",
+             "16", "--embed-dim", "8", "--methods", "cross", "--presets",
+             "paper")
+  with open(tmp_path / "results.json") as f:
+    results = json.load(f)
+  arms = results["arms"]
+  assert set(arms) == {"scratch", "cross/paper", "no_pretrain"}
+  assert {arm["steps"] for arm in arms.values()} == {6}
+  # The domains: every user in exactly one, 30% of them in the target.
+  users = {}
+  for name in ("source", "target"):
+    with open(tmp_path / "domains" / f"{name}.csv") as f:
+      users[name] = {line.split(",")[0] for line in list(f)[1:]}
+  assert not users["source"] & users["target"]
+  share = len(users["target"]) / len(users["source"] | users["target"])
+  assert share == pytest.approx(0.3, abs=0.01)
+  # One catalogue: every arm's target run numbers items the source's way.
+  from jaxrec.data import vocabulary as vocab_lib
+  items = {name: vocab_lib.of_run(arm["run_dirs"][0]).items.tolist()
+           for name, arm in arms.items()}
+  assert items["scratch"] == items["cross/paper"] == items["no_pretrain"]
+  # The grown arm was grown on the source, then given a fresh head.
+  _, meta = checkpoints.read_meta(arms["cross/paper"]["run_dirs"][0])
+  ops = [entry["op"] for entry in meta["lineage"]]
+  assert ops.index("grow") < ops.index("new_output_head")
+  assert meta["config"]["model"]["num_blocks"] == 2
+  assert "time_to_scratch_best_s" in arms["cross/paper"]
+  assert "| nextitnet | cross/paper |" in (tmp_path / "summary.md").read_text()
 
 
 @pytest.mark.slow
@@ -280,19 +236,6 @@ def test_lineage_runs_every_method_on_one_chain_of_checkpoints(
     assert stages[name]["infer_ms"]["mean"] > 0
   assert "| compressed | grown |" in capsys.readouterr().out
   assert (tmp_path / "lineage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_scenario_model_flag_keeps_only_the_backbones_own_settings(capsys):
-  import argparse  # pylint: disable=import-outside-toplevel
-  settings = dict(model=dict(embed_dim=16, dropout=0.0, dilations=[1, 4]),
-                  data=dict(source="synthetic:tiny", max_len=10),
-                  train=dict(batch_size=8, steps=2))
-  args = argparse.Namespace(data=None, model="gru4rec", seed=1)
-  cfg = common.base_config(settings, args)
-  assert cfg.model.name == "gru4rec" and cfg.model.embed_dim == 16
-  assert "dilations, dropout" in capsys.readouterr().out
-  args.model = None  # The settings' backbone, every setting kept.
-  assert list(common.base_config(settings, args).model.dilations) == [1, 4]
 
 
 @pytest.mark.slow
