@@ -464,40 +464,64 @@ def test_a_finetuning_is_not_a_start_for_surgery_or_init_from(peter_run,
   assert "a fine-tuning (cold_start); --init-from" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_peterrec_experiment_writes_results_targets_and_plot(tmp_path,
-                                                             monkeypatch):
+def peterrec_module(monkeypatch):
   import importlib  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
   monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..",
                                            "experiments"))
-  module = importlib.import_module("peterrec")
+  return importlib.import_module("peterrec")
+
+
+@pytest.mark.slow
+def test_peterrec_experiment_fine_tunes_each_pretraining_at_equal_budgets(
+    tmp_path, monkeypatch):
+  import sys  # pylint: disable=import-outside-toplevel
+  module = peterrec_module(monkeypatch)
   monkeypatch.setattr(module, "CPU", dict(
       module.CPU, world="tiny", embed_dim=8, num_blocks=2, max_len=12,
       pretrain_steps=2, steps=2, eval_every=2, batch_size=16))
   monkeypatch.setattr(sys, "argv", [
-      "peterrec.py", "--out", str(tmp_path), "--pretrainings", "causal",
-      "--arms", "peter_serial"])
+      "peterrec.py", "--out", str(tmp_path), "--seeds", "0",
+      "--pretrainings", "causal,grec", "--arms", "peter_serial,peter_zero"])
   module.main()
-  with open(tmp_path / "results.json", encoding="utf-8") as f:
-    results = json.load(f)
-  arm = results["arms"]["peter_serial"]
-  assert {"trainable_params", "backbone_params", "cold_start", "profile",
-          "train_time_s"} <= set(arm)
-  assert set(arm["cold_start"]) >= {"valid", "test"}
-  assert 0 <= arm["profile"]["accuracy"] <= 1
-  assert (tmp_path / "peterrec.png").stat().st_size > 0
-  # The targets, on arms made up to sit on each side of every threshold.
-  def arm_with(ndcg, acc, trainable):
-    return {"cold_start": {"test": {"ndcg@10": ndcg}},
-            "profile": {"accuracy": acc}, "trainable_params": trainable,
-            "backbone_params": 1000}
-  arms = {"peter_serial": arm_with(0.96, 0.5, 100),
-          "fine_all": arm_with(1.0, 0.5, 1000),
-          "peter_zero": arm_with(0.9, 0.4, 1000)}
-  assert all(module.targets(arms).values())
-  arms["peter_serial"] = arm_with(0.94, 0.47, 101)
-  assert not any(module.targets(arms).values())
+  for task, metric in (("cold_start", "ndcg@10"), ("profile", "accuracy")):
+    with open(tmp_path / task / "results.json", encoding="utf-8") as f:
+      results = json.load(f)
+    assert results["select_metric"] == metric
+    arms = results["arms"]
+    assert set(arms) == {"peter_serial", "peter_zero", "grec_peter_serial",
+                         "grec_peter_zero"}
+    # Pretraining counts in a pretrained arm's budget; PeterZero has none.
+    assert arms["peter_serial"]["steps"] == arms["grec_peter_serial"][
+        "steps"] == 4
+    assert arms["peter_zero"]["steps"] == 2
+    assert arms["peter_zero"]["budget"] == "own"
+    serial = arms["peter_serial"]
+    assert 0 < serial["params"] < serial["backbone_params"]
+    assert 0 <= serial["test"][metric]["mean"] <= 1
+  # GRec's pretraining reaches PeterRec as its extracted encoder.
+  _, meta = checkpoints.read_meta(arms["grec_peter_serial"]["run_dirs"][0])
+  assert "extract" in [entry["op"] for entry in meta["lineage"]]
+  assert "| grec_peter_serial |" in (tmp_path / "summary.md").read_text()
+
+
+def test_peterrec_claims_hold_only_when_they_hold_on_every_seed(monkeypatch):
+  module = peterrec_module(monkeypatch)
+  good = {"peter_serial": [0.96, 0.97], "fine_all": [1.0, 1.0],
+          "peter_zero": [0.5, 0.5], "fine_last2": [0.9, 0.9],
+          "fine_last1": [0.8, 0.8], "fine_cls": [0.7, 0.7]}
+
+  def results(values):
+    arms = {a: {"test": {m: {"values": values.get(a, [0.6, 0.6])}
+                         for m in ("ndcg@10", "accuracy")}}
+            for a in module.ARMS}
+    return {task: {"arms": arms} for task in module.TASKS}
+
+  assert all(c["met"] for c in module.claims(results(good), ""))
+  bad = dict(good, peter_serial=[0.96, 0.9], fine_cls=[0.7, 0.85])
+  met = {c["claim"]: c["met"] for c in module.claims(results(bad), "")}
+  assert met == {"PeterRec about equal to FineAll": False,
+                 "PeterRec far above PeterZero": True,
+                 "FineLast2 > FineLast1 > FineCLS": False}
 
 
 def profiles_module(monkeypatch):
