@@ -154,6 +154,14 @@ def test_non_numeric_flag_names_the_flag(tmp_path, capsys):
   assert "--steps" in line
 
 
+def test_a_run_directory_orbax_cannot_read_back_is_refused_before_training(
+    tmp_path, capsys):
+  out = tmp_path / "sweep[lr=3e-3]"
+  line = run_error(capsys, ["train", "--out", out] + TINY)
+  assert str(out) in line and "'['" in line
+  assert not (out / "checkpoints").exists()
+
+
 def test_unknown_flag_is_one_line(capsys):
   line = run_error(capsys, ["train", "--out", "x", "--no-such-flag", "1"])
   assert "--no-such-flag" in line

@@ -31,6 +31,13 @@ def manager(run_dir: str, kind: str, keep: int | None = 1,
   steps are preserved, and every save the loop asks for is made (the loop
   decides when: at validations, and at a multi-process stop)."""
   path = os.path.join(os.path.abspath(run_dir), "checkpoints", kind)
+  if "[" in path or "]" in path:
+    # Checkpoints under such a path were written, then failed to restore
+    # ("metadata ... does not exist"): a run trained for hours and could
+    # not be resumed, evaluated or grown.
+    raise JaxrecError(f"{run_dir}: a run directory whose path holds '[' or "
+                      "']' cannot be read back by Orbax's tensorstore; "
+                      "choose a name without brackets")
   options = ocp.CheckpointManagerOptions(
       preservation_policy=(None if keep is None else
                            preservation_policy.LatestN(keep)),
