@@ -1,9 +1,10 @@
-"""CpRec: each compression alone and together, against the uncompressed model.
+"""CpRec through the harness: each compression alone and together, against
+the uncompressed model, over seeds, with every knob chosen on validation.
 
-  python experiments/cprec.py --out runs/cprec            # CPU (see below)
-  python experiments/cprec.py --out runs/cprec --scale    # GPU: ML-20M shape
+  python experiments/cprec.py --out results/cprec            # CPU
+  python experiments/cprec.py --out runs/cprec --scale       # GPU: ML-20M shape
 
-Arms (all NextItNet, same data, steps and seed):
+Arms (all NextItNet, same data and optimiser steps):
 
   nextitnet             uncompressed
   adaptive_input        block-wise adaptive input embedding
@@ -15,60 +16,66 @@ Arms (all NextItNet, same data, steps and seed):
   cprec                 adaptive input + tree softmax + cross-block sharing
   small_nextitnet       uncompressed, width chosen to match cprec's size
 
-Each arm records params (in all and per top-level subtree), full-ranking
-valid/test metrics, training time and tokens/s, and the latency of a top-20
-query per evaluation batch (full scoring vs the tree softmax's exact early
-exit, with the share of (user, band) pairs whose search it skipped).
-Writes OUT/results.json, OUT/accuracy_vs_params.png and prints a Markdown
-table for RESULTS.md.
+Knobs, each chosen on validation (the mean over seeds) before the arms
+that depend on it train, so no test number is in view when any is set:
+1. the width C: `nextitnet` at each of `--widths` (default 32 and 64);
+   every other arm runs at the chosen C (`--embed-dim` fixes C instead);
+2. the band shares: `cprec` at each of `--band-share-grid` (where the head
+   band ends, as a share of training events; default 0.6 and 0.8); every
+   arm with bands uses the chosen one (`--band-shares` fixes it instead);
+3. small_nextitnet's width: the uncompressed model's closest in size to
+   the chosen cprec.
+Then the harness tests every arm once. Timings, on seed 0's runs: each
+arm's training tokens/s (the mean of its last two logged windows) and its
+top-20 latency at batch 512 and batch 1, full scoring against the tree
+head's exact early exit, with the share of (user, band) pairs the exit
+did not search; and nextitnet's and cprec's searches interleaved in one
+process (latency timed apart is too noisy here to compare across arms).
+
+Writes OUT/results.json (the harness's, plus per arm `params_by_subtree`,
+`tokens_per_s`, `topn_ms` and `config`; `top20_compared`, `choices`,
+`targets`, `settings`), table.md, results.png, accuracy_vs_params.png and
+summary.md.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
-import platform
-import tempfile
+import sys
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging as absl_logging
 
-from jaxrec import config as config_lib
-from jaxrec import heads
-from jaxrec import models
-from jaxrec.data import pipeline
-from jaxrec.heads import tree_softmax
-from jaxrec.tasks import next_item
-from jaxrec.training import checkpoints, loop, state
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # pylint: disable=wrong-import-position
+from jaxrec import config as config_lib  # pylint: disable=wrong-import-position
+from jaxrec import heads, models  # pylint: disable=wrong-import-position
+from jaxrec.data import pipeline  # pylint: disable=wrong-import-position
+from jaxrec.heads import tree_softmax  # pylint: disable=wrong-import-position
+from jaxrec.tasks import next_item  # pylint: disable=wrong-import-position
+from jaxrec.training import state  # pylint: disable=wrong-import-position
 
-absl_logging.set_verbosity(absl_logging.ERROR)
-
-# 10,000 items with a long tail: embedding and softmax are most of the model.
-# C=64, not 32: at C=32 the default band widths C/4^j leave a tail item 2
-# numbers, and no allocation of about 4x fewer parameters kept 95% of the
-# uncompressed model's NDCG@10 there (RESULTS.md, CpRec band widths). 1,500
-# steps: the uncompressed model's validation flattens from about 800 steps
-# (seed 0 peaks there), cprec's still rises a little at 1,500. Each
-# uncompressed arm takes several minutes on 2 cores; `--steps 300` for a
-# quick look.
+# 10,000 items with a long tail: embedding and softmax are most of the
+# model. 1,500 steps: the uncompressed model's validation flattens from
+# about 800 steps, cprec's still rises a little at 1,500 (RESULTS.md).
 CPU = dict(data="synthetic:small,users=5000,items=10000,topics=100",
-           embed_dim=64, num_blocks=4, max_len=20, batch_size=128,
-           steps=1500, eval_every=100, lr=3e-3, patience=0, timing_batches=5)
-SCALE = dict(data="synthetic:ml20m", embed_dim=256, num_blocks=32,
-             max_len=50, batch_size=256, steps=20000, eval_every=2000,
-             lr=1e-3, patience=0, timing_batches=20)
-# The bands and sharing every compressed arm uses (RESULTS.md says why).
-BANDS = dict(num_bands=3, band_shares=[0.6])
+           num_blocks=4, max_len=20, batch_size=128, steps=1500,
+           eval_every=100, lr=3e-3, timing_batches=5)
+SCALE = dict(data="synthetic:ml20m", num_blocks=32, max_len=50,
+             batch_size=256, steps=20000, eval_every=2000, lr=1e-3,
+             timing_batches=20)
+WIDTHS = (32, 64)
+BAND_SHARE_GRID = (0.6, 0.8)
+NUM_BANDS = 3
 SHARE_PERIOD = 2
-ARMS = {
+ARMS = {  # arm -> config sections it changes
     "nextitnet": {},
-    "adaptive_input": {"model": dict(embedding="adaptive", **BANDS)},
-    "tree_softmax": {"model": dict(BANDS), "head": {"name": "tree_softmax"}},
+    "adaptive_input": {"model": {"embedding": "adaptive"}, "bands": True},
+    "tree_softmax": {"head": {"name": "tree_softmax"}, "bands": True},
     "share_cross_layer": {"methods": {"cprec": {"share": "cross_layer"}}},
     "share_cross_block": {"methods": {"cprec": {"share": "cross_block",
                                                 "period": SHARE_PERIOD}}},
@@ -76,70 +83,68 @@ ARMS = {
         "share": "adjacent_layer"}}},
     "share_adjacent_block": {"methods": {"cprec": {
         "share": "adjacent_block"}}},
-    "cprec": {"model": dict(embedding="adaptive", **BANDS),
+    "cprec": {"model": {"embedding": "adaptive"},
               "methods": {"cprec": {"share": "cross_block",
                                     "period": SHARE_PERIOD}},
-              "head": {"name": "tree_softmax"}},
-    "small_nextitnet": {},  # Width set to match cprec (`matched_width`).
+              "head": {"name": "tree_softmax"}, "bands": True},
+    "small_nextitnet": {},  # Its width matches cprec's size.
 }
 TOP_N = 20
-# Latency is the fastest of this many passes over the timing batches, full
-# and early exit interleaved. Across arms it stays noisy on the 2-core
-# machine (the same flat-softmax program took 9-22 ms per batch in
-# different arms), so compare full and early exit within an arm.
-TIMING_PASSES = 5
-SHOWN = ("ndcg@10", "hr@10", "mrr@5")
+TIMING_PASSES = 5  # The fastest pass counts; passes interleave the calls.
 LAST_HIDDEN = jax.jit(next_item.last_hidden, static_argnums=1)
+PAPER = ("CpRec (SIGIR 2020): 4-8x fewer parameters at comparable or better "
+         "accuracy on ML-20M-scale data")
 
 
-def base_config(s: dict[str, Any], seed: int) -> dict[str, Any]:
-  """The raw config every arm starts from; `s["bands"]` (from the band
-  flags) is kept beside it for the arms built on bands."""
-  return {
-      "bands": s.get("bands", {}),
-      "model": {"embed_dim": s["embed_dim"], "num_blocks": s["num_blocks"],
-                "dropout": s.get("dropout", 0.2)},
+def arm_config(s: dict[str, Any], arm: str, seed: int, width: int,
+               shares: float, band_flags: dict[str, Any]
+               ) -> config_lib.Config:
+  """`arm` at width C=`width`; an arm built on bands gets `shares` and the
+  band flags (`--band-dims`, `--tail-dims`, `--num-bands`)."""
+  raw: dict[str, Any] = {
+      "model": {"embed_dim": width, "num_blocks": s["num_blocks"]},
       "data": {"source": s["data"], "max_len": s["max_len"],
                "min_user_count": 1, "min_item_count": 1},
       "train": {"batch_size": s["batch_size"], "steps": s["steps"],
                 "eval_every": s["eval_every"], "learning_rate": s["lr"],
-                "patience": s.get("patience", 0), "seed": seed,
-                # The loop's default until 2026-12-07, as in the records.
-                "select_metric": "mrr@5"}}
-
-
-def arm_config(base: dict[str, Any], arm: str,
-               width: int | None = None) -> config_lib.Config:
-  raw = json.loads(json.dumps(base))
-  overrides = raw.pop("bands")
-  for section, values in ARMS[arm].items():
-    raw.setdefault(section, {}).update(values)
-  if "num_bands" in raw["model"]:  # An arm built on bands.
-    raw["model"].update(overrides.get("model", {}))
+                "patience": 0, "seed": seed}}
+  spec = ARMS[arm]
+  for section in ("model", "head", "methods"):
+    if section in spec:
+      raw.setdefault(section, {}).update(json.loads(json.dumps(
+          spec[section])))
+  if spec.get("bands"):
+    raw["model"].update({"num_bands": NUM_BANDS, "band_shares": [shares],
+                         **band_flags.get("model", {})})
     if raw.get("head", {}).get("name") == "tree_softmax":
-      raw["head"].update(overrides.get("head", {}))
-  if width is not None:
-    raw["model"]["embed_dim"] = width
+      raw["head"].update(band_flags.get("head", {}))
   return config_lib.from_dict(raw, f"arm {arm}").validate()
 
 
-def fitted(cfg: config_lib.Config, data) -> config_lib.Config:
-  return cfg.fit_data(data.num_items, data.max_len, data.item_counts)
+def param_count(cfg: config_lib.Config, data: Any) -> int:
+  fitted = cfg.fit_data(data.num_items, data.max_len, data.item_counts)
+  return models.count_params(models.abstract_params(fitted))
 
 
-def param_count(cfg: config_lib.Config) -> int:
-  return models.count_params(models.abstract_params(cfg))
-
-
-def matched_width(base: dict[str, Any], data, target: int) -> int:
+def matched_width(s, data, band_flags, target: int) -> int:
   """The width whose uncompressed model is closest to `target` params."""
-  sizes = {c: param_count(fitted(arm_config(base, "small_nextitnet", c),
-                                 data)) for c in range(4, 257, 4)}
+  sizes = {c: param_count(arm_config(s, "small_nextitnet", 0, c, 0.0,
+                                     band_flags), data)
+           for c in range(4, 257, 4)}
   return min(sizes, key=lambda c: abs(sizes[c] - target))
 
 
-def by_subtree(params: Any) -> dict[str, int]:
-  return {name: models.count_params(sub) for name, sub in params.items()}
+def arm_of(s, data, band_flags, arm: str, width: int, shares: float,
+           name: str = "", knobs: dict[str, Any] | None = None
+           ) -> harness.Arm:
+  def train(seed: int, work: str) -> harness.Trial:
+    cfg = arm_config(s, arm, seed, width, shares, band_flags)
+    return harness.train_run(cfg, os.path.join(work, "run"), data)
+  return harness.Arm(name or arm, train, variant_of=arm if knobs else "",
+                     knobs=knobs or {})
+
+
+# ------------------------------------------------------------ timing
 
 
 def top20_calls(params, cfg) -> dict[str, Any]:
@@ -147,24 +152,21 @@ def top20_calls(params, cfg) -> dict[str, Any]:
   `full` (every item scored) and, for the tree head, `early_exit`. The
   backbone runs outside, so only the head's search is timed."""
   if cfg.head.name == "tree_softmax":
-    calls = {"full": lambda h: tree_softmax.top_n(params, cfg, h, TOP_N,
-                                                  early_exit=False),
-             "early_exit": lambda h: tree_softmax.top_n(params, cfg, h,
-                                                        TOP_N)}
-  else:
-    head, v = heads.get(cfg.head.name), cfg.model.num_items
-    full = jax.jit(lambda p, h: jax.lax.top_k(head.tile_scores(
-        p, cfg, h, jnp.array(0), v).at[:, 0].set(-jnp.inf), TOP_N))
-    calls = {"full": lambda h: full(params, h)}
-  return calls
+    return {"full": lambda h: tree_softmax.top_n(params, cfg, h, TOP_N,
+                                                 early_exit=False),
+            "early_exit": lambda h: tree_softmax.top_n(params, cfg, h,
+                                                       TOP_N)}
+  head, v = heads.get(cfg.head.name), cfg.model.num_items
+  full = jax.jit(lambda p, h: jax.lax.top_k(head.tile_scores(
+      p, cfg, h, jnp.array(0), v).at[:, 0].set(-jnp.inf), TOP_N))
+  return {"full": lambda h: full(params, h)}
 
 
 def interleaved_ms(calls: dict[str, Any], inputs: np.ndarray, size: int,
                    count: int) -> tuple[dict[str, float], dict[str, list]]:
-  """ms per query batch of each (params, cfg, fn) in `calls`, over `count`
+  """ms per query batch of each (params, cfg, fn) in `calls` over `count`
   batches of `size` test users: the fastest of TIMING_PASSES passes, the
-  calls' passes interleaved so a slow spell of the shared machine hits
-  them alike. Also each call's outputs."""
+  calls interleaved within each pass; and each call's outputs."""
   size = min(size, len(inputs))
   count = max(1, min(count, len(inputs) // size))
   batches = [inputs[i * size:(i + 1) * size] for i in range(count)]
@@ -173,8 +175,7 @@ def interleaved_ms(calls: dict[str, Any], inputs: np.ndarray, size: int,
     if id(params) not in by_model:  # Calls on one model share its states.
       by_model[id(params)] = [LAST_HIDDEN(params, cfg, x) for x in batches]
     hs[name] = by_model[id(params)]
-    # Compile every program the batches need (the early exit has one per
-    # set of row buckets), as a server would before taking queries.
+    # Compile every program the batches need, as a server would.
     outs[name] = jax.block_until_ready([fn(h) for h in hs[name]])
   best = dict.fromkeys(calls, float("inf"))
   for _ in range(TIMING_PASSES):
@@ -187,97 +188,119 @@ def interleaved_ms(calls: dict[str, Any], inputs: np.ndarray, size: int,
   return best, outs
 
 
-def topn_latency(params, cfg, data, batch_size: int,
-                 batches: int) -> dict[str, Any]:
-  """ms per top-20 query batch: full scoring vs the tree head's early exit,
-  at `batch_size` and at batch 1 (one user per query, as served), with the
-  share of (user, tail band) pairs the exit did not search, and whether
-  its ids and scores equal the full computation's."""
+def topn_latency(params, cfg, data, batches: int) -> dict[str, Any]:
+  """Top-20 ms per query batch, full vs early exit, at batch 512 and 1,
+  with the share of (user, tail band) pairs the exit did not search and
+  whether its ids and scores equal the full search's."""
   calls = {name: (params, cfg, fn)
            for name, fn in top20_calls(params, cfg).items()}
 
   def measure(size: int, count: int) -> dict[str, Any]:
     ms, outs = interleaved_ms(calls, data.test_inputs, size, count)
     out = {"batch": min(size, len(data.test_inputs)),
-           "batches": len(outs["full"]), "passes": TIMING_PASSES,
-           "full_ms": ms["full"]}
+           "batches": len(outs["full"]), "full_ms": ms["full"]}
     if "early_exit" in ms:
-      out["early_exit_ms"] = ms["early_exit"]
       scored = np.concatenate([o[2] for o in outs["early_exit"]])
-      out["bands_skipped_share"] = float(1.0 - scored.mean())
-      out["skipped_share_by_band"] = [float(x) for x in 1 - scored.mean(0)]
-      out["exact"] = all(
-          all(bool((np.asarray(a) == np.asarray(b)).all())
-              for a, b in zip(f[:2], e[:2]))
-          for f, e in zip(outs["full"], outs["early_exit"]))
+      out.update(
+          early_exit_ms=ms["early_exit"],
+          bands_skipped_share=float(1.0 - scored.mean()),
+          skipped_share_by_band=[float(x) for x in 1 - scored.mean(0)],
+          exact=all(all(bool((np.asarray(a) == np.asarray(b)).all())
+                        for a, b in zip(f[:2], e[:2]))
+                    for f, e in zip(outs["full"], outs["early_exit"])))
     return out
 
-  out = measure(batch_size, batches)
+  out = measure(512, batches)
   out["batch_1"] = measure(1, 50 * batches)
   return out
 
 
-def compare_top20(out_dir: str, data, s: dict[str, Any]) -> dict[str, Any]:
-  """nextitnet's full top-20 against cprec's full and early-exit ones,
-  interleaved in one process (latency across arms timed apart is too
-  noisy here to compare), at batch 512 and at batch 1."""
-  calls = {}
-  for arm in ("nextitnet", "cprec"):
-    params, cfg, _ = state.load_params(os.path.join(out_dir, "runs", arm),
-                                       "best")
-    for name, fn in top20_calls(params, cfg).items():
-      calls[f"{arm}_{name}"] = (params, cfg, fn)
-  out = {}
-  for key, size, count in (("batch_512", 512, s["timing_batches"]),
-                           ("batch_1", 1, 50 * s["timing_batches"])):
-    out[key] = interleaved_ms(calls, data.test_inputs, size, count)[0]
-  return out
+def tokens_per_s(run_dir: str) -> float:
+  """Steady training throughput: the mean of the run's last two logged
+  windows (the first holds compilation)."""
+  with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+    rates = [json.loads(line).get("tokens_per_s") for line in f]
+  return float(np.mean([x for x in rates if x][-2:]))
 
 
-def run_arm(arm: str, cfg: config_lib.Config, data, out_dir: str,
-            s: dict[str, Any], resume: bool = False) -> dict[str, Any]:
-  # A resumed experiment continues an arm killed mid-training exactly from
-  # its latest checkpoint (the loop's resume); a fresh one starts it anew.
-  resume = resume and os.path.exists(os.path.join(out_dir, "config.json"))
-  result = loop.train(cfg, out_dir, data, progress_bar=False, resume=resume)
-  params, run_cfg, _ = state.load_params(out_dir, "best")
-  real_per_row = float(np.mean(np.count_nonzero(data.train[:, 1:], axis=1)))
-  tokens = result["steps"] * cfg.train.batch_size * real_per_row
+def timed(results: dict[str, Any], data, batches: int) -> None:
+  """Per arm (seed 0's run): sizes by subtree, tokens/s, top-20 latency;
+  then nextitnet's and cprec's searches interleaved."""
+  loaded = {}
+  for name, arm in results["arms"].items():
+    params, cfg, _ = state.load_params(arm["run_dirs"][0], "best")
+    loaded[name] = (params, cfg)
+    arm["params_by_subtree"] = {k: models.count_params(v)
+                                for k, v in params.items()}
+    arm["tokens_per_s"] = tokens_per_s(arm["run_dirs"][0])
+    arm["topn_ms"] = topn_latency(params, cfg, data, batches)
+    arm["config"] = {"model": config_lib.section_to_dict(cfg.model),
+                     "head": config_lib.section_to_dict(cfg.head)}
+  if {"nextitnet", "cprec"} <= set(loaded):
+    calls = {f"{arm}_{name}": (*loaded[arm], fn)
+             for arm in ("nextitnet", "cprec")
+             for name, fn in top20_calls(*loaded[arm]).items()}
+    results["top20_compared"] = {
+        key: interleaved_ms(calls, data.test_inputs, size, count)[0]
+        for key, size, count in (("batch_512", 512, batches),
+                                 ("batch_1", 1, 50 * batches))}
+
+
+# ----------------------------------------------------------- reports
+
+
+def targets(results: dict[str, Any]) -> dict[str, bool]:
+  """The issue's CPU targets, on means over seeds (and per seed where the
+  claim is about accuracy)."""
+  arms = results["arms"]
+  ref, cp, small = arms["nextitnet"], arms["cprec"], arms["small_nextitnet"]
+  ndcg = lambda r: np.array(r["test"]["ndcg@10"]["values"])  # pylint: disable=unnecessary-lambda-assignment
+  t = cp["topn_ms"]
+  both = results["top20_compared"]["batch_512"]
   return {
-      "params": models.count_params(params),
-      "params_by_subtree": by_subtree(params),
-      "valid": result["valid"], "test": result["test"],
-      "train_time_s": result["train_time_s"],
-      "tokens_per_s": tokens / max(result["train_time_s"], 1e-9),
-      "topn_ms": topn_latency(params, run_cfg, data, 512,
-                              s["timing_batches"]),
-      "model": config_lib.section_to_dict(run_cfg.model),
-      "head": config_lib.section_to_dict(run_cfg.head),
+      "cprec_4x_fewer_params": ref["params"] >= 4 * cp["params"],
+      "cprec_ndcg10_at_least_95pct_every_seed":
+          bool(np.all(ndcg(cp) >= 0.95 * ndcg(ref))),
+      "cprec_above_small_nextitnet_every_seed":
+          bool(np.all(ndcg(cp) > ndcg(small))),
+      "early_exit_exact": bool(t.get("exact"))
+                          and bool(t["batch_1"].get("exact")),
+      "early_exit_faster_than_full_softmax":
+          both["cprec_early_exit"] < both["nextitnet_full"],
+      "early_exit_faster_than_full_tree": t["early_exit_ms"] < t["full_ms"],
   }
 
 
-def retime(out_dir: str, results: dict[str, Any], data,
-           s: dict[str, Any], steps: int = 150) -> None:
-  """Re-measures every arm's speed on the trained runs: top-20 latency on
-  its best checkpoint, and steady training throughput from a fresh
-  `steps`-step run (the mean of its last two 50-step windows: the first
-  holds compilation). For timings on a quiet machine after an accuracy run
-  that shared it."""
-  for arm, r in results["arms"].items():
-    params, cfg, _ = state.load_params(os.path.join(out_dir, "runs", arm),
-                                       "best")
-    r["topn_ms"] = topn_latency(params, cfg, data, 512, s["timing_batches"])
-    short = cfg.replace(train=dataclasses.replace(
-        cfg.train, steps=steps, eval_every=steps, patience=0))
-    with tempfile.TemporaryDirectory() as tmp:
-      loop.train(short, tmp, data, progress_bar=False)
-      with open(os.path.join(tmp, "metrics.jsonl"), encoding="utf-8") as f:
-        rates = [json.loads(line).get("tokens_per_s") for line in f]
-    r["tokens_per_s"] = float(np.mean([x for x in rates if x][-2:]))
-    print(f"[cprec] retimed {arm}: {r['tokens_per_s']:,.0f} tokens/s",
-          flush=True)
-  results["retimed"] = {"date": time.strftime("%Y-%m-%d %H:%M"),
-                        "throughput_steps": steps}
+def summary(results: dict[str, Any]) -> str:
+  arms = results["arms"]
+  ref = arms.get("nextitnet")
+  rows = ["| arm | params | compression | test NDCG@10 | vs nextitnet "
+          "(per seed) | tokens/s | top-20 ms, full / early exit (batch 512) "
+          "|", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+  for name, arm in arms.items():
+    ndcg = arm["test"]["ndcg@10"]
+    vs = comp = "n/a"
+    if ref:
+      comp = f"{ref['params'] / arm['params']:.2f}x"
+      ratios = np.array(ndcg["values"]) / np.array(
+          ref["test"]["ndcg@10"]["values"])
+      vs = f"{100 * ratios.mean():.1f}% ({100 * ratios.min():.1f}-" \
+           f"{100 * ratios.max():.1f})"
+    t = arm.get("topn_ms", {})
+    search = f"{t.get('full_ms', float('nan')):.2f}" + (
+        f" / {t['early_exit_ms']:.2f} ({100 * t['bands_skipped_share']:.0f}% "
+        "skipped)" if "early_exit_ms" in t else "")
+    label = name + (" (" + ", ".join(
+        f"{k}={v}" for k, v in arm["selected"].items()) + ")"
+                    if arm["selected"] else "")
+    rows.append(f"| {label} | {arm['params']:,} | {comp} | "
+                f"{ndcg['mean']:.4f} +- {ndcg['std']:.4f} | {vs} | "
+                f"{arm.get('tokens_per_s', float('nan')):,.0f} | {search} |")
+  rows += ["", f"Choices on validation: {json.dumps(results['choices'])}.",
+           f"Paper: {PAPER}."]
+  if "targets" in results:
+    rows.append(f"Targets: {json.dumps(results['targets'])}.")
+  return "\n".join(rows)
 
 
 def plot(results: dict[str, Any], path: str) -> None:
@@ -285,84 +308,26 @@ def plot(results: dict[str, Any], path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for arm, r in results["arms"].items():
-    ax.scatter(r["params"], r["test"]["ndcg@10"])
-    ax.annotate(arm, (r["params"], r["test"]["ndcg@10"]), fontsize=8,
+  for name, arm in results["arms"].items():
+    ndcg = arm["test"]["ndcg@10"]
+    ax.errorbar(arm["params"], ndcg["mean"], yerr=ndcg["std"], fmt="o",
+                capsize=3)
+    ax.annotate(name, (arm["params"], ndcg["mean"]), fontsize=8,
                 xytext=(4, 2), textcoords="offset points")
   ax.set_xscale("log")
   ax.set_xlabel("parameters")
-  ax.set_ylabel("test NDCG@10 (full ranking)")
+  ax.set_ylabel(f"test NDCG@10 (mean +- std, {len(results['seeds'])} seeds)")
   ax.set_title("CpRec: accuracy against size")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
 
-def topn_cell(t: dict[str, Any]) -> str:
-  """'full ms / early-exit ms (bands skipped, exact)' for one batch size."""
-  cell = f"{t['full_ms']:.2f}"
-  if "early_exit_ms" in t:
-    cell += (f" / {t['early_exit_ms']:.2f} "
-             f"({100 * t['bands_skipped_share']:.0f}% skipped, "
-             f"exact: {t['exact']})")
-  return cell
-
-
-def table(results: dict[str, Any]) -> str:
-  arms = results["arms"]
-  ref = arms.get("nextitnet")  # Absent from a run of other arms only.
-  lines = ["| arm | params | compression | " + " | ".join(
-      f"test {m}" for m in SHOWN) + " | NDCG@10 vs nextitnet | train s | "
-           "tokens/s | top-20 ms per query, full / early exit: batch 512 ; "
-           "batch 1 |",
-           "|---" * (8 + len(SHOWN)) + "|"]
-  for arm in sorted(arms, key=lambda a: list(ARMS).index(a)):
-    r = arms[arm]
-    topn = " ; ".join(topn_cell(t) for t in (r["topn_ms"],
-                                              r["topn_ms"]["batch_1"]))
-    compression = ratio = "n/a"
-    if ref:
-      compression = f"{ref['params'] / r['params']:.2f}x"
-      ratio = f"{100 * r['test']['ndcg@10'] / ref['test']['ndcg@10']:.1f}%"
-    lines.append(
-        f"| {arm} | {r['params']:,} | {compression} | "
-        + " | ".join(f"{r['test'][m]:.4f}" for m in SHOWN)
-        + f" | {ratio} | {r['train_time_s']:.0f} | "
-        f"{r['tokens_per_s']:,.0f} | {topn} |")
-  return "\n".join(lines)
-
-
-def targets(results: dict[str, Any]) -> dict[str, bool]:
-  """The issue's CPU targets, checked on the recorded numbers."""
-  arms = results["arms"]
-  ref, cp, small = arms["nextitnet"], arms["cprec"], arms["small_nextitnet"]
-  ndcg = lambda r: r["test"]["ndcg@10"]
-  t = cp["topn_ms"]
-  # Interleaved in one process when the runs were at hand, else per arm.
-  both = results.get("top20_compared", {}).get("batch_512", {
-      "nextitnet_full": ref["topn_ms"]["full_ms"],
-      "cprec_early_exit": t.get("early_exit_ms", 1e9)})
-  return {
-      "cprec_4x_fewer_params": ref["params"] >= 4 * cp["params"],
-      "cprec_ndcg10_at_least_95pct": ndcg(cp) >= 0.95 * ndcg(ref),
-      "cprec_above_small_nextitnet": ndcg(cp) > ndcg(small),
-      "early_exit_exact": bool(t.get("exact"))
-                          and bool(t["batch_1"].get("exact")),
-      # Batch 512. Against full scoring of every item by the uncompressed
-      # model, and against the tree's own full computation.
-      "early_exit_faster_than_full_softmax":
-          both["cprec_early_exit"] < both["nextitnet_full"],
-      "early_exit_faster_than_full_tree": t.get("early_exit_ms", 1e9)
-                                          < t["full_ms"],
-  }
-
-
-def band_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-  """{section: {field: value}} from the band flags given, as the strings
-  typed: `config.from_dict` reads them like any config value."""
+def band_flags_of(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+  """{section: {field: value}} from the band flags given, as typed."""
   model = {name: value for name, value in (
-      ("band_shares", args.band_shares), ("num_bands", args.num_bands),
-      ("band_dims", args.band_dims)) if value is not None}
+      ("num_bands", args.num_bands), ("band_dims", args.band_dims))
+           if value is not None}
   out = {"model": model} if model else {}
   if args.tail_dims is not None:
     out["head"] = {"tail_dims": args.tail_dims}
@@ -373,105 +338,80 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", required=True)
   parser.add_argument("--scale", action="store_true",
-                      help="GPU size: the ML-20M-shaped catalogue, C=256, "
-                      "32 blocks")
+                      help="GPU size: the ML-20M-shaped catalogue, 32 blocks")
+  parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--steps", type=int, help="override the steps")
-  parser.add_argument("--patience", type=int,
-                      help="stop an arm after this many validations without "
-                      "gain (default 0: every arm runs all its steps); with a "
-                      "large --steps, each arm trains to its own plateau")
   parser.add_argument("--data", help="override the data source")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--embed-dim", type=int, help="override C (every arm)")
-  parser.add_argument("--dropout", type=float,
-                      help="override the dropout (every arm; default 0.2)")
-  parser.add_argument("--band-shares",
-                      help="arms with bands: model.band_shares, e.g. 0.6")
-  parser.add_argument("--num-bands",
-                      help="arms with bands: model.num_bands")
+  parser.add_argument("--widths", default=",".join(map(str, WIDTHS)),
+                      help="the widths C chosen among on validation")
+  parser.add_argument("--embed-dim", type=int,
+                      help="fix C instead of choosing it")
+  parser.add_argument("--band-share-grid",
+                      default=",".join(map(str, BAND_SHARE_GRID)),
+                      help="head-band shares chosen among on validation")
+  parser.add_argument("--band-shares", type=float,
+                      help="fix the head band's share instead")
+  parser.add_argument("--num-bands", help="model.num_bands of band arms")
   parser.add_argument("--band-dims",
-                      help="arms with bands: model.band_dims, e.g. 32,16,4")
+                      help="model.band_dims of band arms, e.g. 32,16,4")
   parser.add_argument("--tail-dims",
-                      help="tree-softmax arms: head.tail_dims, e.g. 4,2")
-  parser.add_argument("--retime", action="store_true",
-                      help="re-measure speed (top-20 latency, training "
-                      "tokens/s) of the runs already in OUT, keeping their "
-                      "accuracy: for a quiet machine")
-  parser.add_argument("--resume", action="store_true",
-                      help="continue a killed run in OUT: arms already in "
-                      "its results.json are kept (its settings must match), "
-                      "an arm killed mid-training resumes from its latest "
-                      "checkpoint")
+                      help="head.tail_dims of tree-softmax arms, e.g. 4,2")
   parser.add_argument("--arms", default=",".join(ARMS),
-                      help="comma-separated subset (cprec and nextitnet are "
-                      "needed for small_nextitnet and the targets)")
+                      help="a subset (nextitnet, cprec and small_nextitnet "
+                      "are always run: the others are measured against "
+                      "them)")
   args = parser.parse_args()
-  results_path = os.path.join(args.out, "results.json")
-  if args.retime:  # The recorded settings, whatever the flags say.
-    with open(results_path, encoding="utf-8") as f:
-      results = json.load(f)
-    s = results["settings"]
-  else:
-    s = dict(SCALE if args.scale else CPU)
-    if args.steps:
-      s["steps"] = args.steps
-      s["eval_every"] = max(1, min(s["eval_every"], args.steps))
-    if args.patience is not None:
-      s["patience"] = args.patience
-    if args.data:
-      s["data"] = args.data
-    if args.embed_dim is not None:
-      s["embed_dim"] = args.embed_dim
-    if args.dropout is not None:
-      s["dropout"] = args.dropout
-    s["bands"] = band_overrides(args)
-  os.makedirs(args.out, exist_ok=True)
-  base = base_config(s, args.seed)
-  data = pipeline.load_data(arm_config(base, "nextitnet").data)
-  chosen = [a.strip() for a in args.arms.split(",") if a.strip()]
-  if args.retime:
-    retime(args.out, results, data, s)
-    chosen = []
-  elif args.resume and os.path.exists(results_path):
-    with open(results_path, encoding="utf-8") as f:
-      results = json.load(f)
-    if results["settings"] != json.loads(json.dumps(s)) or (
-        results["seed"] != args.seed):
-      raise SystemExit(f"--resume: {results_path} was run with other "
-                       "settings; use a new --out")
-    done = [a for a in chosen if a in results["arms"]]
-    print(f"[cprec] resuming: {', '.join(done) or 'no arm'} done", flush=True)
-    chosen = [a for a in chosen if a not in results["arms"]]
-  else:
-    results = {"settings": s, "seed": args.seed,
-               "date": time.strftime("%Y-%m-%d"),
-               "device": jax.devices()[0].device_kind,
-               "platform": platform.platform(), "jax": jax.__version__,
-               "data": data.meta, "arms": {}}
-  for arm in chosen:
-    width = None
-    if arm == "small_nextitnet":
-      width = matched_width(base, data, param_count(fitted(
-          arm_config(base, "cprec"), data)))
-    cfg = arm_config(base, arm, width)
-    print(f"[cprec] {arm}: {param_count(fitted(cfg, data)):,} params",
-          flush=True)
-    results["arms"][arm] = run_arm(arm, cfg, data,
-                                   os.path.join(args.out, "runs", arm), s,
-                                   resume=args.resume)
-    checkpoints.write_json(results_path, results)
-  if {"nextitnet", "cprec"} <= set(results["arms"]):
-    results["top20_compared"] = compare_top20(args.out, data, s)
-  if {"nextitnet", "cprec", "small_nextitnet"} <= set(results["arms"]):
-    results["targets"] = targets(results)
-  checkpoints.write_json(results_path, results)
+  s = dict(SCALE if args.scale else CPU)
+  if args.steps:
+    s["steps"], s["eval_every"] = args.steps, min(s["eval_every"],
+                                                  args.steps)
+  if args.data:
+    s["data"] = args.data
+  unknown = sorted(set(args.arms.split(",")) - set(ARMS))
+  if unknown:
+    parser.error(f"--arms: {unknown} not among {list(ARMS)}")
+  wanted = [a for a in ARMS if a in args.arms.split(",")
+            or a in ("nextitnet", "cprec", "small_nextitnet")]
+  seeds = tuple(int(x) for x in args.seeds.split(","))
+  flags = band_flags_of(args)
+  widths = ([args.embed_dim] if args.embed_dim else
+            [int(x) for x in args.widths.split(",")])
+  grid = ([args.band_shares] if args.band_shares is not None else
+          [float(x) for x in args.band_share_grid.split(",")])
+  data = pipeline.load_data(arm_config(s, "nextitnet", 0, widths[0],
+                                       grid[0], flags).data)
+  mid = grid[0]  # Bands do not touch the uncompressed model.
+
+  # 1. C, on the uncompressed model's validation.
+  width_arms = [arm_of(s, data, flags, "nextitnet", c, mid,
+                       f"nextitnet_c{c}", {"embed_dim": c}) for c in widths]
+  chosen, _, _ = harness.train_and_choose(width_arms, seeds, args.out)
+  width = chosen["nextitnet"].knobs["embed_dim"]
+  # 2. The band shares, on cprec's validation at that C.
+  share_arms = [arm_of(s, data, flags, "cprec", width, x,
+                       f"cprec_shares{x}", {"band_shares": x})
+                for x in grid]
+  chosen, _, _ = harness.train_and_choose(share_arms, seeds, args.out)
+  shares = chosen["cprec"].knobs["band_shares"]
+  # 3. small_nextitnet's width, from the chosen cprec's size.
+  small = matched_width(s, data, flags, param_count(arm_config(
+      s, "cprec", 0, width, shares, flags), data))
+  arms = width_arms + share_arms + [
+      arm_of(s, data, flags, a, small if a == "small_nextitnet" else width,
+             shares) for a in wanted if a not in ("nextitnet", "cprec")]
+  results = harness.run_experiment("cprec", arms, seeds, args.out, s["data"])
+  results["choices"] = {"embed_dim": width, "band_shares": shares,
+                        "small_nextitnet_width": small}
+  timed(results, data, s["timing_batches"])
+  results["targets"] = targets(results)
+  results["settings"] = {**s, "widths": widths, "band_share_grid": grid,
+                         "band_flags": flags, "paper": PAPER}
+  harness.write_json(os.path.join(args.out, "results.json"), results)
   plot(results, os.path.join(args.out, "accuracy_vs_params.png"))
-  print(table(results))
-  if "targets" in results:
-    print(json.dumps(results["targets"], indent=1))
-  if "top20_compared" in results:
-    print("top-20 ms per query batch, interleaved:",
-          json.dumps(results["top20_compared"], indent=1))
+  text = summary(results)
+  print(text, flush=True)
+  with open(os.path.join(args.out, "summary.md"), "w", encoding="utf-8") as f:
+    f.write(text + "\n")
 
 
 if __name__ == "__main__":

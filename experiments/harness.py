@@ -5,7 +5,7 @@ An experiment script is a list of `Arm`s and one `run_experiment` call:
 
   arms = [Arm("scratch", train=lambda seed, d: train_run(cfg(seed, 8), d)),
           Arm("grown", train=grow_then_finetune),
-          *[Arm(f"skip[lam={x}]", train=..., variant_of="skip",
+          *[Arm(f"skip_l{x}", train=..., variant_of="skip",
                 knobs={"lam": x}) for x in (0.5, 1, 2)]]
   run_experiment("skiprec", arms, seeds=(0, 1, 2), out_dir=OUT,
                  data="synthetic:small")
@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 from typing import Any, Callable, Sequence
 
@@ -154,11 +155,8 @@ def run_experiment(name: str, arms: Sequence[Arm], seeds: Sequence[int],
   """Trains every arm under every seed, chooses variants on validation,
   then tests the chosen arms; writes results.json, results.png and
   table.md under out_dir and returns the results."""
-  check_arms(arms, seeds)
-  trials = {(arm.name, seed): _trained(arm, seed, out_dir)
-            for seed in seeds for arm in arms}  # Seed-major: drift is shared.
-  check_budgets(arms, seeds, trials)
-  chosen, variants = choose_on_validation(arms, seeds, trials, select_metric)
+  chosen, variants, trials = train_and_choose(arms, seeds, out_dir,
+                                              select_metric)
   # Validation is done with; from here on test may be read, once.
   reported = {}
   for group, arm in chosen.items():
@@ -180,8 +178,36 @@ def run_experiment(name: str, arms: Sequence[Arm], seeds: Sequence[int],
   return results
 
 
+def train_and_choose(arms: Sequence[Arm], seeds: Sequence[int], out_dir: str,
+                     select_metric: str = "ndcg@10"
+                     ) -> tuple[dict[str, Arm], dict[str, dict],
+                                dict[tuple[str, int], Trial]]:
+  """Trains (or reads back) every arm under every seed and chooses each
+  group's variant on validation; reads no test metric. An experiment whose
+  later arms depend on a choice (CpRec: every arm at the width chosen for
+  the uncompressed model) calls this first, then `run_experiment` with
+  every arm: the trials made here are read back, not trained again."""
+  check_arms(arms, seeds)
+  trials = {(arm.name, seed): _trained(arm, seed, out_dir)
+            for seed in seeds for arm in arms}  # Seed-major: drift is shared.
+  check_budgets(arms, seeds, trials)
+  chosen, variants = choose_on_validation(arms, seeds, trials, select_metric)
+  return chosen, variants, trials
+
+
+# An arm's name is a directory of its checkpoints: Orbax's tensorstore paths
+# failed to open with brackets in them ("nextitnet[C=8]": metadata "does
+# not exist" at restore), so names keep to these characters.
+ARM_NAME = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*")
+
+
 def check_arms(arms: Sequence[Arm], seeds: Sequence[int]) -> None:
   names = [a.name for a in arms]
+  bad = [n for n in names if not ARM_NAME.fullmatch(n)]
+  if bad:
+    raise HarnessError(f"arm names {bad}: use letters, digits and _ . - "
+                       "(a / nests arms), since a name is a checkpoint "
+                       "directory")
   if len(set(names)) != len(names):
     raise HarnessError(f"arm names repeat: {names}")
   plain = {a.name for a in arms if not a.variant_of}

@@ -171,34 +171,38 @@ def test_stackrec_tf_transfers_to_a_user_split_at_equal_budgets(
 
 
 @pytest.mark.slow
-def test_cprec_writes_every_arm_targets_and_plot(tmp_path, monkeypatch):
-  tiny = dict(data="synthetic:tiny", embed_dim=8, num_blocks=4, max_len=10,
+def test_cprec_chooses_width_and_bands_on_validation_then_tests_once(
+    tmp_path, monkeypatch):
+  tiny = dict(data="synthetic:tiny", num_blocks=4, max_len=10,
               batch_size=16, steps=2, eval_every=2, lr=1e-3,
               timing_batches=1)
-  # The three arms the targets need (every arm runs the same code path),
-  # the third added by resuming the run of the first two.
-  arms = ("nextitnet", "cprec", "small_nextitnet")
-  flags = ("--band-dims", "8,4,2", "--tail-dims", "2,1")
-  run_script(monkeypatch, "cprec", tmp_path, "--arms", ",".join(arms[:2]),
-             *flags, CPU=tiny)
-  with open(tmp_path / "results.json") as f:
-    first = json.load(f)
-  run_script(monkeypatch, "cprec", tmp_path, "--arms", ",".join(arms),
-             "--resume", *flags, CPU=tiny)
+  run_script(monkeypatch, "cprec", tmp_path, "--seeds", "0", "--widths",
+             "8,12", "--band-share-grid", "0.6,0.8", "--arms",
+             "nextitnet,cprec,small_nextitnet", "--band-dims", "8,4,2",
+             "--tail-dims", "2,1", CPU=tiny)
   with open(tmp_path / "results.json") as f:
     results = json.load(f)
-  assert set(results["arms"]) == set(arms)
-  assert results["arms"]["cprec"] == first["arms"]["cprec"]  # Kept as run.
-  # Band flags reach the arms built on bands, and only those.
-  cprec = results["arms"]["cprec"]
-  assert (cprec["model"]["band_dims"], cprec["head"]["tail_dims"]) == (
-      [8, 4, 2], [2, 1])
-  assert results["arms"]["nextitnet"]["model"]["band_dims"] == []
-  for arm in results["arms"].values():
+  arms, choices = results["arms"], results["choices"]
+  assert set(arms) == {"nextitnet", "cprec", "small_nextitnet"}
+  assert {arm["steps"] for arm in arms.values()} == {2}
+  # Each knob is the variant with the best validation; every arm runs it.
+  for group, knob, value in (("nextitnet", "embed_dim", "embed_dim"),
+                             ("cprec", "band_shares", "band_shares")):
+    valid = {v["knobs"][knob]: v["ndcg@10"]["mean"]
+             for v in arms[group]["variants"].values()}
+    assert choices[value] == max(valid, key=valid.get)
+  cprec = arms["cprec"]["config"]["model"]
+  assert cprec["embed_dim"] == choices["embed_dim"]
+  assert cprec["band_shares"] == [choices["band_shares"]]
+  assert cprec["band_dims"] == [8, 4, 2]  # Band flags reach band arms only.
+  assert arms["cprec"]["config"]["head"]["tail_dims"] == [2, 1]
+  assert arms["nextitnet"]["config"]["model"]["band_dims"] == []
+  assert (arms["small_nextitnet"]["config"]["model"]["embed_dim"]
+          == choices["small_nextitnet_width"])
+  for arm in arms.values():
     assert arm["params"] == sum(arm["params_by_subtree"].values())
-    assert np.isfinite(arm["test"]["ndcg@10"]) and arm["tokens_per_s"] > 0
-    assert arm["topn_ms"]["full_ms"] > 0
-  topn = results["arms"]["cprec"]["topn_ms"]
+    assert arm["tokens_per_s"] > 0 and arm["topn_ms"]["full_ms"] > 0
+  topn = arms["cprec"]["topn_ms"]
   assert topn["exact"] is True and topn["batch_1"]["exact"] is True
   assert len(topn["skipped_share_by_band"]) == 2  # One per tail band.
   assert set(results["top20_compared"]["batch_1"]) == {
@@ -206,6 +210,7 @@ def test_cprec_writes_every_arm_targets_and_plot(tmp_path, monkeypatch):
   assert set(results["targets"]) >= {"cprec_4x_fewer_params",
                                      "early_exit_exact"}
   assert (tmp_path / "accuracy_vs_params.png").exists()
+  assert "| cprec (band_shares=" in (tmp_path / "summary.md").read_text()
 
 
 @pytest.mark.slow  # Five short stages on the tiny world: about 2 minutes.

@@ -59,32 +59,32 @@ def test_test_is_read_only_after_every_trial_and_only_for_chosen_arms(
     tmp_path):
   events = []
   arms = [fake_arm("base", lambda s: 0.1, events=events),
-          fake_arm("m[a=1]", lambda s: 0.2, events=events, variant_of="m",
+          fake_arm("m_a1", lambda s: 0.2, events=events, variant_of="m",
                    knobs={"a": 1}),
-          fake_arm("m[a=2]", lambda s: 0.3, events=events, variant_of="m",
+          fake_arm("m_a2", lambda s: 0.3, events=events, variant_of="m",
                    knobs={"a": 2})]
   run(tmp_path, arms, test=fake_test(events))
   kinds = [e[0] for e in events]
   assert kinds == ["train"] * 9 + ["test"] * 6
-  assert {e[1] for e in events if e[0] == "test"} == {"base", "m[a=2]"}
+  assert {e[1] for e in events if e[0] == "test"} == {"base", "m_a2"}
 
 
 def test_a_variant_is_chosen_by_validation_even_when_test_disagrees(
     tmp_path):
-  arms = [fake_arm("m[a=1]", lambda s: 0.30, test_value=0.1, variant_of="m",
+  arms = [fake_arm("m_a1", lambda s: 0.30, test_value=0.1, variant_of="m",
                    knobs={"a": 1}),
-          fake_arm("m[a=2]", lambda s: 0.20, test_value=0.9, variant_of="m",
+          fake_arm("m_a2", lambda s: 0.20, test_value=0.9, variant_of="m",
                    knobs={"a": 2})]
   out = run(tmp_path, arms)
   assert out["arms"]["m"]["selected"] == {"a": 1}
   assert out["arms"]["m"]["test"]["ndcg@10"]["mean"] == pytest.approx(0.1)
-  assert set(out["arms"]["m"]["variants"]) == {"m[a=1]", "m[a=2]"}
+  assert set(out["arms"]["m"]["variants"]) == {"m_a1", "m_a2"}
 
 
 def test_variants_are_chosen_by_their_mean_over_seeds(tmp_path):
-  arms = [fake_arm("m[a=1]", lambda s: [0.5, 0.1, 0.1][s], variant_of="m",
+  arms = [fake_arm("m_a1", lambda s: [0.5, 0.1, 0.1][s], variant_of="m",
                    knobs={"a": 1}),
-          fake_arm("m[a=2]", lambda s: 0.3, variant_of="m", knobs={"a": 2})]
+          fake_arm("m_a2", lambda s: 0.3, variant_of="m", knobs={"a": 2})]
   assert run(tmp_path, arms)["arms"]["m"]["selected"] == {"a": 2}
 
 
@@ -168,6 +168,14 @@ def test_repeated_names_and_seeds_are_refused(tmp_path):
   with pytest.raises(HarnessError, match="distinct seeds"):
     harness.run_experiment("toy", [fake_arm("a", lambda s: 0.1)], (0, 0),
                            str(tmp_path), "toy")
+
+
+def test_a_name_that_cannot_be_a_checkpoint_directory_is_refused(tmp_path):
+  with pytest.raises(HarnessError, match=r"nextitnet\[C=8\]"):
+    run(tmp_path, [fake_arm("nextitnet[C=8]", lambda s: 0.1)])
+  assert not (tmp_path / "runs").exists()  # Refused before any training.
+  run(tmp_path, [fake_arm("adjacent/paper", lambda s: 0.1),
+                 fake_arm("skip_l0.5", lambda s: 0.1)])
 
 
 def test_a_harness_run_holds_no_test_numbers_until_the_harness_tests(
