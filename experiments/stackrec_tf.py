@@ -197,14 +197,8 @@ def main() -> None:
       "split_seed": args.split_seed, "source": source.meta,
       "target": target.meta, "paper_claim": PAPER_CLAIM}
   harness.write_json(os.path.join(args.out, "results.json"), results)
-  rows = ["| backbone | arm | valid ndcg@10 | test ndcg@10 | train s | "
-          "reached scratch's best | time to it vs scratch's |",
-          "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-  rows += zoo.summary_rows(args.model, results)
-  text = "\n".join(rows + ["", f"Paper: {PAPER_CLAIM}."])
-  print(text, flush=True)
-  with open(os.path.join(args.out, "summary.md"), "w", encoding="utf-8") as f:
-    f.write(text + "\n")
+  zoo.write_summary(args.out, zoo.summary_rows(args.model, results),
+                    PAPER_CLAIM)
 
 
 if __name__ == "__main__":

@@ -145,6 +145,21 @@ def base_config(model: str, args: argparse.Namespace) -> config_lib.Config:
   return config_lib.from_dict(raw).validate()
 
 
+SUMMARY_HEAD = ["| backbone | arm | valid ndcg@10 | test ndcg@10 | train s | "
+                "reached scratch's best | time to it vs scratch's |",
+                "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+
+
+def write_summary(out_dir: str, rows: list[str], paper: str) -> None:
+  """Prints the summary rows under their head, with the paper's claim,
+  and writes them to OUT_DIR/summary.md."""
+  text = "\n".join(SUMMARY_HEAD + rows + ["", f"Paper: {paper}."])
+  print(text, flush=True)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as f:
+    f.write(text + "\n")
+
+
 def summary_rows(model: str, results: dict[str, Any]) -> list[str]:
   rows = []
   for name, arm in results["arms"].items():
@@ -193,9 +208,7 @@ def main() -> None:
                  "depths")
   steps = stage_steps(args.steps, shares)
   seeds = tuple(int(x) for x in args.seeds.split(","))
-  rows = ["| backbone | arm | valid ndcg@10 | test ndcg@10 | train s | "
-          "reached scratch's best | time to it vs scratch's |",
-          "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+  rows = []
   for model in args.models.split(","):
     base = base_config(model, args)
     data = pipeline.load_data(base.data)
@@ -213,10 +226,7 @@ def main() -> None:
                            "paper_claim": PAPER_CLAIM}
     harness.write_json(os.path.join(out, "results.json"), results)
     rows += summary_rows(model, results)
-    print("\n".join(rows), flush=True)
-  os.makedirs(args.out, exist_ok=True)
-  with open(os.path.join(args.out, "summary.md"), "w", encoding="utf-8") as f:
-    f.write("\n".join(rows) + "\n")
+  write_summary(args.out, rows, PAPER_CLAIM)
 
 
 if __name__ == "__main__":

@@ -112,9 +112,12 @@ def test_patched_sasrec_starts_as_the_pretrained_sasrec(placement):
   cfg = sasrec(methods=(PeterRecConfig(placement=placement),))
   patched = models.init_params(cfg, jax.random.key(1))
   params = {**pretrained, "peterrec": patched["peterrec"]}
+  # Two programs (the patched one adds zero branches) fuse and round apart:
+  # 1.1e-6 on a state of 0.074 on one machine. A patch that did not start
+  # at zero moves states by 1e-2 or more.
   chex.assert_trees_all_close(models.hidden_states(params, cfg, ids()),
                               models.hidden_states(pretrained, plain, ids()),
-                              atol=1e-6)
+                              rtol=1e-5, atol=1e-5)
 
 
 def test_patches_train_inside_a_frozen_sasrec_and_the_rest_stays_put():

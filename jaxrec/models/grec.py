@@ -54,7 +54,6 @@ from jaxrec.models.backbone import (Backbone, BlockLayer, Params,
                                     SurgeryRules)
 from jaxrec.nn import embedding
 from jaxrec.nn.dropout import input_dropout
-from jaxrec.nn.stack import scan_blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,23 +186,9 @@ def apply(params: Params, cfg: GRecConfig, ids: jax.Array, *,
   keys = None
   if dropping:
     z, keys = input_dropout(z, cfg.dropout, k_dec, cfg.num_blocks)
-  z = z * real
-
-  def block(p, x, dilation, inputs):
-    key, side = inputs["key"], inputs["side"]
-    # Padding zeroed inside and after each block, as in the encoder.
-    return nextitnet.NextItNetBlock(decoder, dilation).apply(
-        {"params": p}, x,
-        lambda name, x_in, x_out: plan.at(name, x_in, x_out, side),
-        deterministic=key is None,
-        rngs=None if key is None else {"dropout": key}, real=real)
-
-  if plan.wrap is not None:
-    block = plan.wrap(block)
-  return scan_blocks(block, plan.run_blocks(params), z,
-                     statics=cfg.block_dilations(),
-                     xs={"key": keys, "side": plan.side},
-                     remat=cfg.remat, unroll=unroll)
+  # Padding zeroed inside and after each block, as in the encoder.
+  return nextitnet.run_blocks(plan.run_blocks(params), decoder, z * real,
+                              plan=plan, keys=keys, real=real, unroll=unroll)
 
 
 def encoder(params: Params, cfg: GRecConfig

@@ -24,9 +24,9 @@ layer1/layer2 or branch, SkipRec's gate at branch):
 `causal=False` makes both convs centred (a position sees (k-1)d/2 items
 on each side), trained as masked item prediction
 (`jaxrec.tasks.masked_item`); padding is zeroed between the convs and
-after every block, so a left-padded row reads as the row alone. This is GRec's encoder, the one
-implementation (`jaxrec.models.grec` runs it; `grec.encoder` takes it out
-of a trained GRec as a model of its own).
+after every block, so a left-padded row reads as the row alone. This is
+GRec's encoder, the one implementation (`jaxrec.models.grec` runs it;
+`grec.encoder` takes it out of a trained GRec as a model of its own).
 
 Dilations are config: a cycle of first-conv dilations ([1, 4] gives conv
 dilations 1,2,4,8,1,2,4,8,...), or one per block to pin each (StackRec's
@@ -201,26 +201,37 @@ def apply(params: Params, cfg: NextItNetConfig, ids: jax.Array, *,
   # Zeroing padding makes a left-padded sequence see exactly the causal
   # conv's own zero padding at the bottom of the stack.
   real = (ids != 0)[..., None]
-  x = x * real
+  # A centred conv carries values into the padding and back out of it into
+  # the row's first items: without `real` a bidirectional model read a row
+  # differently by how much padding it had. The causal model keeps the
+  # official code's behaviour (padding states pass forward).
+  return run_blocks(plan.run_blocks(params), cfg, x * real, plan=plan,
+                    keys=block_keys, real=None if cfg.causal else real,
+                    unroll=unroll)
+
+
+def run_blocks(blocks: Params, cfg: NextItNetConfig, x: jax.Array, *,
+               plan: BlockPlan = BlockPlan(), keys: jax.Array | None = None,
+               real: jax.Array | None = None, unroll: bool = False
+               ) -> jax.Array:
+  """The block stack `blocks` (leading block axis) over the residual
+  stream x [B, T, C] under one scan: `keys` the per-block dropout keys
+  (None: no dropout), `real` the padding mask each block zeroes (None:
+  none), `plan` the methods' side inputs and slot code. GRec's decoder
+  runs its stack through this too."""
 
   def block(p, x, dilation, inputs):
     key, side = inputs["key"], inputs["side"]
-    # A centred conv carries values into the padding and back out of it
-    # into the row's first items: without `real` a bidirectional model
-    # read a row differently by how much padding it had. The causal model
-    # keeps the official code's behaviour (padding states pass forward).
     return NextItNetBlock(cfg, dilation).apply(
         {"params": p}, x,
         lambda name, x_in, x_out: plan.at(name, x_in, x_out, side),
         deterministic=key is None,
-        rngs=None if key is None else {"dropout": key},
-        real=None if cfg.causal else real)
+        rngs=None if key is None else {"dropout": key}, real=real)
 
   if plan.wrap is not None:
     block = plan.wrap(block)
-  return scan_blocks(block, plan.run_blocks(params), x,
-                     statics=cfg.block_dilations(),
-                     xs={"key": block_keys, "side": plan.side},
+  return scan_blocks(block, blocks, x, statics=cfg.block_dilations(),
+                     xs={"key": keys, "side": plan.side},
                      remat=cfg.remat, unroll=unroll)
 
 

@@ -22,11 +22,6 @@ from jaxrec.errors import JaxrecError
 from jaxrec.surgery.checkpoint import apply_to_checkpoint
 
 
-def part_names(model_name: str) -> tuple[str, ...]:
-  """The parts backbone `model_name` declares (`Backbone.parts`)."""
-  return tuple(models.get(model_name).parts)
-
-
 def extract(params: models.Params, cfg: Config, part: str,
             rng: jax.Array) -> tuple[models.Params, Config]:
   """The params and config of `part` of the model (`params`, `cfg`), with
