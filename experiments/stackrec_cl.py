@@ -81,21 +81,14 @@ def on_all_data(base: config_lib.Config, data: Any, depth: int, steps: int,
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data", default="synthetic:small")
-  parser.add_argument("--min-count", type=int, default=None,
-                      help="k-core counts for users and items")
+  zoo.add_run_flags(parser)
   parser.add_argument("--model", default="nextitnet")
-  parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--blocks", type=int, default=4,
                       help="the deployed model's depth (grown to twice it)")
   parser.add_argument("--increment-steps", type=int, default=150,
                       help="the deployed model's steps on each subset")
   parser.add_argument("--steps", type=int, default=1000,
                       help="every arm's steps once all data has arrived")
-  parser.add_argument("--eval-every", type=int, default=100)
-  parser.add_argument("--batch-size", type=int, default=128)
-  parser.add_argument("--embed-dim", type=int, default=0,
-                      help="0: the backbone's default")
   parser.add_argument("--arms", default=",".join(GROWN),
                       help=f"grown arms, of {', '.join(GROWN)}")
   parser.add_argument("--out", default="runs/stackrec_cl")

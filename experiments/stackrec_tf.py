@@ -131,36 +131,20 @@ def no_pretrain_arm(target_cfg: config_lib.Config, target_data: Any,
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--data", default="synthetic:small",
-                      help="the data set whose users are split")
-  parser.add_argument("--min-count", type=int, default=None,
-                      help="k-core counts for users and items")
+  zoo.add_run_flags(parser)
+  zoo.add_growth_flags(parser, "--pretrain-steps")
   parser.add_argument("--model", default="nextitnet")
   parser.add_argument("--target-share", type=float, default=0.3,
                       help="share of the users that form the target")
   parser.add_argument("--split-seed", type=int, default=0)
-  parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--depths", default="2,4,8")
-  parser.add_argument("--shares", default="0.25,0.25,0.5",
-                      help="each depth's share of --pretrain-steps")
   parser.add_argument("--pretrain-steps", type=int, default=1500)
   parser.add_argument("--finetune-steps", type=int, default=500)
-  parser.add_argument("--eval-every", type=int, default=100)
-  parser.add_argument("--batch-size", type=int, default=128)
-  parser.add_argument("--embed-dim", type=int, default=0,
-                      help="0: the backbone's default")
-  parser.add_argument("--methods", default="adjacent,cross")
-  parser.add_argument("--presets", default="paper")
   parser.add_argument("--out", default="runs/stackrec_tf")
   args = parser.parse_args()
   if not 0 < args.target_share < 1:
     parser.error(f"--target-share={args.target_share}: expected a share in "
                  "(0, 1)")
-  depths = tuple(int(x) for x in args.depths.split(","))
-  shares = tuple(float(x) for x in args.shares.split(","))
-  if len(shares) != len(depths):
-    parser.error(f"--shares has {len(shares)} values for {len(depths)} "
-                 "depths")
+  depths, shares = zoo.growth_schedule(parser, args)
   base = zoo.base_config(args.model, args)
   source_spec, target_spec = split_users(
       args.data, base.data, args.target_share, args.split_seed,

@@ -181,31 +181,49 @@ def summary_rows(model: str, results: dict[str, Any]) -> list[str]:
   return rows
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+  """The data, seeds and training flags every StackRec script takes."""
   parser.add_argument("--data", default="synthetic:small")
   parser.add_argument("--min-count", type=int, default=None,
                       help="k-core counts for users and items")
-  parser.add_argument("--models", default=",".join(MODELS))
   parser.add_argument("--seeds", default="0,1,2")
-  parser.add_argument("--depths", default="2,4,8")
-  parser.add_argument("--shares", default="0.25,0.25,0.5",
-                      help="each depth's share of --steps")
-  parser.add_argument("--steps", type=int, default=1500,
-                      help="optimiser steps per arm, every stage counted")
   parser.add_argument("--eval-every", type=int, default=100)
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--embed-dim", type=int, default=0,
-                      help="0: each backbone's default")
+                      help="0: the backbone's default")
+
+
+def add_growth_flags(parser: argparse.ArgumentParser, budget: str) -> None:
+  """The depths a grown arm goes through, and how (TS, TF)."""
+  parser.add_argument("--depths", default="2,4,8")
+  parser.add_argument("--shares", default="0.25,0.25,0.5",
+                      help=f"each depth's share of {budget}")
   parser.add_argument("--methods", default="adjacent,cross")
   parser.add_argument("--presets", default="paper")
-  parser.add_argument("--out", default="runs/stackrec_zoo")
-  args = parser.parse_args()
+
+
+def growth_schedule(parser: argparse.ArgumentParser, args: argparse.Namespace
+                    ) -> tuple[tuple[int, ...], tuple[float, ...]]:
+  """(depths, shares) from the growth flags, refused in one line when
+  they do not pair up."""
   depths = tuple(int(x) for x in args.depths.split(","))
   shares = tuple(float(x) for x in args.shares.split(","))
   if len(shares) != len(depths):
     parser.error(f"--shares has {len(shares)} values for {len(depths)} "
                  "depths")
+  return depths, shares
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_run_flags(parser)
+  add_growth_flags(parser, "--steps")
+  parser.add_argument("--models", default=",".join(MODELS))
+  parser.add_argument("--steps", type=int, default=1500,
+                      help="optimiser steps per arm, every stage counted")
+  parser.add_argument("--out", default="runs/stackrec_zoo")
+  args = parser.parse_args()
+  depths, shares = growth_schedule(parser, args)
   steps = stage_steps(args.steps, shares)
   seeds = tuple(int(x) for x in args.seeds.split(","))
   rows = []
